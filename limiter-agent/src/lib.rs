@@ -1,0 +1,2 @@
+//! limiter's agent: loads the kernel programs, owns the budgets.
+pub mod ebpf;

@@ -1,0 +1,361 @@
+//! Types shared by limiter's kernel programs and its agent.
+//!
+//! Every type that crosses the kernel/user boundary is `#[repr(C)]` with
+//! explicit padding and a size assertion, so both sides agree byte for byte.
+#![cfg_attr(not(test), no_std)]
+
+pub mod rate;
+
+use core::mem::size_of;
+
+pub use rate::Limit;
+
+/// Map names. The kernel keeps 15 bytes of a map name; a `_v<N>` suffix
+/// changes whenever a layout changes so a pinned map of an old layout is never
+/// adopted by mistake.
+pub mod map_names {
+    pub const RULES: &str = "LIM_RULES_V1";
+    pub const PREFIXES_V4: &str = "LIM_PFX4_V1";
+    pub const PREFIXES_V6: &str = "LIM_PFX6_V1";
+    pub const SOURCE_BUCKETS: &str = "LIM_SRC_V1";
+    pub const SHARED_BUCKETS: &str = "LIM_SHARED_V1";
+    pub const RULE_COUNTERS: &str = "LIM_RCNT_V1";
+    pub const REASON_COUNTERS: &str = "LIM_REASON_V1";
+    pub const EVENTS: &str = "LIM_EVENTS_V1";
+}
+
+/// Program names (the Rust function names in limiter-ebpf).
+pub mod program_names {
+    pub const XDP: &str = "limiter_xdp";
+    pub const TC: &str = "limiter_tc";
+}
+
+/// Default number of rule slots (the size of the rules and counter arrays).
+pub const DEFAULT_MAX_RULES: u32 = 131_072;
+/// Default number of tracked (rule, source) buckets in the LRU map.
+pub const DEFAULT_MAX_SOURCES: u32 = 1 << 20;
+/// Ring buffer size for over-budget events (a power of two, page aligned).
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+/// At most one over-budget event per bucket per this many ns.
+pub const EVENT_INTERVAL_NS: u64 = rate::NANOS_PER_SEC;
+
+/// What a rule does with a packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Never limited, never counted against a budget.
+    Allow = 1,
+    /// Always dropped.
+    Deny = 2,
+    /// Over budget: dropped.
+    Drop = 3,
+    /// Over budget: DSCP / traffic class rewritten (and `skb->mark` set by the
+    /// TC program), then passed.
+    Mark = 4,
+    /// Over budget: passed, but counted as would-drop. The dry run.
+    Monitor = 5,
+}
+
+impl Action {
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        Some(match value {
+            1 => Self::Allow,
+            2 => Self::Deny,
+            3 => Self::Drop,
+            4 => Self::Mark,
+            5 => Self::Monitor,
+            _ => return None,
+        })
+    }
+}
+
+/// Whose bucket a packet is charged to.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Each source, masked to the rule's per-source prefix length.
+    PerSource = 1,
+    /// All sources of the rule draw from one bucket.
+    Shared = 2,
+}
+
+/// Index of a budget dimension in [`Rule::limits`] and [`Bucket::tat`].
+pub mod dimension {
+    pub const PACKETS: usize = 0;
+    pub const BYTES: usize = 1;
+    /// New TCP connections (SYN without ACK).
+    pub const SYNS: usize = 2;
+    pub const COUNT: usize = 3;
+}
+
+/// A rule as the kernel sees it, stored at its slot in the rules array.
+/// The prefix tries map a source prefix to a slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// Stable identity: indexes the counters and keys per-source state, so a
+    /// rule moved to another slot keeps both.
+    pub id: u32,
+    /// An [`Action`].
+    pub action: u32,
+    /// A [`Scope`].
+    pub scope: u32,
+    /// Per-source prefix length for IPv4 sources (0..=32).
+    pub source_prefix_v4: u32,
+    /// Per-source prefix length for IPv6 sources (0..=128).
+    pub source_prefix_v6: u32,
+    /// DSCP (0..=63) written by [`Action::Mark`].
+    pub dscp: u32,
+    /// `skb->mark` set by [`Action::Mark`] in the TC program (0: leave it).
+    pub skb_mark: u32,
+    /// Non-zero once the slot holds a rule; an empty slot passes traffic.
+    pub in_use: u32,
+    /// Budgets by [`dimension`]; unlimited dimensions have `interval == 0`.
+    pub limits: [Limit; dimension::COUNT],
+}
+
+const _: () = assert!(size_of::<Rule>() == 80);
+
+impl Rule {
+    pub const EMPTY: Self = Self {
+        id: 0,
+        action: 0,
+        scope: 0,
+        source_prefix_v4: 0,
+        source_prefix_v6: 0,
+        dscp: 0,
+        skb_mark: 0,
+        in_use: 0,
+        limits: [Limit::UNLIMITED; dimension::COUNT],
+    };
+}
+
+/// Address family tags used in keys and events.
+pub mod family {
+    pub const IPV4: u32 = 4;
+    pub const IPV6: u32 = 6;
+}
+
+/// Key of a per-source bucket: the rule and the masked source address.
+/// IPv4 addresses occupy the first 4 bytes of `addr`, the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    pub rule_id: u32,
+    /// A [`family`] tag.
+    pub family: u32,
+    pub addr: [u8; 16],
+}
+
+const _: () = assert!(size_of::<SourceKey>() == 24);
+
+/// GCRA state of one bucket: a TAT per dimension (see [`rate`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    /// Theoretical arrival time per [`dimension`], in fine units (wrapping).
+    pub tat: [u64; dimension::COUNT],
+    /// Last packet seen, ns of `bpf_ktime_get_ns` (detects wrapped TATs).
+    pub last_seen_ns: u64,
+    /// Last over-budget event emitted for this bucket.
+    pub last_event_ns: u64,
+}
+
+const _: () = assert!(size_of::<Bucket>() == 40);
+
+/// What happened to packets of a rule. Each packet lands in exactly one.
+pub mod verdict {
+    /// Within budget, or an `allow` rule.
+    pub const PASSED: usize = 0;
+    /// Over budget with `drop`, or a `deny` rule.
+    pub const DROPPED: usize = 1;
+    /// Over budget with `mark`: rewritten and passed.
+    pub const MARKED: usize = 2;
+    /// Over budget with `monitor`: passed, would have been dropped.
+    pub const WOULD_DROP: usize = 3;
+    pub const COUNT: usize = 4;
+    pub const NAMES: [&str; COUNT] = ["passed", "dropped", "marked", "would_drop"];
+}
+
+/// Per-rule, per-CPU counters, indexed by [`verdict`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCounters {
+    pub packets: [u64; verdict::COUNT],
+    pub bytes: [u64; verdict::COUNT],
+}
+
+const _: () = assert!(size_of::<RuleCounters>() == 64);
+
+/// Stable reason codes for the global per-CPU counters. Values are never
+/// reused; new reasons are appended before `Count`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4 or IPv6 (ARP, LLDP...): passed untouched.
+    NotIp = 0,
+    /// Frame too short for its Ethernet or VLAN header: passed.
+    TruncatedL2 = 1,
+    /// More VLAN tags than the two we parse: passed (the stack decides).
+    TooManyVlanTags = 2,
+    /// IPv4 header truncated or invalid (version, IHL, total length): dropped.
+    MalformedIpv4 = 3,
+    /// IPv6 header truncated or invalid: dropped.
+    MalformedIpv6 = 4,
+    /// IPv6 extension header truncated: dropped.
+    MalformedIpv6Ext = 5,
+    /// More IPv6 extension headers than we walk: charged, L4 unknown.
+    Ipv6ExtChainTooLong = 6,
+    /// TCP header truncated: charged, not counted as a SYN.
+    TruncatedTcp = 7,
+    /// IPv6 neighbour discovery: never limited.
+    NeighborDiscovery = 8,
+    /// A non-first fragment: charged to its source, no L4 header.
+    Fragment = 9,
+    /// No rule (and no default rule) matched: passed.
+    NoRule = 10,
+    /// The prefix points at an empty or invalid rule slot: passed.
+    InvalidRule = 11,
+    /// The per-source bucket could not be created: passed (fail open).
+    StateInsertFailed = 12,
+    /// The over-budget event could not be queued (ring buffer full).
+    EventLost = 13,
+    /// The mark rewrite could not be applied (packet too short): passed.
+    MarkFailed = 14,
+    Count = 15,
+}
+
+impl Reason {
+    pub const COUNT: u32 = Reason::Count as u32;
+    pub const ALL: [Reason; Reason::COUNT as usize] = [
+        Reason::NotIp,
+        Reason::TruncatedL2,
+        Reason::TooManyVlanTags,
+        Reason::MalformedIpv4,
+        Reason::MalformedIpv6,
+        Reason::MalformedIpv6Ext,
+        Reason::Ipv6ExtChainTooLong,
+        Reason::TruncatedTcp,
+        Reason::NeighborDiscovery,
+        Reason::Fragment,
+        Reason::NoRule,
+        Reason::InvalidRule,
+        Reason::StateInsertFailed,
+        Reason::EventLost,
+        Reason::MarkFailed,
+    ];
+
+    /// Metric label value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::NotIp => "not_ip",
+            Reason::TruncatedL2 => "truncated_l2",
+            Reason::TooManyVlanTags => "too_many_vlan_tags",
+            Reason::MalformedIpv4 => "malformed_ipv4",
+            Reason::MalformedIpv6 => "malformed_ipv6",
+            Reason::MalformedIpv6Ext => "malformed_ipv6_ext",
+            Reason::Ipv6ExtChainTooLong => "ipv6_ext_chain_too_long",
+            Reason::TruncatedTcp => "truncated_tcp",
+            Reason::NeighborDiscovery => "neighbor_discovery",
+            Reason::Fragment => "fragment",
+            Reason::NoRule => "no_rule",
+            Reason::InvalidRule => "invalid_rule",
+            Reason::StateInsertFailed => "state_insert_failed",
+            Reason::EventLost => "event_lost",
+            Reason::MarkFailed => "mark_failed",
+            Reason::Count => "count",
+        }
+    }
+}
+
+/// Sent on the ring buffer when a bucket goes over budget (at most once per
+/// bucket per [`EVENT_INTERVAL_NS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverBudgetEvent {
+    pub timestamp_ns: u64,
+    pub rule_id: u32,
+    /// A [`family`] tag.
+    pub family: u32,
+    /// The bucket's address: the masked source (all zero for shared scope).
+    pub addr: [u8; 16],
+    /// Prefix length `addr` was masked to.
+    pub prefix_len: u32,
+    /// The rule's [`Action`].
+    pub action: u32,
+    /// Bitmask of the [`dimension`]s that were exceeded.
+    pub exceeded: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<OverBudgetEvent>() == 48);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, made of integers, with explicit
+    // padding, so every bit pattern is valid and there are no holes.
+    unsafe impl aya::Pod for super::Rule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SourceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Bucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RuleCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OverBudgetEvent {}
+}
+
+/// Masks `addr` (network byte order) to its first `prefix_len` bits.
+#[inline(always)]
+pub fn mask_addr(addr: &mut [u8; 16], prefix_len: u32) {
+    let mut i = 0;
+    while i < 16 {
+        let bits_before = (i as u32) * 8;
+        if prefix_len <= bits_before {
+            addr[i] = 0;
+        } else if prefix_len < bits_before + 8 {
+            let keep = prefix_len - bits_before;
+            addr[i] &= 0xffu8 << (8 - keep);
+        }
+        i += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_keeps_exactly_the_prefix() {
+        let mut a = [0xff; 16];
+        mask_addr(&mut a, 20);
+        assert_eq!(&a[..4], &[0xff, 0xff, 0xf0, 0]);
+        assert!(a[4..].iter().all(|b| *b == 0));
+        let mut b = [0xab; 16];
+        mask_addr(&mut b, 128);
+        assert_eq!(b, [0xab; 16]);
+        let mut c = [0xab; 16];
+        mask_addr(&mut c, 0);
+        assert_eq!(c, [0; 16]);
+    }
+
+    #[test]
+    fn reason_table_is_complete_and_names_are_unique() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, a) in Reason::ALL.iter().enumerate() {
+            for b in &Reason::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
+        }
+    }
+
+    #[test]
+    fn action_round_trips() {
+        for a in [Action::Allow, Action::Deny, Action::Drop, Action::Mark, Action::Monitor] {
+            assert_eq!(Action::from_u32(a as u32), Some(a));
+        }
+        assert_eq!(Action::from_u32(0), None);
+    }
+}

@@ -1,0 +1,169 @@
+//! limiter's kernel programs.
+//!
+//! - `limiter_xdp`: the drop path, at the driver (or generic XDP).
+//! - `limiter_tc`: the same decisions at TC ingress, for setups that need
+//!   `skb->mark` on marked packets.
+//!
+//! Both fail open: anything that cannot be classified (non-IP, no rule, no
+//! state) passes; only malformed IP (which the stack would drop anyway),
+//! `deny` rules and over-budget `drop` rules drop.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic_cxchg: the only CAS for bpfel")]
+
+mod atomic;
+mod enforce;
+mod maps;
+mod mark;
+mod parse;
+
+use aya_ebpf::{
+    bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use limiter_common::{Reason, family};
+
+use crate::{
+    enforce::{Decision, count_reason, decide},
+    parse::{IpPacket, Packet},
+};
+
+struct Xdp<'a>(&'a XdpContext);
+
+impl Packet for Xdp<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn wire_len(&self) -> u32 {
+        (self.0.data_end() - self.0.data()) as u32
+    }
+}
+
+struct Tc<'a>(&'a TcContext);
+
+impl Packet for Tc<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn wire_len(&self) -> u32 {
+        self.0.len()
+    }
+}
+
+/// Reads the first 12 bytes of the IP header for the mark rewrite.
+#[inline(always)]
+fn ip_header<P: Packet>(pkt: &P, ip: &IpPacket) -> Option<[u8; 12]> {
+    let start = pkt.data() + ip.l3;
+    if ip.l3 > 64 || start + 12 > pkt.data_end() {
+        return None;
+    }
+    // SAFETY: bounds checked just above.
+    Some(unsafe { core::ptr::read_unaligned(start as *const [u8; 12]) })
+}
+
+#[xdp]
+pub fn limiter_xdp(ctx: XdpContext) -> u32 {
+    let pkt = Xdp(&ctx);
+    match decide(&pkt) {
+        Decision::Pass => xdp_action::XDP_PASS,
+        Decision::Drop => xdp_action::XDP_DROP,
+        Decision::Mark { ip, dscp, .. } => {
+            if xdp_mark(&pkt, &ip, dscp).is_none() {
+                count_reason(Reason::MarkFailed);
+            }
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn xdp_mark(pkt: &Xdp<'_>, ip: &IpPacket, dscp: u8) -> Option<()> {
+    let hdr = ip_header(pkt, ip)?;
+    let rewrite = mark::plan(ip.family, ip.l3, &hdr, dscp);
+    let base = pkt.data() + ip.l3;
+    if base + 12 > pkt.data_end() {
+        return None;
+    }
+    // SAFETY: every offset written below lies in the 12 bytes checked above:
+    // IPv4 TOS at 1 and checksum at 10..12, IPv6 bytes 0..2.
+    unsafe {
+        let at = pkt.data() + rewrite.offset;
+        *(at as *mut u8) = rewrite.bytes[0];
+        if rewrite.len == 2 {
+            *((at + 1) as *mut u8) = rewrite.bytes[1];
+        }
+        if let Some(sum) = rewrite.ipv4_checksum {
+            *((base + 10) as *mut u8) = sum[0];
+            *((base + 11) as *mut u8) = sum[1];
+        }
+    }
+    Some(())
+}
+
+#[classifier]
+pub fn limiter_tc(ctx: TcContext) -> i32 {
+    // Headers are normally in the linear part; pull them in if they are not.
+    let want = ctx.len().min(128);
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        let _ = ctx.pull_data(want);
+    }
+    let pkt = Tc(&ctx);
+    match decide(&pkt) {
+        Decision::Pass => TC_ACT_OK,
+        Decision::Drop => TC_ACT_SHOT,
+        Decision::Mark { ip, dscp, skb_mark } => {
+            if skb_mark != 0 {
+                ctx.set_mark(skb_mark);
+            }
+            if tc_mark(&ctx, &ip, dscp).is_none() {
+                count_reason(Reason::MarkFailed);
+            }
+            TC_ACT_OK
+        }
+    }
+}
+
+#[inline(always)]
+fn tc_mark(ctx: &TcContext, ip: &IpPacket, dscp: u8) -> Option<()> {
+    let hdr = ip_header(&Tc(ctx), ip)?;
+    let rewrite = mark::plan(ip.family, ip.l3, &hdr, dscp);
+    if ip.family == family::IPV4 {
+        // TOS and checksum change together: the header's one's-complement
+        // sum is unchanged, so skb->csum stays valid without recomputing.
+        ctx.store(rewrite.offset, &rewrite.bytes[0], 0).ok()?;
+        let sum = rewrite.ipv4_checksum?;
+        ctx.store(ip.l3 + 10, &sum, 0).ok()?;
+    } else {
+        // The traffic class is not covered by any checksum, but it is by
+        // skb->csum when the driver gave CHECKSUM_COMPLETE.
+        let bytes = rewrite.bytes;
+        ctx.store(rewrite.offset, &bytes, u64::from(BPF_F_RECOMPUTE_CSUM))
+            .ok()?;
+    }
+    Some(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never run.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,234 @@
+//! Packet parsing: one cursor over one bounds-checked read.
+//!
+//! Covers Ethernet, up to two VLAN tags (802.1Q / 802.1ad), IPv4 with options,
+//! IPv6 with a bounded chain of extension headers, fragments, TCP flags and
+//! ICMPv6 neighbour discovery. Never reads at fixed offsets past L2.
+
+use limiter_common::{Reason, family};
+
+/// Packet memory as both program types see it.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Length charged to byte budgets: the L2 frame without FCS.
+    fn wire_len(&self) -> u32;
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const MAX_VLAN_TAGS: usize = 2;
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPV6_HLEN: usize = 40;
+/// Extension headers walked before giving up on finding L4.
+const MAX_IPV6_EXT: usize = 6;
+/// Cursor limit: keeps every offset bounded for the verifier. No header we
+/// need lies further in (6 extension headers of at most 2 KiB each would, but
+/// such a chain is reported as too long).
+const MAX_OFFSET: usize = 2048;
+
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// What the enforcement code needs to know about an IP packet.
+#[derive(Clone, Copy)]
+pub struct IpPacket {
+    pub family: u32,
+    pub src: [u8; 16],
+    /// Offset of the IP header (for the mark rewrite).
+    pub l3: usize,
+    /// A TCP SYN without ACK: a new connection attempt.
+    pub syn: bool,
+    /// A noteworthy but charged condition (fragment, truncated TCP...).
+    pub note: Option<Reason>,
+}
+
+pub enum Parsed {
+    /// An IP packet to classify.
+    Ip(IpPacket),
+    /// Passed untouched, counted under this reason.
+    Pass(Reason),
+    /// Dropped, counted under this reason (malformed IP).
+    Drop(Reason),
+}
+
+/// Reads `N` bytes at `off`, or `None` past the end of the packet.
+#[inline(always)]
+fn bytes<const N: usize, P: Packet>(pkt: &P, off: usize) -> Option<[u8; N]> {
+    if off > MAX_OFFSET {
+        return None;
+    }
+    let start = pkt.data();
+    if start + off + N > pkt.data_end() {
+        return None;
+    }
+    // SAFETY: the range [off, off + N) was checked against data_end above;
+    // read_unaligned because headers have no alignment guarantee.
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
+}
+
+#[inline(always)]
+fn be16<P: Packet>(pkt: &P, off: usize) -> Option<u16> {
+    bytes::<2, P>(pkt, off).map(u16::from_be_bytes)
+}
+
+#[inline(always)]
+pub fn parse<P: Packet>(pkt: &P) -> Parsed {
+    let Some(mut ethertype) = be16(pkt, 12) else {
+        return Parsed::Pass(Reason::TruncatedL2);
+    };
+    let mut off = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        // A tag is TCI (2 bytes) then the inner EtherType (2 bytes).
+        let Some(inner) = be16(pkt, off + 2) else {
+            return Parsed::Pass(Reason::TruncatedL2);
+        };
+        ethertype = inner;
+        off += 4;
+    }
+    match ethertype {
+        ETH_P_IPV4 => parse_ipv4(pkt, off),
+        ETH_P_IPV6 => parse_ipv6(pkt, off),
+        ETH_P_8021Q | ETH_P_8021AD => Parsed::Pass(Reason::TooManyVlanTags),
+        _ => Parsed::Pass(Reason::NotIp),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4<P: Packet>(pkt: &P, l3: usize) -> Parsed {
+    let Some(hdr) = bytes::<20, P>(pkt, l3) else {
+        return Parsed::Drop(Reason::MalformedIpv4);
+    };
+    let version = hdr[0] >> 4;
+    let header_len = usize::from(hdr[0] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
+    let on_wire = (pkt.wire_len() as usize).saturating_sub(l3);
+    if version != 4 || header_len < 20 || total_len < header_len || total_len > on_wire {
+        return Parsed::Drop(Reason::MalformedIpv4);
+    }
+    // Options are part of the header: it must be all there.
+    if bytes::<1, P>(pkt, l3 + header_len - 1).is_none() {
+        return Parsed::Drop(Reason::MalformedIpv4);
+    }
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&hdr[12..16]);
+    let fragment_offset = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
+    let mut ip = IpPacket {
+        family: family::IPV4,
+        src,
+        l3,
+        syn: false,
+        note: None,
+    };
+    if fragment_offset != 0 {
+        ip.note = Some(Reason::Fragment);
+    } else if hdr[9] == IPPROTO_TCP {
+        tcp_flags(pkt, l3 + header_len, &mut ip);
+    }
+    Parsed::Ip(ip)
+}
+
+#[inline(always)]
+fn tcp_flags<P: Packet>(pkt: &P, l4: usize, ip: &mut IpPacket) {
+    // The whole 20-byte fixed header must be there for the flags to count.
+    match bytes::<20, P>(pkt, l4) {
+        Some(tcp) => ip.syn = tcp[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN,
+        None => ip.note = Some(Reason::TruncatedTcp),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
+    let Some(hdr) = bytes::<IPV6_HLEN, P>(pkt, l3) else {
+        return Parsed::Drop(Reason::MalformedIpv6);
+    };
+    let payload_len = usize::from(u16::from_be_bytes([hdr[4], hdr[5]]));
+    let on_wire = (pkt.wire_len() as usize).saturating_sub(l3 + IPV6_HLEN);
+    // payload_len 0 is a jumbogram (hop-by-hop option); anything else must fit.
+    if hdr[0] >> 4 != 6 || payload_len > on_wire {
+        return Parsed::Drop(Reason::MalformedIpv6);
+    }
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&hdr[8..24]);
+    let mut ip = IpPacket {
+        family: family::IPV6,
+        src,
+        l3,
+        syn: false,
+        note: None,
+    };
+    let hop_limit = hdr[7];
+    let mut next = hdr[6];
+    let mut off = l3 + IPV6_HLEN;
+    for _ in 0..MAX_IPV6_EXT {
+        match next {
+            // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
+            0 | 43 | 60 => {
+                let Some(ext) = bytes::<2, P>(pkt, off) else {
+                    return Parsed::Drop(Reason::MalformedIpv6Ext);
+                };
+                next = ext[0];
+                off += (usize::from(ext[1]) + 1) * 8;
+            }
+            // Fragment header: 8 bytes; only the first fragment has L4.
+            44 => {
+                let Some(ext) = bytes::<4, P>(pkt, off) else {
+                    return Parsed::Drop(Reason::MalformedIpv6Ext);
+                };
+                if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
+                    ip.note = Some(Reason::Fragment);
+                    return Parsed::Ip(ip);
+                }
+                next = ext[0];
+                off += 8;
+            }
+            // Authentication header: (len + 2) * 4 bytes.
+            51 => {
+                let Some(ext) = bytes::<2, P>(pkt, off) else {
+                    return Parsed::Drop(Reason::MalformedIpv6Ext);
+                };
+                next = ext[0];
+                off += (usize::from(ext[1]) + 2) * 4;
+            }
+            _ => return l4_ipv6(pkt, next, off, hop_limit, ip),
+        }
+        if off > MAX_OFFSET {
+            ip.note = Some(Reason::Ipv6ExtChainTooLong);
+            return Parsed::Ip(ip);
+        }
+    }
+    match next {
+        0 | 43 | 44 | 51 | 60 => {
+            ip.note = Some(Reason::Ipv6ExtChainTooLong);
+            Parsed::Ip(ip)
+        }
+        _ => l4_ipv6(pkt, next, off, hop_limit, ip),
+    }
+}
+
+#[inline(always)]
+fn l4_ipv6<P: Packet>(pkt: &P, proto: u8, l4: usize, hop_limit: u8, mut ip: IpPacket) -> Parsed {
+    match proto {
+        IPPROTO_TCP => tcp_flags(pkt, l4, &mut ip),
+        IPPROTO_ICMPV6 => {
+            // Router/neighbour solicitation/advertisement, redirect: 133..=137.
+            // Real ND always has hop limit 255 (RFC 4861 7.1.1), so it cannot
+            // come from off-link; anything else is charged like other traffic.
+            if let Some([icmp_type]) = bytes::<1, P>(pkt, l4)
+                && (133..=137).contains(&icmp_type)
+                && hop_limit == 255
+            {
+                return Parsed::Pass(Reason::NeighborDiscovery);
+            }
+        }
+        _ => {}
+    }
+    Parsed::Ip(ip)
+}
