@@ -1,2 +1,3 @@
 //! limiter's agent: loads the kernel programs, owns the budgets.
+pub mod datapath;
 pub mod ebpf;

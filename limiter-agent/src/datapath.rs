@@ -1,0 +1,266 @@
+//! The loaded kernel programs and typed access to their maps.
+
+use std::net::IpAddr;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{ProgramError, SchedClassifier, Xdp},
+};
+use ipnet::IpNet;
+use limiter_common::{
+    Bucket, DEFAULT_MAX_RULES, DEFAULT_MAX_SOURCES, Reason, Rule, RuleCounters, SourceKey,
+    map_names, program_names,
+};
+
+use crate::ebpf::OBJECT;
+
+/// Map capacities fixed at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// Rule slots (rules array, counters, shared buckets, each prefix trie).
+    pub max_rules: u32,
+    /// Tracked (rule, source) buckets in the LRU map.
+    pub max_sources: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            max_rules: DEFAULT_MAX_RULES,
+            max_sources: DEFAULT_MAX_SOURCES,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the BPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name} missing from the BPF object (build mismatch?)")]
+    MissingProgram { name: &'static str },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name} missing from the BPF object (build mismatch?)")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("rule slot {slot} is out of range: the rules map holds {capacity} rules")]
+    SlotOutOfRange { slot: u32, capacity: u32 },
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// The programs, loaded and verified (not attached).
+pub struct Datapath {
+    ebpf: Ebpf,
+    capacities: Capacities,
+}
+
+impl Datapath {
+    /// Loads the object with `capacities` and runs both programs through the
+    /// verifier.
+    pub fn load(capacities: Capacities) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        for name in [
+            map_names::RULES,
+            map_names::PREFIXES_V4,
+            map_names::PREFIXES_V6,
+            map_names::SHARED_BUCKETS,
+            map_names::RULE_COUNTERS,
+        ] {
+            loader.map_max_entries(name, capacities.max_rules);
+        }
+        loader.map_max_entries(map_names::SOURCE_BUCKETS, capacities.max_sources);
+        let mut ebpf = loader.load(OBJECT)?;
+        let xdp: &mut Xdp = program(&mut ebpf, program_names::XDP)?;
+        xdp.load().map_err(|source| DatapathError::Program {
+            name: program_names::XDP,
+            source,
+        })?;
+        let tc: &mut SchedClassifier = program(&mut ebpf, program_names::TC)?;
+        tc.load().map_err(|source| DatapathError::Program {
+            name: program_names::TC,
+            source,
+        })?;
+        Ok(Self { ebpf, capacities })
+    }
+
+    pub fn capacities(&self) -> Capacities {
+        self.capacities
+    }
+
+    pub fn xdp(&mut self) -> Result<&mut Xdp> {
+        program(&mut self.ebpf, program_names::XDP)
+    }
+
+    pub fn tc(&mut self) -> Result<&mut SchedClassifier> {
+        program(&mut self.ebpf, program_names::TC)
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf.map(name).ok_or(DatapathError::MissingMap { name })
+    }
+
+    /// Writes `rule` at `slot`. Per-source state is keyed by `rule.id`, so a
+    /// new budget takes effect on the next packet with state kept.
+    pub fn set_rule(&mut self, slot: u32, rule: &Rule) -> Result<()> {
+        let capacity = self.capacities.max_rules;
+        if slot >= capacity {
+            return Err(DatapathError::SlotOutOfRange { slot, capacity });
+        }
+        let name = map_names::RULES;
+        let mut rules: Array<_, Rule> = self.map_mut(name)?.try_into().map_err(map_err(name))?;
+        rules.set(slot, rule, 0).map_err(map_err(name))
+    }
+
+    pub fn rule(&self, slot: u32) -> Result<Rule> {
+        let name = map_names::RULES;
+        let rules: Array<_, Rule> = self.map(name)?.try_into().map_err(map_err(name))?;
+        rules.get(&slot, 0).map_err(map_err(name))
+    }
+
+    /// Points sources in `prefix` at the rule in `slot`.
+    pub fn set_prefix(&mut self, prefix: IpNet, slot: u32) -> Result<()> {
+        let prefix = prefix.trunc();
+        match prefix.addr() {
+            IpAddr::V4(addr) => {
+                let name = map_names::PREFIXES_V4;
+                let mut trie: LpmTrie<_, [u8; 4], u32> =
+                    self.map_mut(name)?.try_into().map_err(map_err(name))?;
+                let key = Key::new(u32::from(prefix.prefix_len()), addr.octets());
+                trie.insert(&key, &slot, 0).map_err(map_err(name))
+            }
+            IpAddr::V6(addr) => {
+                let name = map_names::PREFIXES_V6;
+                let mut trie: LpmTrie<_, [u8; 16], u32> =
+                    self.map_mut(name)?.try_into().map_err(map_err(name))?;
+                let key = Key::new(u32::from(prefix.prefix_len()), addr.octets());
+                trie.insert(&key, &slot, 0).map_err(map_err(name))
+            }
+        }
+    }
+
+    pub fn remove_prefix(&mut self, prefix: IpNet) -> Result<()> {
+        let prefix = prefix.trunc();
+        match prefix.addr() {
+            IpAddr::V4(addr) => {
+                let name = map_names::PREFIXES_V4;
+                let mut trie: LpmTrie<_, [u8; 4], u32> =
+                    self.map_mut(name)?.try_into().map_err(map_err(name))?;
+                let key = Key::new(u32::from(prefix.prefix_len()), addr.octets());
+                trie.remove(&key).map_err(map_err(name))
+            }
+            IpAddr::V6(addr) => {
+                let name = map_names::PREFIXES_V6;
+                let mut trie: LpmTrie<_, [u8; 16], u32> =
+                    self.map_mut(name)?.try_into().map_err(map_err(name))?;
+                let key = Key::new(u32::from(prefix.prefix_len()), addr.octets());
+                trie.remove(&key).map_err(map_err(name))
+            }
+        }
+    }
+
+    /// A rule's counters, summed over CPUs.
+    pub fn rule_counters(&self, rule_id: u32) -> Result<RuleCounters> {
+        let name = map_names::RULE_COUNTERS;
+        let map: PerCpuArray<_, RuleCounters> =
+            self.map(name)?.try_into().map_err(map_err(name))?;
+        let per_cpu = map.get(&rule_id, 0).map_err(map_err(name))?;
+        let mut sum = RuleCounters::default();
+        for cpu in per_cpu.iter() {
+            for v in 0..limiter_common::verdict::COUNT {
+                sum.packets[v] += cpu.packets[v];
+                sum.bytes[v] += cpu.bytes[v];
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Global counters by [`Reason`], summed over CPUs.
+    pub fn reason_counters(&self) -> Result<[u64; Reason::COUNT as usize]> {
+        let name = map_names::REASON_COUNTERS;
+        let map: PerCpuArray<_, u64> = self.map(name)?.try_into().map_err(map_err(name))?;
+        let mut out = [0u64; Reason::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = map.get(&(i as u32), 0).map_err(map_err(name))?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// The per-source bucket for `key`, if tracked.
+    pub fn source_bucket(&self, key: &SourceKey) -> Result<Option<Bucket>> {
+        let name = map_names::SOURCE_BUCKETS;
+        let map: HashMap<_, SourceKey, Bucket> =
+            self.map(name)?.try_into().map_err(map_err(name))?;
+        match map.get(key, 0) {
+            Ok(bucket) => Ok(Some(bucket)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map { name, source }),
+        }
+    }
+
+    /// Creates or replaces a per-source bucket (benchmarks pre-fill the map).
+    pub fn set_source_bucket(&mut self, key: &SourceKey, bucket: &Bucket) -> Result<()> {
+        let name = map_names::SOURCE_BUCKETS;
+        let mut map: HashMap<_, SourceKey, Bucket> =
+            self.map_mut(name)?.try_into().map_err(map_err(name))?;
+        map.insert(key, bucket, 0).map_err(map_err(name))
+    }
+
+    /// Number of tracked per-source buckets (walks the map: O(entries)).
+    pub fn tracked_sources(&self) -> Result<usize> {
+        let name = map_names::SOURCE_BUCKETS;
+        let map: HashMap<_, SourceKey, Bucket> =
+            self.map(name)?.try_into().map_err(map_err(name))?;
+        Ok(map.keys().filter(std::result::Result::is_ok).count())
+    }
+
+    /// The shared bucket of a rule.
+    pub fn shared_bucket(&self, rule_id: u32) -> Result<Bucket> {
+        let name = map_names::SHARED_BUCKETS;
+        let map: Array<_, Bucket> = self.map(name)?.try_into().map_err(map_err(name))?;
+        map.get(&rule_id, 0).map_err(map_err(name))
+    }
+
+    /// Takes the over-budget event ring buffer (once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let name = map_names::EVENTS;
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        RingBuf::try_from(map).map_err(map_err(name))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?;
+    program
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}

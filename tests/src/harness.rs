@@ -1,0 +1,201 @@
+//! Loads the real programs and runs frames through them with
+//! BPF_PROG_TEST_RUN. Panics on failure: these are test fixtures.
+
+use aya::programs::{TestRun, TestRunOptions};
+use ipnet::IpNet;
+use limiter_agent::datapath::{Capacities, Datapath};
+use limiter_common::{Action, Limit, Reason, Rule, RuleCounters, Scope, dimension, verdict};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+
+/// `struct __sk_buff` is 192 bytes on the kernels we support; `mark` is its
+/// third u32.
+const SKB_CTX_LEN: usize = 192;
+const SKB_MARK_OFFSET: usize = 8;
+
+/// A rule under construction.
+#[derive(Clone, Copy, Debug)]
+pub struct RuleSpec(pub Rule);
+
+impl RuleSpec {
+    pub fn new(id: u32, action: Action) -> Self {
+        Self(Rule {
+            id,
+            action: action as u32,
+            scope: Scope::PerSource as u32,
+            source_prefix_v4: 32,
+            source_prefix_v6: 128,
+            in_use: 1,
+            ..Rule::EMPTY
+        })
+    }
+
+    pub fn packets(mut self, rate: u64, burst: u64) -> Self {
+        self.0.limits[dimension::PACKETS] = limit(rate, burst);
+        self
+    }
+
+    pub fn bytes(mut self, rate: u64, burst: u64) -> Self {
+        self.0.limits[dimension::BYTES] = limit(rate, burst);
+        self
+    }
+
+    pub fn syns(mut self, rate: u64, burst: u64) -> Self {
+        self.0.limits[dimension::SYNS] = limit(rate, burst);
+        self
+    }
+
+    pub fn shared(mut self) -> Self {
+        self.0.scope = Scope::Shared as u32;
+        self
+    }
+
+    pub fn per_source(mut self, v4_len: u32, v6_len: u32) -> Self {
+        self.0.scope = Scope::PerSource as u32;
+        self.0.source_prefix_v4 = v4_len;
+        self.0.source_prefix_v6 = v6_len;
+        self
+    }
+
+    pub fn mark(mut self, dscp: u32, skb_mark: u32) -> Self {
+        self.0.dscp = dscp;
+        self.0.skb_mark = skb_mark;
+        self
+    }
+}
+
+pub fn limit(rate: u64, burst: u64) -> Limit {
+    match Limit::new(rate, burst) {
+        Ok(limit) => limit,
+        Err(e) => panic!("test limit {rate}/s burst {burst}: {e:?}"),
+    }
+}
+
+pub fn net(s: &str) -> IpNet {
+    s.parse().unwrap_or_else(|e| panic!("test prefix {s}: {e}"))
+}
+
+pub struct Harness {
+    pub dp: Datapath,
+}
+
+pub struct TcRun {
+    pub action: u32,
+    pub out: Vec<u8>,
+    pub mark: u32,
+}
+
+impl Harness {
+    /// Small maps: these tests need few rules and sources.
+    pub fn new() -> Self {
+        Self::with_capacities(Capacities {
+            max_rules: 1024,
+            max_sources: 4096,
+        })
+    }
+
+    pub fn with_capacities(capacities: Capacities) -> Self {
+        match Datapath::load(capacities) {
+            Ok(dp) => Self { dp },
+            Err(e) => panic!("loading the programs failed: {e:?}"),
+        }
+    }
+
+    /// Installs `rule` at slot == id, for every prefix.
+    pub fn rule(&mut self, spec: RuleSpec, prefixes: &[&str]) -> &mut Self {
+        let rule = spec.0;
+        if let Err(e) = self.dp.set_rule(rule.id, &rule) {
+            panic!("set rule {}: {e}", rule.id);
+        }
+        for p in prefixes {
+            if let Err(e) = self.dp.set_prefix(net(p), rule.id) {
+                panic!("set prefix {p}: {e}");
+            }
+        }
+        self
+    }
+
+    /// Runs `frame` through the XDP program: (action, output bytes).
+    pub fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = {
+            let prog = self.dp.xdp().unwrap_or_else(|e| panic!("{e}"));
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(frame);
+            opts.data_out = Some(&mut out);
+            prog.test_run(opts)
+                .unwrap_or_else(|e| panic!("XDP test run of {} bytes: {e}", frame.len()))
+        };
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs `frame` `n` times and returns how many times each action came back.
+    pub fn xdp_many(&mut self, frame: &[u8], n: usize) -> (usize, usize) {
+        let mut passed = 0;
+        let mut dropped = 0;
+        for _ in 0..n {
+            match self.xdp(frame).0 {
+                XDP_PASS => passed += 1,
+                XDP_DROP => dropped += 1,
+                other => panic!("unexpected XDP action {other}"),
+            }
+        }
+        (passed, dropped)
+    }
+
+    /// Runs `frame` through the TC program.
+    pub fn tc(&mut self, frame: &[u8]) -> TcRun {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut ctx_out = vec![0u8; SKB_CTX_LEN];
+        let result = {
+            let prog = self.dp.tc().unwrap_or_else(|e| panic!("{e}"));
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(frame);
+            opts.data_out = Some(&mut out);
+            opts.ctx_out = Some(&mut ctx_out);
+            prog.test_run(opts)
+                .unwrap_or_else(|e| panic!("TC test run of {} bytes: {e}", frame.len()))
+        };
+        out.truncate(result.data_size_out as usize);
+        let mark = u32::from_ne_bytes([
+            ctx_out[SKB_MARK_OFFSET],
+            ctx_out[SKB_MARK_OFFSET + 1],
+            ctx_out[SKB_MARK_OFFSET + 2],
+            ctx_out[SKB_MARK_OFFSET + 3],
+        ]);
+        TcRun {
+            action: result.return_value,
+            out,
+            mark,
+        }
+    }
+
+    pub fn counters(&self, rule_id: u32) -> RuleCounters {
+        self.dp
+            .rule_counters(rule_id)
+            .unwrap_or_else(|e| panic!("counters of rule {rule_id}: {e}"))
+    }
+
+    /// Packets of `rule_id` by verdict: [passed, dropped, marked, would_drop].
+    pub fn packets(&self, rule_id: u32) -> [u64; verdict::COUNT] {
+        self.counters(rule_id).packets
+    }
+
+    pub fn reason(&self, reason: Reason) -> u64 {
+        let all = self
+            .dp
+            .reason_counters()
+            .unwrap_or_else(|e| panic!("reason counters: {e}"));
+        all[reason as usize]
+    }
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
