@@ -117,7 +117,9 @@ impl Datapath {
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
-        self.ebpf.map(name).ok_or(DatapathError::MissingMap { name })
+        self.ebpf
+            .map(name)
+            .ok_or(DatapathError::MissingMap { name })
     }
 
     /// Writes `rule` at `slot`. Per-source state is keyed by `rule.id`, so a

@@ -353,7 +353,13 @@ mod tests {
 
     #[test]
     fn action_round_trips() {
-        for a in [Action::Allow, Action::Deny, Action::Drop, Action::Mark, Action::Monitor] {
+        for a in [
+            Action::Allow,
+            Action::Deny,
+            Action::Drop,
+            Action::Mark,
+            Action::Monitor,
+        ] {
             assert_eq!(Action::from_u32(a as u32), Some(a));
         }
         assert_eq!(Action::from_u32(0), None);

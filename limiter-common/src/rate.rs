@@ -81,7 +81,10 @@ impl Limit {
         if tolerance >= 1 << 62 {
             return Err(LimitError::BurstTooLarge);
         }
-        Ok(Self { interval, tolerance })
+        Ok(Self {
+            interval,
+            tolerance,
+        })
     }
 
     /// No budget in this dimension.

@@ -35,7 +35,11 @@ pub enum Decision {
     Drop,
     /// Rewrite DSCP to `dscp` (and set `skb_mark` where the program can),
     /// then pass.
-    Mark { ip: IpPacket, dscp: u8, skb_mark: u32 },
+    Mark {
+        ip: IpPacket,
+        dscp: u8,
+        skb_mark: u32,
+    },
 }
 
 /// CAS attempts per dimension before giving up (and refusing the packet).
@@ -114,7 +118,8 @@ fn over_budget(rule: &Rule, action: Action, ip: IpPacket) -> (usize, Decision) {
 #[inline(always)]
 fn lookup_rule(ip: &IpPacket) -> Option<Rule> {
     let slot = if ip.family == family::IPV4 {
-        let key = aya_ebpf::maps::lpm_trie::Key::new(32, [ip.src[0], ip.src[1], ip.src[2], ip.src[3]]);
+        let key =
+            aya_ebpf::maps::lpm_trie::Key::new(32, [ip.src[0], ip.src[1], ip.src[2], ip.src[3]]);
         PREFIXES_V4.get(&key).copied()
     } else {
         let key = aya_ebpf::maps::lpm_trie::Key::new(128, ip.src);
@@ -193,27 +198,25 @@ fn charge(rule: &Rule, ip: &IpPacket, wire_len: u32) -> bool {
     let mut exceeded = 0u32;
     // Check every dimension before charging any, so a packet refused by one
     // budget is not charged to the others.
-    for dim in 0..dimension::COUNT {
-        let limit = rule.limits[dim];
+    for (dim, (limit, units)) in rule.limits.iter().zip(units).enumerate() {
         if limit.is_unlimited() || (dim == dimension::SYNS && !ip.syn) {
             continue;
         }
         // SAFETY: dim < COUNT, inside the tat array.
         let tat = unsafe { core::ptr::read_volatile(tat_ptrs.add(dim)) };
         let tat = if stale { now } else { tat };
-        if conform(tat, now, limit.cost(units[dim]), limit.tolerance).is_none() {
+        if conform(tat, now, limit.cost(units), limit.tolerance).is_none() {
             exceeded |= 1 << dim;
         }
     }
     if exceeded == 0 {
-        for dim in 0..dimension::COUNT {
-            let limit = rule.limits[dim];
+        for (dim, (limit, units)) in rule.limits.iter().zip(units).enumerate() {
             if limit.is_unlimited() || (dim == dimension::SYNS && !ip.syn) {
                 continue;
             }
             // SAFETY: as above.
             let tat_ptr = unsafe { tat_ptrs.add(dim) };
-            if !charge_one(tat_ptr, now, stale, limit.cost(units[dim]), limit.tolerance) {
+            if !charge_one(tat_ptr, now, stale, limit.cost(units), limit.tolerance) {
                 exceeded |= 1 << dim;
                 break;
             }

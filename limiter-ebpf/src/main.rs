@@ -11,6 +11,10 @@
 #![no_main]
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic_cxchg: the only CAS for bpfel")]
+#![allow(
+    clippy::not_unsafe_ptr_arg_deref,
+    reason = "the program macros generate `pub fn(ctx: *mut _)` entry points"
+)]
 
 mod atomic;
 mod enforce;

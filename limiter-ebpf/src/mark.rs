@@ -38,7 +38,10 @@ pub fn plan(ip_family: u32, l3: usize, hdr: &[u8; 12], dscp: u8) -> Rewrite {
         let new_tc = (dscp << 2) | (old_tc & 0x03);
         Rewrite {
             offset: l3,
-            bytes: [(hdr[0] & 0xf0) | (new_tc >> 4), (new_tc << 4) | (hdr[1] & 0x0f)],
+            bytes: [
+                (hdr[0] & 0xf0) | (new_tc >> 4),
+                (new_tc << 4) | (hdr[1] & 0x0f),
+            ],
             len: 2,
             ipv4_checksum: None,
         }

@@ -15,11 +15,17 @@ pub const TCP_ACK: u8 = 0x10;
 /// Layer 4 of a frame.
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { flags: u8 },
+    Tcp {
+        flags: u8,
+    },
     /// A TCP header cut to `len` bytes (the IP length says so too).
-    TruncatedTcp { len: usize },
+    TruncatedTcp {
+        len: usize,
+    },
     Udp,
-    Icmpv6 { kind: u8 },
+    Icmpv6 {
+        kind: u8,
+    },
 }
 
 impl L4 {

@@ -14,7 +14,10 @@ const SRC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 7);
 
 fn deny_all_test_ranges() -> Harness {
     let mut h = Harness::new();
-    h.rule(RuleSpec::new(DENY, Action::Deny), &["198.18.0.0/15", "2001:db8::/32"]);
+    h.rule(
+        RuleSpec::new(DENY, Action::Deny),
+        &["198.18.0.0/15", "2001:db8::/32"],
+    );
     h
 }
 
@@ -118,7 +121,10 @@ fn ipv4_options_move_the_tcp_header() {
     // With 40 bytes of options, the SYN flag is 60 bytes in: a parser that
     // ignored IHL would read option bytes (NOPs, 0x01) as flags.
     let mut h = Harness::new();
-    h.rule(RuleSpec::new(3, Action::Drop).syns(1, 2), &["198.18.0.0/15"]);
+    h.rule(
+        RuleSpec::new(3, Action::Drop).syns(1, 2),
+        &["198.18.0.0/15"],
+    );
     let syn = with_v4(Frame::v4(SRC4, L4::Tcp { flags: TCP_SYN }), |f| {
         f.options = 40
     })
@@ -137,7 +143,10 @@ fn ipv6_extension_headers_are_walked() {
     for chain in chains {
         // The SYN behind the chain must be seen as a SYN.
         let mut h = Harness::new();
-        h.rule(RuleSpec::new(4, Action::Drop).syns(1, 1), &["2001:db8::/32"]);
+        h.rule(
+            RuleSpec::new(4, Action::Drop).syns(1, 1),
+            &["2001:db8::/32"],
+        );
         let frame = with_ext(Frame::v6(SRC6, L4::Tcp { flags: TCP_SYN }), chain.clone()).build();
         assert_eq!(h.xdp_many(&frame, 3), (1, 2), "chain {chain:?}");
         assert_source_found(&with_ext(Frame::v6(SRC6, L4::Udp), chain));
@@ -147,7 +156,10 @@ fn ipv6_extension_headers_are_walked() {
 #[test]
 fn an_overlong_extension_chain_is_charged_without_l4() {
     let mut h = Harness::new();
-    h.rule(RuleSpec::new(5, Action::Drop).syns(1, 1), &["2001:db8::/32"]);
+    h.rule(
+        RuleSpec::new(5, Action::Drop).syns(1, 1),
+        &["2001:db8::/32"],
+    );
     let chain = vec![Ext::DestOpts { len_units: 0 }; 7];
     let frame = with_ext(Frame::v6(SRC6, L4::Tcp { flags: TCP_SYN }), chain).build();
     // L4 unknown: not counted as SYNs, so the SYN budget never bites.
@@ -159,7 +171,10 @@ fn an_overlong_extension_chain_is_charged_without_l4() {
 #[test]
 fn fragments_are_charged_and_only_the_first_carries_l4() {
     let mut h = Harness::new();
-    h.rule(RuleSpec::new(6, Action::Drop).syns(1, 1), &["198.18.0.0/15", "2001:db8::/32"]);
+    h.rule(
+        RuleSpec::new(6, Action::Drop).syns(1, 1),
+        &["198.18.0.0/15", "2001:db8::/32"],
+    );
     // First fragment: TCP header present, SYN counted.
     let first = with_v4(Frame::v4(SRC4, L4::Tcp { flags: TCP_SYN }), |f| {
         f.more_fragments = true
@@ -180,11 +195,17 @@ fn fragments_are_charged_and_only_the_first_carries_l4() {
     assert_eq!(h.xdp_many(&later6, 3), (3, 0));
     assert_eq!(h.reason(Reason::Fragment), 6);
     // Every fragment is charged to the rule.
-    assert_eq!(h.packets(6)[verdict::PASSED] + h.packets(6)[verdict::DROPPED], 8);
+    assert_eq!(
+        h.packets(6)[verdict::PASSED] + h.packets(6)[verdict::DROPPED],
+        8
+    );
 
     // A packet budget limits fragments like any packet.
     let mut h = Harness::new();
-    h.rule(RuleSpec::new(7, Action::Drop).packets(1, 2), &["198.18.0.0/15"]);
+    h.rule(
+        RuleSpec::new(7, Action::Drop).packets(1, 2),
+        &["198.18.0.0/15"],
+    );
     assert_eq!(h.xdp_many(&later, 5), (2, 3));
 }
 
@@ -224,10 +245,16 @@ fn neighbour_discovery_is_never_limited() {
 #[test]
 fn tcp_syn_without_ack_is_a_new_connection() {
     let mut h = Harness::new();
-    h.rule(RuleSpec::new(8, Action::Drop).syns(1, 2), &["198.18.0.0/15"]);
-    let syn_ack = Frame::v4(SRC4, L4::Tcp {
-        flags: TCP_SYN | TCP_ACK,
-    })
+    h.rule(
+        RuleSpec::new(8, Action::Drop).syns(1, 2),
+        &["198.18.0.0/15"],
+    );
+    let syn_ack = Frame::v4(
+        SRC4,
+        L4::Tcp {
+            flags: TCP_SYN | TCP_ACK,
+        },
+    )
     .build();
     let ack = Frame::v4(SRC4, L4::Tcp { flags: TCP_ACK }).build();
     let udp = Frame::v4(SRC4, L4::Udp).build();
@@ -241,8 +268,13 @@ fn tcp_syn_without_ack_is_a_new_connection() {
 #[test]
 fn truncated_tcp_is_charged_but_not_a_syn() {
     let mut h = Harness::new();
-    h.rule(RuleSpec::new(9, Action::Drop).syns(1, 1), &["198.18.0.0/15"]);
-    let frame = Frame::v4(SRC4, L4::TruncatedTcp { len: 14 }).payload(0).build();
+    h.rule(
+        RuleSpec::new(9, Action::Drop).syns(1, 1),
+        &["198.18.0.0/15"],
+    );
+    let frame = Frame::v4(SRC4, L4::TruncatedTcp { len: 14 })
+        .payload(0)
+        .build();
     assert_eq!(h.xdp_many(&frame, 3), (3, 0));
     assert_eq!(h.reason(Reason::TruncatedTcp), 3);
     assert_eq!(h.packets(9)[verdict::PASSED], 3);
@@ -301,8 +333,14 @@ fn malformed_ipv4_headers_are_dropped_with_a_reason() {
         ("version 5", Box::new(|f| f[14] = 0x55)),
         ("IHL below 5", Box::new(|f| f[14] = 0x44)),
         ("IHL past the end", Box::new(|f| f[14] = 0x4f)),
-        ("total length below IHL", Box::new(|f| f[16..18].copy_from_slice(&10u16.to_be_bytes()))),
-        ("total length past the frame", Box::new(|f| f[16..18].copy_from_slice(&1500u16.to_be_bytes()))),
+        (
+            "total length below IHL",
+            Box::new(|f| f[16..18].copy_from_slice(&10u16.to_be_bytes())),
+        ),
+        (
+            "total length past the frame",
+            Box::new(|f| f[16..18].copy_from_slice(&1500u16.to_be_bytes())),
+        ),
     ];
     let mut h = deny_all_test_ranges();
     for (name, corrupt) in &cases {
@@ -326,7 +364,9 @@ fn malformed_ipv6_headers_are_dropped_with_a_reason() {
     assert_eq!(h.xdp(&long_payload).0, XDP_DROP);
     assert_eq!(h.reason(Reason::MalformedIpv6), 2);
     // An extension header claiming more bytes than the frame has.
-    let ext = with_ext(Frame::v6(SRC6, L4::Udp), vec![Ext::HopByHop]).payload(0).build();
+    let ext = with_ext(Frame::v6(SRC6, L4::Udp), vec![Ext::HopByHop])
+        .payload(0)
+        .build();
     let mut cut_ext = ext[..14 + 40 + 1].to_vec();
     cut_ext[18..20].copy_from_slice(&1u16.to_be_bytes());
     assert_eq!(h.xdp(&cut_ext).0, XDP_DROP);
@@ -345,7 +385,10 @@ fn random_bytes_never_crash_the_program() {
         state ^= state << 17;
         state
     };
-    let seeds = [Frame::v4(SRC4, L4::Tcp { flags: TCP_SYN }).build(), Frame::v6(SRC6, L4::Udp).build()];
+    let seeds = [
+        Frame::v4(SRC4, L4::Tcp { flags: TCP_SYN }).build(),
+        Frame::v6(SRC6, L4::Udp).build(),
+    ];
     for i in 0..2_000 {
         let mut frame = seeds[i % 2].clone();
         let flips = 1 + next() % 6;

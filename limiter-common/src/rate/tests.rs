@@ -157,7 +157,10 @@ proptest! {
 fn burst_is_admitted_back_to_back_then_refused() {
     let limit = Limit::new(10, 5).unwrap();
     let stream: Vec<(u64, u64)> = (0..8).map(|_| (1_000, 1)).collect();
-    assert_eq!(run(&limit, &stream), [true, true, true, true, true, false, false, false]);
+    assert_eq!(
+        run(&limit, &stream),
+        [true, true, true, true, true, false, false, false]
+    );
 }
 
 #[test]
@@ -189,7 +192,10 @@ fn byte_budget_charges_by_size() {
 fn impossible_limits_are_refused_with_a_reason() {
     assert_eq!(Limit::new(0, 1), Err(LimitError::ZeroRate));
     assert_eq!(Limit::new(1, 0), Err(LimitError::ZeroBurst));
-    assert_eq!(Limit::new(Limit::MAX_RATE + 1, 1), Err(LimitError::RateTooHigh));
+    assert_eq!(
+        Limit::new(Limit::MAX_RATE + 1, 1),
+        Err(LimitError::RateTooHigh)
+    );
     assert_eq!(Limit::new(1, u64::MAX / 2), Err(LimitError::BurstTooLarge));
     assert!(Limit::new(Limit::MAX_RATE, 1).is_ok());
 }

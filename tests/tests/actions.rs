@@ -1,0 +1,381 @@
+//! Rules, actions, scopes, counters and events through the real programs.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use limiter_common::{Action, OverBudgetEvent, Reason, SourceKey, dimension, family, verdict};
+use limiter_tests::{frame::*, harness::*};
+
+fn v4(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, last)
+}
+
+fn v6(last: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, last)
+}
+
+fn udp4(src: Ipv4Addr) -> Vec<u8> {
+    Frame::v4(src, L4::Udp).build()
+}
+
+#[test]
+fn allow_is_never_limited_and_deny_always_drops() {
+    let mut h = Harness::new();
+    h.rule(RuleSpec::new(1, Action::Allow), &["198.18.1.0/24"]);
+    h.rule(RuleSpec::new(2, Action::Deny), &["198.18.2.0/24"]);
+    assert_eq!(h.xdp_many(&udp4(v4(1)), 50), (50, 0));
+    assert_eq!(h.xdp_many(&udp4(Ipv4Addr::new(198, 18, 2, 1)), 50), (0, 50));
+    assert_eq!(h.packets(1), [50, 0, 0, 0]);
+    assert_eq!(h.packets(2), [0, 50, 0, 0]);
+}
+
+#[test]
+fn the_most_specific_prefix_wins() {
+    let mut h = Harness::new();
+    h.rule(RuleSpec::new(1, Action::Deny), &["0.0.0.0/0", "::/0"]);
+    h.rule(
+        RuleSpec::new(2, Action::Allow),
+        &["198.18.0.0/15", "2001:db8::/32"],
+    );
+    h.rule(
+        RuleSpec::new(3, Action::Deny),
+        &["198.18.1.0/24", "2001:db8:1::/48"],
+    );
+    h.rule(
+        RuleSpec::new(4, Action::Allow),
+        &["198.18.1.9/32", "2001:db8:1::9/128"],
+    );
+    let expect = [
+        (udp4(Ipv4Addr::new(198, 19, 0, 1)), XDP_PASS, 2),
+        (udp4(v4(1)), XDP_DROP, 3),
+        (udp4(v4(9)), XDP_PASS, 4),
+        (
+            Frame::v6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1), L4::Udp).build(),
+            XDP_PASS,
+            2,
+        ),
+        (Frame::v6(v6(1), L4::Udp).build(), XDP_DROP, 3),
+        (Frame::v6(v6(9), L4::Udp).build(), XDP_PASS, 4),
+    ];
+    for (frame, action, rule) in &expect {
+        let before = h.counters(*rule).packets.iter().sum::<u64>();
+        assert_eq!(h.xdp(frame).0, *action, "rule {rule}");
+        assert_eq!(
+            h.counters(*rule).packets.iter().sum::<u64>(),
+            before + 1,
+            "rule {rule}"
+        );
+    }
+    // The default rule (/0) covers everything else.
+    assert_eq!(h.packets(1), [0; 4]);
+    let outside = Frame::v4(Ipv4Addr::new(203, 0, 113, 1), L4::Udp).build();
+    assert_eq!(h.xdp(&outside).0, XDP_DROP);
+    assert_eq!(h.packets(1)[verdict::DROPPED], 1);
+}
+
+#[test]
+fn no_matching_rule_passes_and_is_counted() {
+    let mut h = Harness::new();
+    h.rule(RuleSpec::new(1, Action::Deny), &["198.19.0.0/16"]);
+    assert_eq!(h.xdp(&udp4(v4(1))).0, XDP_PASS);
+    assert_eq!(h.reason(Reason::NoRule), 1);
+}
+
+#[test]
+fn drop_admits_the_burst_then_drops() {
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(1, Action::Drop).packets(1, 5),
+        &["198.18.0.0/15"],
+    );
+    let frame = udp4(v4(1));
+    assert_eq!(h.xdp_many(&frame, 12), (5, 7));
+    let c = h.counters(1);
+    assert_eq!(c.packets, [5, 7, 0, 0]);
+    let len = frame.len() as u64;
+    assert_eq!(c.bytes, [5 * len, 7 * len, 0, 0]);
+}
+
+#[test]
+fn monitor_passes_everything_and_counts_would_drop() {
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(1, Action::Monitor).packets(1, 5),
+        &["198.18.0.0/15"],
+    );
+    let frame = udp4(v4(1));
+    for _ in 0..12 {
+        let (action, out) = h.xdp(&frame);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(out, frame, "monitor never rewrites");
+    }
+    assert_eq!(h.packets(1), [5, 0, 0, 7]);
+}
+
+#[test]
+fn byte_budgets_charge_frame_length() {
+    let mut h = Harness::new();
+    let frame = Frame::v4(v4(1), L4::Udp).payload(958).build();
+    assert_eq!(frame.len(), 1000);
+    h.rule(
+        RuleSpec::new(1, Action::Drop).bytes(1, 3_500),
+        &["198.18.0.0/15"],
+    );
+    assert_eq!(h.xdp_many(&frame, 6), (3, 3));
+    // Small packets still fit in what is left (500 bytes).
+    let small = Frame::v4(v4(1), L4::Udp).payload(0).build();
+    assert_eq!(
+        h.xdp_many(&small, 20),
+        (500 / small.len(), 20 - 500 / small.len())
+    );
+}
+
+#[test]
+fn all_budgets_of_a_rule_apply_together() {
+    let mut h = Harness::new();
+    // Packets allow 10, bytes allow 3 of these frames: bytes bite first.
+    let frame = Frame::v4(v4(1), L4::Udp).payload(958).build();
+    h.rule(
+        RuleSpec::new(1, Action::Drop)
+            .packets(1, 10)
+            .bytes(1, 3_000),
+        &["198.18.0.0/15"],
+    );
+    assert_eq!(h.xdp_many(&frame, 5), (3, 2));
+    // A refused packet was not charged to the packet budget: 7 small ones
+    // still pass on packets (bytes: 0 left of 3000 -> small ones refused?).
+    // Bytes are exhausted, so nothing passes until time goes by.
+    let small = Frame::v4(v4(1), L4::Udp).payload(0).build();
+    assert_eq!(h.xdp_many(&small, 3), (0, 3));
+}
+
+#[test]
+fn per_source_scope_masks_sources_to_the_rule_length() {
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(1, Action::Drop)
+            .packets(1, 3)
+            .per_source(24, 64),
+        &["198.18.0.0/15", "2001:db8::/32"],
+    );
+    // 198.18.1.1 and 198.18.1.2 share 198.18.1.0/24; 198.18.2.1 is its own.
+    assert_eq!(h.xdp_many(&udp4(v4(1)), 2), (2, 0));
+    assert_eq!(h.xdp_many(&udp4(v4(2)), 3), (1, 2));
+    assert_eq!(h.xdp_many(&udp4(Ipv4Addr::new(198, 18, 2, 1)), 4), (3, 1));
+    // IPv6 by /64.
+    let a = Frame::v6(Ipv6Addr::new(0x2001, 0xdb8, 5, 6, 0, 0, 0, 1), L4::Udp).build();
+    let b = Frame::v6(Ipv6Addr::new(0x2001, 0xdb8, 5, 6, 9, 9, 9, 9), L4::Udp).build();
+    let c = Frame::v6(Ipv6Addr::new(0x2001, 0xdb8, 5, 7, 0, 0, 0, 1), L4::Udp).build();
+    assert_eq!(h.xdp_many(&a, 2), (2, 0));
+    assert_eq!(h.xdp_many(&b, 2), (1, 1));
+    assert_eq!(h.xdp_many(&c, 3), (3, 0));
+    // The bucket is keyed by the masked address.
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&[198, 18, 1, 0]);
+    let key = SourceKey {
+        rule_id: 1,
+        family: family::IPV4,
+        addr,
+    };
+    assert!(
+        h.dp.source_bucket(&key)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_some()
+    );
+}
+
+#[test]
+fn shared_scope_has_one_bucket_for_all_sources() {
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(1, Action::Drop).packets(1, 10).shared(),
+        &["198.18.0.0/15", "2001:db8::/32"],
+    );
+    let mut passed = 0;
+    for i in 0..20u8 {
+        passed += h.xdp_many(&udp4(v4(i)), 1).0;
+        passed += h
+            .xdp_many(&Frame::v6(v6(u16::from(i)), L4::Udp).build(), 1)
+            .0;
+    }
+    assert_eq!(passed, 10);
+    assert_eq!(h.packets(1), [10, 30, 0, 0]);
+    assert_eq!(h.dp.tracked_sources().unwrap_or_else(|e| panic!("{e}")), 0);
+}
+
+#[test]
+fn a_live_budget_change_applies_to_the_next_packet_and_keeps_state() {
+    let mut h = Harness::new();
+    let spec = RuleSpec::new(1, Action::Drop).packets(1, 3);
+    h.rule(spec, &["198.18.0.0/15"]);
+    let frame = udp4(v4(1));
+    assert_eq!(h.xdp_many(&frame, 5), (3, 2));
+    // Raise the burst from 3 to 5: with state kept, exactly two more fit
+    // (a reset bucket would admit five).
+    h.rule(RuleSpec::new(1, Action::Drop).packets(1, 5), &[]);
+    assert_eq!(h.xdp_many(&frame, 5), (2, 3));
+    // Switch the same rule to monitor: the next packet passes.
+    h.rule(RuleSpec::new(1, Action::Monitor).packets(1, 5), &[]);
+    assert_eq!(h.xdp(&frame).0, XDP_PASS);
+    assert_eq!(h.packets(1), [5, 5, 0, 1]);
+}
+
+#[test]
+fn mark_rewrites_ipv4_dscp_with_a_correct_checksum() {
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(1, Action::Mark).packets(1, 1).mark(46, 0x77),
+        &["198.18.0.0/15"],
+    );
+    let mut frame = Frame::v4(v4(1), L4::Udp);
+    if let L3::V4 { tos, .. } = &mut frame.l3 {
+        *tos = 0x03; // ECN bits set: they must survive.
+    }
+    let frame = frame.build();
+    let (first, out) = h.xdp(&frame);
+    assert_eq!(
+        (first, &out),
+        (XDP_PASS, &frame),
+        "within budget: untouched"
+    );
+    let (action, out) = h.xdp(&frame);
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(out[15], (46 << 2) | 0x03, "TOS = DSCP 46 | ECN");
+    assert_eq!(
+        ipv4_checksum(&out[14..34]),
+        0,
+        "header checksum still valid"
+    );
+    // Nothing else changed.
+    let mut expected = frame.clone();
+    expected[15] = out[15];
+    expected[24..26].copy_from_slice(&out[24..26]);
+    assert_eq!(out, expected);
+    assert_eq!(h.packets(1), [1, 0, 1, 0]);
+}
+
+#[test]
+fn mark_rewrites_the_ipv6_traffic_class_keeping_the_flow_label() {
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(1, Action::Mark).packets(1, 1).mark(10, 0),
+        &["2001:db8::/32"],
+    );
+    let mut frame = Frame::v6(v6(1), L4::Udp);
+    if let L3::V6 { traffic_class, .. } = &mut frame.l3 {
+        *traffic_class = 0xb9; // DSCP 46, ECN 01
+    }
+    let frame = frame.build();
+    h.xdp(&frame);
+    let (action, out) = h.xdp(&frame);
+    assert_eq!(action, XDP_PASS);
+    let tc = (out[14] << 4) | (out[15] >> 4);
+    assert_eq!(tc, (10 << 2) | 0x01);
+    assert_eq!(out[14] >> 4, 6, "version kept");
+    assert_eq!(out[15] & 0x0f, frame[15] & 0x0f, "flow label kept");
+    assert_eq!(&out[16..], &frame[16..]);
+}
+
+#[test]
+fn the_tc_program_marks_the_skb_and_rewrites_like_xdp() {
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(1, Action::Mark).packets(1, 1).mark(46, 0x77),
+        &["198.18.0.0/15"],
+    );
+    h.rule(RuleSpec::new(2, Action::Deny), &["2001:db8::/32"]);
+    let frame = udp4(v4(1));
+    let first = h.tc(&frame);
+    assert_eq!((first.action, first.mark), (TC_ACT_OK, 0));
+    let over = h.tc(&frame);
+    assert_eq!(over.action, TC_ACT_OK);
+    assert_eq!(over.mark, 0x77);
+    assert_eq!(over.out[15], 46 << 2);
+    assert_eq!(ipv4_checksum(&over.out[14..34]), 0);
+    assert_eq!(h.tc(&Frame::v6(v6(1), L4::Udp).build()).action, TC_ACT_SHOT);
+    assert_eq!(h.tc(&arp()).action, TC_ACT_OK);
+    assert_eq!(h.packets(1), [1, 0, 1, 0]);
+    assert_eq!(h.packets(2), [0, 1, 0, 0]);
+}
+
+#[test]
+fn going_over_budget_emits_one_event_per_source_per_second() {
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(7, Action::Drop).packets(1, 2),
+        &["198.18.0.0/15", "2001:db8::/32"],
+    );
+    let mut events = h.dp.take_events().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(h.xdp_many(&udp4(v4(1)), 10), (2, 8));
+    assert_eq!(h.xdp_many(&udp4(v4(2)), 10), (2, 8));
+    assert_eq!(h.xdp_many(&Frame::v6(v6(3), L4::Udp).build(), 10), (2, 8));
+    assert_eq!(
+        h.xdp_many(&udp4(v4(4)), 2),
+        (2, 0),
+        "within budget: no event"
+    );
+    let mut got = Vec::new();
+    while let Some(item) = events.next() {
+        assert_eq!(item.len(), size_of::<OverBudgetEvent>());
+        // SAFETY: the item is exactly one OverBudgetEvent written by the program.
+        let event: OverBudgetEvent =
+            unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<OverBudgetEvent>()) };
+        got.push(event);
+    }
+    assert_eq!(got.len(), 3, "{got:?}");
+    let sources: Vec<_> = got.iter().map(|e| (e.family, e.addr)).collect();
+    let mut a1 = [0u8; 16];
+    a1[..4].copy_from_slice(&v4(1).octets());
+    let mut a2 = [0u8; 16];
+    a2[..4].copy_from_slice(&v4(2).octets());
+    assert_eq!(
+        sources,
+        [
+            (family::IPV4, a1),
+            (family::IPV4, a2),
+            (family::IPV6, v6(3).octets())
+        ]
+    );
+    for e in &got {
+        assert_eq!(e.rule_id, 7);
+        assert_eq!(e.action, Action::Drop as u32);
+        assert_eq!(e.exceeded, 1 << dimension::PACKETS);
+        assert!(e.timestamp_ns > 0);
+    }
+    assert_eq!(got[0].prefix_len, 32);
+    assert_eq!(got[2].prefix_len, 128);
+}
+
+#[test]
+fn counters_of_rules_are_separate_and_exact() {
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(10, Action::Drop).packets(1, 4),
+        &["198.18.1.0/24"],
+    );
+    h.rule(
+        RuleSpec::new(11, Action::Monitor).packets(1, 2),
+        &["198.18.2.0/24"],
+    );
+    let a = Frame::v4(v4(1), L4::Udp).payload(100).build();
+    let b = Frame::v4(Ipv4Addr::new(198, 18, 2, 1), L4::Udp)
+        .payload(10)
+        .build();
+    h.xdp_many(&a, 9);
+    h.xdp_many(&b, 9);
+    let ca = h.counters(10);
+    let cb = h.counters(11);
+    assert_eq!(ca.packets, [4, 5, 0, 0]);
+    assert_eq!(ca.bytes, [4 * a.len() as u64, 5 * a.len() as u64, 0, 0]);
+    assert_eq!(cb.packets, [2, 0, 0, 7]);
+    assert_eq!(cb.bytes, [2 * b.len() as u64, 0, 0, 7 * b.len() as u64]);
+}
+
+#[test]
+fn an_empty_rule_slot_passes_and_is_counted() {
+    let mut h = Harness::new();
+    // A prefix pointing at slot 5 where no rule was written.
+    h.dp.set_prefix(net("198.18.0.0/15"), 5)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(h.xdp(&udp4(v4(1))).0, XDP_PASS);
+    assert_eq!(h.reason(Reason::InvalidRule), 1);
+}

@@ -1,0 +1,63 @@
+//! Running external commands, showing each one as it could be typed in a shell.
+use std::{
+    path::Path,
+    process::{Command, Output},
+};
+
+use anyhow::{Context as _, Result, ensure};
+
+/// `cargo` started in the workspace root, so rust-toolchain.toml selects the
+/// pinned toolchain.
+pub fn cargo(root: &Path) -> Command {
+    let mut cargo = Command::new("cargo");
+    cargo.current_dir(root);
+    cargo
+}
+
+/// Prints `cmd`, runs it with the terminal attached and fails if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = show(cmd);
+    println!("$ {shown}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{shown}`: is it installed?"))?;
+    ensure!(status.success(), "`{shown}` failed ({status})");
+    Ok(())
+}
+
+/// Runs `cmd` quietly and returns what it printed, whatever its exit status.
+pub fn output(cmd: &mut Command) -> Result<Output> {
+    cmd.output()
+        .with_context(|| format!("could not start `{}`: is it installed?", show(cmd)))
+}
+
+/// `env -u A B=1 prog args...`, quoting only what a shell would split.
+fn show(cmd: &Command) -> String {
+    let mut line = String::new();
+    let mut envs = cmd.get_envs().peekable();
+    if envs.peek().is_some() {
+        line.push_str("env ");
+    }
+    for (key, value) in envs {
+        let key = key.display();
+        line.push_str(&match value {
+            Some(value) => format!("{key}={} ", quote(&value.to_string_lossy())),
+            None => format!("-u {key} "),
+        });
+    }
+    line.push_str(&cmd.get_program().to_string_lossy());
+    for arg in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&quote(&arg.to_string_lossy()));
+    }
+    line
+}
+
+fn quote(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_=.,/:+@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}

@@ -1,0 +1,154 @@
+//! `cargo xtask setup`: installs what building and testing need on a fresh
+//! Debian machine. Every step checks before acting, so re-running is cheap,
+//! and prints one line saying what it found or did.
+use std::{fs, path::Path, process::Command};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::cmd;
+
+/// Installed when missing. llvm-22-dev: bpf-linker links against it;
+/// iproute2, ethtool, nftables, iptables: the tests and the demo set up
+/// namespaces, veths and competing filters with them.
+const PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "ethtool", "nftables", "iptables"];
+/// Installed only if apt offers them: handy to inspect loaded programs, not needed.
+const OPTIONAL_PACKAGES: &[&str] = &["bpftool"];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Without it bpf-linker's build finds an older llvm-config first and fails
+/// to link ("unable to find library -lLLVM").
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPFFS: &str = "/sys/fs/bpf";
+
+pub fn run(root: &Path) -> Result<()> {
+    ensure!(
+        is_root()?,
+        "setup must run as root: it installs Debian packages and mounts bpffs \
+         (and the tests attach eBPF programs). Re-run as root, e.g. `sudo ./x setup`."
+    );
+    packages()?;
+    bpf_linker(root)?;
+    bpffs()
+}
+
+fn is_root() -> Result<bool> {
+    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    // "Uid:\treal\teffective\tsaved\tfs": permissions follow the effective one.
+    let euid = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1));
+    Ok(euid == Some("0"))
+}
+
+fn packages() -> Result<()> {
+    let mut missing = Vec::new();
+    for &name in PACKAGES.iter().chain(OPTIONAL_PACKAGES) {
+        if is_installed(name)? {
+            println!("ok: {name} already installed");
+        } else {
+            missing.push(name);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // Once, and only when needed: a fresh machine has empty package lists.
+    cmd::run(Command::new("apt-get").arg("update"))
+        .context("`apt-get update` failed: check network access and /etc/apt/sources.list*")?;
+    let mut install = Vec::new();
+    for name in missing {
+        if OPTIONAL_PACKAGES.contains(&name) && !has_candidate(name)? {
+            println!("skipped: {name} (optional, and apt has no installation candidate)");
+        } else {
+            install.push(name);
+        }
+    }
+    if install.is_empty() {
+        return Ok(());
+    }
+    cmd::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y"])
+            .args(&install),
+    )
+    .context("installing Debian packages failed: see apt's message above")?;
+    for name in install {
+        println!("installed: {name}");
+    }
+    Ok(())
+}
+
+fn is_installed(name: &str) -> Result<bool> {
+    let out = cmd::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", name]))
+        .context("setup supports Debian-based systems only (dpkg-query is missing)")?;
+    // Unknown packages make dpkg-query fail: that is "not installed" too.
+    Ok(out.status.success() && out.stdout == b"install ok installed")
+}
+
+fn has_candidate(name: &str) -> Result<bool> {
+    let out = cmd::output(Command::new("apt-cache").args(["policy", name]))?;
+    let policy = String::from_utf8_lossy(&out.stdout);
+    let candidate = policy
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Candidate:"))
+        .map(str::trim);
+    Ok(candidate.is_some_and(|version| version != "(none)"))
+}
+
+fn bpf_linker(root: &Path) -> Result<()> {
+    let found = bpf_linker_version();
+    if found.as_deref() == Some(BPF_LINKER_VERSION) {
+        println!("ok: bpf-linker {BPF_LINKER_VERSION} already installed");
+        return Ok(());
+    }
+    // Built against Debian's LLVM 22, the LLVM of the pinned rustc.
+    cmd::run(
+        cmd::cargo(root)
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--locked", "--no-default-features", "--features", "llvm-22"]),
+    )
+    .context("building bpf-linker failed: it needs llvm-22-dev (see the packages above)")?;
+    match bpf_linker_version() {
+        Some(version) if version == BPF_LINKER_VERSION => {
+            let replaced = found.map(|old| format!(" (replacing {old})"));
+            println!(
+                "installed: bpf-linker {version}{}",
+                replaced.unwrap_or_default()
+            );
+            Ok(())
+        }
+        other => bail!(
+            "bpf-linker {BPF_LINKER_VERSION} was installed, but `bpf-linker --version` \
+             now reports {other:?}: put ~/.cargo/bin first on PATH"
+        ),
+    }
+}
+
+/// The version `bpf-linker --version` reports, if it runs at all.
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "bpf-linker 0.13.0"
+    let version = text.split_whitespace().last()?;
+    out.status.success().then(|| version.to_owned())
+}
+
+fn bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    // "bpf /sys/fs/bpf bpf rw,... 0 0": device, mount point, type.
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        fields.nth(1) == Some(BPFFS) && fields.next() == Some("bpf")
+    });
+    if mounted {
+        println!("ok: bpffs already mounted at {BPFFS}");
+        return Ok(());
+    }
+    cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+        .with_context(|| format!("mounting bpffs at {BPFFS} failed: pinning maps needs it"))?;
+    println!("mounted: bpffs at {BPFFS}");
+    Ok(())
+}
