@@ -1,0 +1,153 @@
+//! Throwaway network namespaces joined by a veth pair, removed on drop.
+//!
+//! Safety rules (docs/testing.md): programs attach only to interfaces in
+//! namespaces made here; addresses come from 198.18.0.0/15 and
+//! 2001:db8::/32 only.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Runs `ip` with `args`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2): is it installed?")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A network namespace, deleted on drop.
+pub struct Namespace {
+    pub name: String,
+}
+
+impl Namespace {
+    pub fn create(name: &str) -> Result<Self> {
+        // A leftover from a killed run would make `add` fail: remove it first.
+        let _ = ip(&["netns", "del", name]);
+        ip(&["netns", "add", name])?;
+        let ns = Self {
+            name: name.to_owned(),
+        };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, cmd: &[&str]) -> Result<()> {
+        let mut args = vec!["netns", "exec", self.name.as_str()];
+        args.extend_from_slice(cmd);
+        ip(&args)
+    }
+
+    /// Runs `f` on a thread that has joined this namespace (setns only
+    /// affects the calling thread; the test's own thread stays where it is).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    // SAFETY: setns on a valid namespace fd; only this thread moves.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    if rc != 0 {
+                        bail!("setns into {path}: {}", std::io::Error::last_os_error());
+                    }
+                    f()
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+        })
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        // Deleting the namespace also deletes the veth ends inside it.
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Two namespaces, `source` and `gateway`, joined by a veth pair
+/// `src_if` <-> `gw_if`, both up with test addresses.
+pub struct Pair {
+    pub source: Namespace,
+    pub gateway: Namespace,
+    pub src_if: String,
+    pub gw_if: String,
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A short unique tag (interface names are limited to 15 bytes).
+pub fn unique_tag() -> String {
+    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    format!("{}x{n}", std::process::id() % 100_000)
+}
+
+impl Pair {
+    pub fn create() -> Result<Self> {
+        let tag = unique_tag();
+        let source = Namespace::create(&format!("lim-src-{tag}"))?;
+        let gateway = Namespace::create(&format!("lim-gw-{tag}"))?;
+        let src_if = format!("ls{tag}");
+        let gw_if = format!("lg{tag}");
+        ip(&[
+            "link",
+            "add",
+            &src_if,
+            "netns",
+            &source.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &gw_if,
+            "netns",
+            &gateway.name,
+        ])?;
+        source.exec(&["ip", "addr", "add", "198.18.0.1/24", "dev", &src_if])?;
+        source.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "2001:db8::1/64",
+            "dev",
+            &src_if,
+            "nodad",
+        ])?;
+        gateway.exec(&["ip", "addr", "add", "198.18.0.2/24", "dev", &gw_if])?;
+        gateway.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "2001:db8::2/64",
+            "dev",
+            &gw_if,
+            "nodad",
+        ])?;
+        source.exec(&["ip", "link", "set", &src_if, "up"])?;
+        gateway.exec(&["ip", "link", "set", &gw_if, "up"])?;
+        Ok(Self {
+            source,
+            gateway,
+            src_if,
+            gw_if,
+        })
+    }
+}

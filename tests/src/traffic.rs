@@ -1,0 +1,158 @@
+//! Raw frames in and out of an interface with AF_PACKET sockets: the sender
+//! can use any source address, and the receiver sees exactly what XDP let
+//! through (taps run after XDP).
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+
+/// An AF_PACKET socket bound to one interface of the calling thread's
+/// network namespace.
+pub struct PacketSocket {
+    fd: OwnedFd,
+}
+
+const ETH_P_ALL: u16 = 0x0003;
+
+impl PacketSocket {
+    pub fn open(interface: &str) -> Result<Self> {
+        let ifindex = if_index(interface)?;
+        // SAFETY: plain socket(2) call; the fd is owned right after.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(ETH_P_ALL.to_be()),
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error()).context("AF_PACKET socket (needs root)");
+        }
+        // SAFETY: raw is a fresh, valid fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = ETH_P_ALL.to_be();
+        addr.sll_ifindex = ifindex as i32;
+        // SAFETY: addr is a valid sockaddr_ll of the size passed.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error()).context(format!("bind to {interface}"));
+        }
+        Ok(Self { fd })
+    }
+
+    /// Receive buffer size (forced past rmem_max: we are root) and timeout.
+    pub fn receiver(self, buffer_bytes: i32, timeout: Duration) -> Result<Self> {
+        self.setsockopt(libc::SO_RCVBUFFORCE, &buffer_bytes)?;
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        };
+        self.setsockopt(libc::SO_RCVTIMEO, &tv)?;
+        Ok(self)
+    }
+
+    fn setsockopt<T>(&self, option: i32, value: &T) -> Result<()> {
+        // SAFETY: value points at a T of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (value as *const T).cast(),
+                size_of::<T>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error()).context("setsockopt");
+        }
+        Ok(())
+    }
+
+    /// Sends one frame; a full queue (ENOBUFS) is retried a few times.
+    pub fn send(&self, frame: &[u8]) -> Result<()> {
+        for _ in 0..100 {
+            // SAFETY: frame is a valid buffer of its length.
+            let n =
+                unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+            if n >= 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENOBUFS) {
+                return Err(err).context("send on AF_PACKET");
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        anyhow::bail!("send on AF_PACKET: queue stayed full")
+    }
+
+    /// Receives one frame, or `None` on timeout. Only incoming frames count:
+    /// outgoing ones (our own sends) are skipped.
+    pub fn recv(&self, buf: &mut [u8]) -> Result<Option<usize>> {
+        loop {
+            // SAFETY: all-zero is a valid sockaddr_ll.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: buf and from are valid for the sizes passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&raw mut from).cast(),
+                    &mut len,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                return match err.raw_os_error() {
+                    Some(libc::EAGAIN) => Ok(None),
+                    Some(libc::EINTR) => continue,
+                    _ => Err(err).context("recv on AF_PACKET"),
+                };
+            }
+            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+                continue;
+            }
+            return Ok(Some(n as usize));
+        }
+    }
+}
+
+/// The index of `interface` in the calling thread's namespace.
+pub fn if_index(interface: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(interface).context("interface name")?;
+    // SAFETY: name is a valid C string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error()).context(format!("no interface {interface}"));
+    }
+    Ok(index)
+}
+
+/// The source address of an IPv4 or IPv6 frame (no VLAN tags), as 16 bytes
+/// (IPv4 in the first 4), or `None` for anything else.
+pub fn source_of(frame: &[u8]) -> Option<[u8; 16]> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let mut addr = [0u8; 16];
+    match ethertype {
+        0x0800 => addr[..4].copy_from_slice(frame.get(26..30)?),
+        0x86dd => addr.copy_from_slice(frame.get(22..38)?),
+        _ => return None,
+    }
+    Some(addr)
+}
