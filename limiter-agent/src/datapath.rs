@@ -110,6 +110,18 @@ impl Datapath {
         program(&mut self.ebpf, program_names::TC)
     }
 
+    /// The bare XDP_PASS program benchmarks compare against, loaded on
+    /// first use.
+    pub fn reference_pass(&mut self) -> Result<&mut Xdp> {
+        let name = program_names::REFERENCE_PASS;
+        let prog: &mut Xdp = program(&mut self.ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(prog)
+    }
+
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
         self.ebpf
             .map_mut(name)

@@ -28,6 +28,8 @@ pub mod map_names {
 pub mod program_names {
     pub const XDP: &str = "limiter_xdp";
     pub const TC: &str = "limiter_tc";
+    /// A bare XDP_PASS: the benchmarks' baseline.
+    pub const REFERENCE_PASS: &str = "reference_pass";
 }
 
 /// Default number of rule slots (the size of the rules and counter arrays).

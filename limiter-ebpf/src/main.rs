@@ -171,3 +171,10 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// The benchmarks' baseline: the cheapest possible XDP program, measured in
+/// the same run as limiter's so ratios are comparable. Never attached.
+#[xdp]
+pub fn reference_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
