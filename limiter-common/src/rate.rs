@@ -169,6 +169,24 @@ pub const fn conform(tat: u64, now: u64, cost: u64, tolerance: u64) -> Option<u6
     }
 }
 
+/// After a refusal: if the TAT lies further ahead than `tolerance` allows,
+/// the TAT to store instead (`now + tolerance`: an empty bucket).
+///
+/// With unchanged parameters this never happens (an admitted TAT is at most
+/// `tolerance` ahead). It happens after a budget change: a source that was
+/// over an old, slower budget would otherwise wait out debt counted in the
+/// old budget's units. Clamping makes a changed budget apply at once: the
+/// bucket is empty under the new budget, and refills at the new rate.
+#[inline(always)]
+pub const fn clamp_debt(tat: u64, now: u64, tolerance: u64) -> Option<u64> {
+    let ahead = tat.wrapping_sub(now) as i64;
+    if ahead > 0 && ahead as u64 > tolerance {
+        Some(now.wrapping_add(tolerance))
+    } else {
+        None
+    }
+}
+
 /// How many units a bucket could admit at once right now (for inspection).
 pub const fn available(tat: u64, now: u64, limit: &Limit) -> u64 {
     if limit.interval == 0 {

@@ -16,7 +16,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use limiter_common::{
     Action, Bucket, EVENT_INTERVAL_NS, OverBudgetEvent, Reason, Rule, Scope, SourceKey, dimension,
     family, mask_addr,
-    rate::{conform, fine_time, is_stale},
+    rate::{clamp_debt, conform, fine_time, is_stale},
     verdict,
 };
 
@@ -203,9 +203,12 @@ fn charge(rule: &Rule, ip: &IpPacket, wire_len: u32) -> bool {
             continue;
         }
         // SAFETY: dim < COUNT, inside the tat array.
-        let tat = unsafe { core::ptr::read_volatile(tat_ptrs.add(dim)) };
-        let tat = if stale { now } else { tat };
+        let tat_ptr = unsafe { tat_ptrs.add(dim) };
+        // SAFETY: as above.
+        let seen = unsafe { core::ptr::read_volatile(tat_ptr) };
+        let tat = if stale { now } else { seen };
         if conform(tat, now, limit.cost(units), limit.tolerance).is_none() {
+            clear_debt(tat_ptr, seen, now, limit.tolerance);
             exceeded |= 1 << dim;
         }
     }
@@ -238,6 +241,7 @@ fn charge_one(tat_ptr: *mut u64, now: u64, stale: bool, cost: u64, tolerance: u6
     for _ in 0..CAS_ATTEMPTS {
         let base = if stale { now } else { seen };
         let Some(new_tat) = conform(base, now, cost, tolerance) else {
+            clear_debt(tat_ptr, seen, now, tolerance);
             return false;
         };
         // SAFETY: as above; the kernel accepts BPF_CMPXCHG on map values.
@@ -250,6 +254,17 @@ fn charge_one(tat_ptr: *mut u64, now: u64, stale: bool, cost: u64, tolerance: u6
         stale = false;
     }
     false
+}
+
+/// After a refusal: debt from an older, slower budget is cleared so a raised
+/// budget applies at once (see `rate::clamp_debt`). One attempt: if another
+/// CPU moved the TAT meanwhile, it has dealt with it.
+#[inline(always)]
+fn clear_debt(tat_ptr: *mut u64, seen: u64, now: u64, tolerance: u64) {
+    if let Some(clamped) = clamp_debt(seen, now, tolerance) {
+        // SAFETY: tat_ptr is inside a live map value (see charge).
+        let _ = unsafe { compare_exchange(tat_ptr, seen, clamped) };
+    }
 }
 
 /// Emits an over-budget event, at most one per bucket per second.

@@ -220,6 +220,24 @@ fn a_live_budget_change_applies_to_the_next_packet_and_keeps_state() {
 }
 
 #[test]
+fn a_raised_rate_applies_at_once_not_after_the_old_debt() {
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(1, Action::Drop).packets(1, 5),
+        &["198.18.0.0/15"],
+    );
+    let frame = udp4(v4(1));
+    // Exhaust the burst, then keep sending: 5 s of debt at 1/s.
+    assert_eq!(h.xdp_many(&frame, 10), (5, 5));
+    // Raise to 1000/s (burst 5 = 5 ms): within ~5 ms the source passes
+    // again, instead of after the 5 s the old budget would have counted.
+    h.rule(RuleSpec::new(1, Action::Drop).packets(1_000, 5), &[]);
+    let _ = h.xdp(&frame); // refused, clears the debt
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(h.xdp(&frame).0, XDP_PASS);
+}
+
+#[test]
 fn mark_rewrites_ipv4_dscp_with_a_correct_checksum() {
     let mut h = Harness::new();
     h.rule(

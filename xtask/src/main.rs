@@ -33,9 +33,9 @@ enum Task {
         #[arg(last = true, hide = true)]
         binary_args: Vec<String>,
     },
-    /// Run setup, then the agent's demo
+    /// Run setup, then the demo in throwaway network namespaces
     Demo {
-        /// Passed to `limiter-agent demo`
+        /// Passed to `limiter-demo`
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -74,7 +74,15 @@ fn run() -> Result<()> {
             setup::run(&root)?;
             cmd::run(
                 cmd::cargo(&root)
-                    .args(["run", "--release", "-p", "limiter-agent", "--", "demo"])
+                    .args([
+                        "run",
+                        "--release",
+                        "-p",
+                        "limiter-tests",
+                        "--bin",
+                        "limiter-demo",
+                        "--",
+                    ])
                     .args(args),
             )
         }

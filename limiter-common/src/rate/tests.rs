@@ -11,6 +11,8 @@ fn run(limit: &Limit, stream: &[(u64, u64)]) -> Vec<bool> {
     stream
         .iter()
         .map(|&(now_ns, units)| {
+            // The kernel clock is never 0 (0 marks a never-used bucket).
+            let now_ns = now_ns + 1;
             let now = fine_time(now_ns);
             if first || is_stale(last_seen, now_ns) {
                 tat = now;
@@ -22,7 +24,12 @@ fn run(limit: &Limit, stream: &[(u64, u64)]) -> Vec<bool> {
                     tat = new_tat;
                     true
                 }
-                None => false,
+                None => {
+                    if let Some(clamped) = clamp_debt(tat, now, limit.tolerance) {
+                        tat = clamped;
+                    }
+                    false
+                }
             }
         })
         .collect()
@@ -186,6 +193,26 @@ fn byte_budget_charges_by_size() {
         (3_000_000_000, 1_500),
     ];
     assert_eq!(run(&limit, &stream), [true, true, false, true, false, true]);
+}
+
+#[test]
+fn a_raised_budget_applies_within_one_new_burst() {
+    // Exhausted at 1/s with burst 10: the TAT is 10 s ahead.
+    let slow = Limit::new(1, 10).unwrap();
+    let fast = Limit::new(1_000, 10).unwrap();
+    let mut tat = fine_time(0);
+    for _ in 0..10 {
+        tat = conform(tat, fine_time(0), slow.cost(1), slow.tolerance).unwrap();
+    }
+    let now = fine_time(1_000_000); // 1 ms later, budget raised to 1000/s.
+    assert!(conform(tat, now, fast.cost(1), fast.tolerance).is_none());
+    let clamped = clamp_debt(tat, now, fast.tolerance).unwrap();
+    // 10 ms later (one new burst) the source is admitted again, not 10 s later.
+    let later = fine_time(11_000_000);
+    assert!(conform(clamped, later, fast.cost(1), fast.tolerance).is_some());
+    // Within the tolerance nothing is clamped.
+    assert_eq!(clamp_debt(now + fast.tolerance, now, fast.tolerance), None);
+    assert_eq!(clamp_debt(now, now, fast.tolerance), None);
 }
 
 #[test]

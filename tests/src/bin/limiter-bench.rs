@@ -62,9 +62,15 @@ fn setup(rules: u32, sources: u32) -> Result<Setup> {
     })?;
     // The three measured rules, each on its own /32 (v4) and /128 (v6).
     let specs = [
-        (PASS, RuleSpec::new(PASS, Action::Drop).packets(1_000_000_000, 1_000_000_000)),
+        (
+            PASS,
+            RuleSpec::new(PASS, Action::Drop).packets(1_000_000_000, 1_000_000_000),
+        ),
         (DROP, RuleSpec::new(DROP, Action::Drop).packets(1, 1)),
-        (MONITOR, RuleSpec::new(MONITOR, Action::Monitor).packets(1, 1)),
+        (
+            MONITOR,
+            RuleSpec::new(MONITOR, Action::Monitor).packets(1, 1),
+        ),
     ];
     for (id, spec) in specs {
         dp.set_rule(id, &spec.0)?;
@@ -192,19 +198,33 @@ fn main() -> Result<()> {
     for _ in 0..args.runs {
         for v in variants.iter_mut() {
             let dp = &mut setups[v.setup].dp;
-            let prog = if v.baseline { dp.reference_pass()? } else { dp.xdp()? };
+            let prog = if v.baseline {
+                dp.reference_pass()?
+            } else {
+                dp.xdp()?
+            };
             v.samples.push(run(prog, &v.frame, args.repeat)?);
         }
     }
     let (base, _, _) = median_min_max(&variants[0].samples);
-    println!("BPF_PROG_TEST_RUN, ns/packet: median (min-max) of {} runs x {} repeats", args.runs, args.repeat);
-    println!("load average: {}", std::fs::read_to_string("/proc/loadavg")?.trim());
+    println!(
+        "BPF_PROG_TEST_RUN, ns/packet: median (min-max) of {} runs x {} repeats",
+        args.runs, args.repeat
+    );
+    println!(
+        "load average: {}",
+        std::fs::read_to_string("/proc/loadavg")?.trim()
+    );
     println!();
     println!("| path | ns/packet | x baseline |");
     println!("|---|---|---|");
     for v in &variants {
         let (median, min, max) = median_min_max(&v.samples);
-        println!("| {} | {median:.0} ({min:.0}-{max:.0}) | {:.2} |", v.label, median / base);
+        println!(
+            "| {} | {median:.0} ({min:.0}-{max:.0}) | {:.2} |",
+            v.label,
+            median / base
+        );
     }
     // Sanity: the measured paths really took the verdicts their labels say.
     for s in setups.iter_mut() {
