@@ -248,7 +248,7 @@ fn ipv4_header(
     proto: u8,
     l4_len: usize,
 ) -> Vec<u8> {
-    assert!(options % 4 == 0 && options <= 40);
+    assert!(options.is_multiple_of(4) && options <= 40);
     let header_len = 20 + options;
     let mut h = vec![0u8; header_len];
     h[0] = 0x40 | (header_len / 4) as u8;

@@ -125,7 +125,7 @@ impl PacketSocket {
                     _ => Err(err).context("recv on AF_PACKET"),
                 };
             }
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             return Ok(Some(n as usize));
