@@ -110,10 +110,9 @@ impl Datapath {
         program(&mut self.ebpf, program_names::TC)
     }
 
-    /// The bare XDP_PASS program benchmarks compare against, loaded on
-    /// first use.
-    pub fn reference_pass(&mut self) -> Result<&mut Xdp> {
-        let name = program_names::REFERENCE_PASS;
+    /// One of the reference programs benchmarks compare against
+    /// (`program_names::REFERENCE_*`), loaded on first use.
+    pub fn reference(&mut self, name: &'static str) -> Result<&mut Xdp> {
         let prog: &mut Xdp = program(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
             prog.load()

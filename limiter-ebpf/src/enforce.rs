@@ -78,10 +78,10 @@ pub fn decide<P: Packet>(pkt: &P) -> Decision {
         Some(Action::Allow) => (verdict::PASSED, Decision::Pass),
         Some(Action::Deny) => (verdict::DROPPED, Decision::Drop),
         Some(action) => {
-            if charge(&rule, &ip, wire_len) {
+            if charge(rule, &ip, wire_len) {
                 (verdict::PASSED, Decision::Pass)
             } else {
-                over_budget(&rule, action, ip)
+                over_budget(rule, action, ip)
             }
         }
         None => {
@@ -116,7 +116,7 @@ fn over_budget(rule: &Rule, action: Action, ip: IpPacket) -> (usize, Decision) {
 }
 
 #[inline(always)]
-fn lookup_rule(ip: &IpPacket) -> Option<Rule> {
+fn lookup_rule(ip: &IpPacket) -> Option<&'static Rule> {
     let slot = if ip.family == family::IPV4 {
         let key =
             aya_ebpf::maps::lpm_trie::Key::new(32, [ip.src[0], ip.src[1], ip.src[2], ip.src[3]]);
@@ -130,7 +130,8 @@ fn lookup_rule(ip: &IpPacket) -> Option<Rule> {
         return None;
     };
     match RULES.get(slot) {
-        Some(rule) if rule.in_use != 0 => Some(*rule),
+        // A reference into the map value, not a copy: rules are 80 bytes.
+        Some(rule) if rule.in_use != 0 => Some(rule),
         _ => {
             count_reason(Reason::InvalidRule);
             None

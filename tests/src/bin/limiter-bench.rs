@@ -14,7 +14,9 @@ use anyhow::{Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use clap::Parser;
 use limiter_agent::datapath::{Capacities, Datapath};
-use limiter_common::{Action, Bucket, SourceKey, dimension, family, rate::fine_time};
+use limiter_common::{
+    Action, Bucket, SourceKey, dimension, family, program_names, rate::fine_time,
+};
 use limiter_tests::{
     frame::{Frame, L4},
     harness::{RuleSpec, net},
@@ -129,7 +131,8 @@ struct Variant {
     setup: usize,
     label: String,
     frame: Vec<u8>,
-    baseline: bool,
+    /// A reference program instead of limiter's XDP program.
+    reference: Option<&'static str>,
     samples: Vec<f64>,
 }
 
@@ -167,13 +170,22 @@ fn main() -> Result<()> {
     ] {
         setups.push(setup(rules, sources)?);
     }
-    let mut variants = vec![Variant {
-        setup: 0,
-        label: "bare XDP_PASS (baseline)".into(),
-        frame: frame_for(PASS, false),
-        baseline: true,
-        samples: Vec::new(),
-    }];
+    let mut variants = vec![
+        Variant {
+            setup: 0,
+            label: "bare XDP_PASS (baseline)".into(),
+            frame: frame_for(PASS, false),
+            reference: Some(program_names::REFERENCE_PASS),
+            samples: Vec::new(),
+        },
+        Variant {
+            setup: 0,
+            label: "one clock read + XDP_PASS".into(),
+            frame: frame_for(PASS, false),
+            reference: Some(program_names::REFERENCE_CLOCK),
+            samples: Vec::new(),
+        },
+    ];
     for (i, s) in setups.iter().enumerate() {
         for (label, rule, v6) in [
             ("IPv4 pass", PASS, false),
@@ -185,23 +197,22 @@ fn main() -> Result<()> {
                 setup: i,
                 label: format!("{label}, {}", s.name),
                 frame: frame_for(rule, v6),
-                baseline: false,
+                reference: None,
                 samples: Vec::new(),
             });
         }
     }
     // Warm-up: creates the measured buckets and puts drop/monitor over budget.
-    for v in variants.iter_mut().filter(|v| !v.baseline) {
+    for v in variants.iter_mut().filter(|v| v.reference.is_none()) {
         let prog = setups[v.setup].dp.xdp()?;
         run(prog, &v.frame, 10)?;
     }
     for _ in 0..args.runs {
         for v in variants.iter_mut() {
             let dp = &mut setups[v.setup].dp;
-            let prog = if v.baseline {
-                dp.reference_pass()?
-            } else {
-                dp.xdp()?
+            let prog = match v.reference {
+                Some(name) => dp.reference(name)?,
+                None => dp.xdp()?,
             };
             v.samples.push(run(prog, &v.frame, args.repeat)?);
         }
