@@ -1,10 +1,16 @@
 //! The loaded kernel programs and typed access to their maps.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, RingBuf,
+        lpm_trie::Key,
+    },
     programs::{ProgramError, SchedClassifier, Xdp},
 };
 use ipnet::IpNet;
@@ -248,6 +254,28 @@ impl Datapath {
         Ok(map.keys().filter(std::result::Result::is_ok).count())
     }
 
+    /// Kernel memory charged to the per-source map and to the two prefix
+    /// tries, in bytes (`memlock` in the maps' fdinfo).
+    pub fn map_memory(&self) -> Result<MapMemory> {
+        let sources: HashMap<_, SourceKey, Bucket> = {
+            let name = map_names::SOURCE_BUCKETS;
+            self.map(name)?.try_into().map_err(map_err(name))?
+        };
+        let v4: LpmTrie<_, [u8; 4], u32> = {
+            let name = map_names::PREFIXES_V4;
+            self.map(name)?.try_into().map_err(map_err(name))?
+        };
+        let v6: LpmTrie<_, [u8; 16], u32> = {
+            let name = map_names::PREFIXES_V6;
+            self.map(name)?.try_into().map_err(map_err(name))?
+        };
+        Ok(MapMemory {
+            sources: memlock(sources.map()),
+            prefixes_v4: memlock(v4.map()),
+            prefixes_v6: memlock(v6.map()),
+        })
+    }
+
     /// The shared bucket of a rule.
     pub fn shared_bucket(&self, rule_id: u32) -> Result<Bucket> {
         let name = map_names::SHARED_BUCKETS;
@@ -264,6 +292,27 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap { name })?;
         RingBuf::try_from(map).map_err(map_err(name))
     }
+}
+
+/// Kernel memory of some maps, in bytes (0 where the kernel did not say).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MapMemory {
+    pub sources: u64,
+    pub prefixes_v4: u64,
+    pub prefixes_v6: u64,
+}
+
+/// The `memlock:` figure the kernel reports for a map fd.
+fn memlock(map: &MapData) -> u64 {
+    let fd = map.fd().as_fd().as_raw_fd();
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>

@@ -115,7 +115,20 @@ fn setup(rules: u32, sources: u32) -> Result<Setup> {
         dp.set_source_bucket(&key, &bucket)?;
     }
     let name = format!("{rules} rules, {sources} sources");
-    eprintln!("set up {name} in {:.1} s", started.elapsed().as_secs_f64());
+    let memory = dp.map_memory()?;
+    let tracked = if sources > 1 {
+        dp.tracked_sources()?
+    } else {
+        0
+    };
+    eprintln!(
+        "set up {name} in {:.1} s: {tracked} tracked sources; kernel memory: per-source map {:.1} MiB ({} bytes/entry of capacity), prefix tries {:.1} + {:.1} MiB",
+        started.elapsed().as_secs_f64(),
+        memory.sources as f64 / 1048576.0,
+        memory.sources / u64::from(sources.max(1024)),
+        memory.prefixes_v4 as f64 / 1048576.0,
+        memory.prefixes_v6 as f64 / 1048576.0,
+    );
     Ok(Setup { name, dp })
 }
 
