@@ -25,6 +25,30 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Like [`run`], but also hands every line the command prints on stdout to
+/// `on_line` (the line is still printed).
+pub fn run_watching(cmd: &mut Command, mut on_line: impl FnMut(&str)) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let shown = show(cmd);
+    println!("$ {shown}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("could not start `{shown}`: is it installed?"))?;
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("reading the command's output")?;
+            println!("{line}");
+            on_line(&line);
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{shown}`"))?;
+    ensure!(status.success(), "`{shown}` failed ({status})");
+    Ok(())
+}
+
 /// Runs `cmd` quietly and returns what it printed, whatever its exit status.
 pub fn output(cmd: &mut Command) -> Result<Output> {
     cmd.output()

@@ -37,15 +37,67 @@ pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
             .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"]),
     )?;
 
-    // The integration tests attach programs inside network namespaces and
-    // share kernel state: one at a time.
+    // The benchmark is not a test, but its smoke mode must keep working.
     cmd::run(
         cargo(root)
-            .args(["test", "--workspace", "--exclude", EBPF])
+            .args(["run", "-p", "limiter-tests", "--bin", "limiter-bench"])
+            .args(["--", "--smoke"]),
+    )?;
+
+    // The integration tests attach programs inside network namespaces and
+    // share kernel state: one at a time. `--all-targets`: there are no doc
+    // tests, whose empty run would otherwise be the last word.
+    let mut totals = Totals::default();
+    let result = cmd::run_watching(
+        cargo(root)
+            .args(["test", "--workspace", "--exclude", EBPF, "--all-targets"])
             .args(cargo_args)
             .args(["--", "--test-threads=1"])
             .args(test_args),
-    )
+        |line| totals.add(line),
+    );
+    // One closing line over all test binaries, for people and CI alike.
+    println!("{} passed, {} failed", totals.passed, totals.failed);
+    result
+}
+
+/// Sums cargo test's `test result: ... N passed; M failed; ...` lines.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+}
+
+impl Totals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match kind {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn totals_sum_every_test_binary() {
+    let mut t = Totals::default();
+    t.add("test result: ok. 14 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.2s");
+    t.add("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out");
+    t.add("running 3 tests");
+    assert_eq!((t.passed, t.failed), (17, 2));
 }
 
 /// Splits `args` at its first `--`: (for `cargo test`, for the test binaries).
