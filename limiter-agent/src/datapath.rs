@@ -15,8 +15,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_common::{
-    Bucket, DEFAULT_MAX_RULES, DEFAULT_MAX_SOURCES, Reason, Rule, RuleCounters, SourceKey,
-    map_names, program_names,
+    Bucket, DEFAULT_MAX_RULES, DEFAULT_MAX_SOURCES, GENERATIONS, Reason, Rule, RuleCounters,
+    SourceKey, map_names, program_names,
 };
 
 use crate::ebpf::OBJECT;
@@ -80,13 +80,15 @@ impl Datapath {
     /// verifier.
     pub fn load(capacities: Capacities) -> Result<Self> {
         let mut loader = EbpfLoader::new();
+        let slots = capacities.max_rules.saturating_mul(GENERATIONS);
         for name in [
             map_names::RULES,
             map_names::PREFIXES_V4,
             map_names::PREFIXES_V6,
-            map_names::SHARED_BUCKETS,
-            map_names::RULE_COUNTERS,
         ] {
+            loader.map_max_entries(name, slots);
+        }
+        for name in [map_names::SHARED_BUCKETS, map_names::RULE_COUNTERS] {
             loader.map_max_entries(name, capacities.max_rules);
         }
         loader.map_max_entries(map_names::SOURCE_BUCKETS, capacities.max_sources);
@@ -139,10 +141,11 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap { name })
     }
 
-    /// Writes `rule` at `slot`. Per-source state is keyed by `rule.id`, so a
-    /// new budget takes effect on the next packet with state kept.
+    /// Writes `rule` at `slot` (slots: `GENERATIONS * max_rules`). Per-source
+    /// state is keyed by `rule.id`, so a new budget takes effect on the next
+    /// packet with state kept.
     pub fn set_rule(&mut self, slot: u32, rule: &Rule) -> Result<()> {
-        let capacity = self.capacities.max_rules;
+        let capacity = self.capacities.max_rules.saturating_mul(GENERATIONS);
         if slot >= capacity {
             return Err(DatapathError::SlotOutOfRange { slot, capacity });
         }
@@ -157,43 +160,85 @@ impl Datapath {
         rules.get(&slot, 0).map_err(map_err(name))
     }
 
-    /// Points sources in `prefix` at the rule in `slot`.
-    pub fn set_prefix(&mut self, prefix: IpNet, slot: u32) -> Result<()> {
-        let prefix = prefix.trunc();
-        match prefix.addr() {
-            IpAddr::V4(addr) => {
+    /// The generation packets use now.
+    pub fn active_generation(&self) -> Result<u32> {
+        let name = map_names::ACTIVE;
+        let map: Array<_, u32> = self.map(name)?.try_into().map_err(map_err(name))?;
+        map.get(&0, 0).map_err(map_err(name))
+    }
+
+    /// Makes packets use `generation`'s prefixes from the next packet on.
+    pub fn set_active_generation(&mut self, generation: u32) -> Result<()> {
+        let name = map_names::ACTIVE;
+        let mut map: Array<_, u32> = self.map_mut(name)?.try_into().map_err(map_err(name))?;
+        map.set(0, &(generation % GENERATIONS), 0)
+            .map_err(map_err(name))
+    }
+
+    /// Points sources in `prefix` at the rule in `slot`, in `generation`.
+    pub fn set_prefix(&mut self, generation: u32, prefix: IpNet, slot: u32) -> Result<()> {
+        self.prefix_op(generation, prefix, Some(slot))
+    }
+
+    pub fn remove_prefix(&mut self, generation: u32, prefix: IpNet) -> Result<()> {
+        self.prefix_op(generation, prefix, None)
+    }
+
+    /// The slot `addr` maps to in `generation` (longest prefix match), if any.
+    pub fn lookup_prefix(&self, generation: u32, addr: IpAddr) -> Result<Option<u32>> {
+        let generation = (generation % GENERATIONS) as u8;
+        let result = match addr {
+            IpAddr::V4(a) => {
                 let name = map_names::PREFIXES_V4;
-                let mut trie: LpmTrie<_, [u8; 4], u32> =
-                    self.map_mut(name)?.try_into().map_err(map_err(name))?;
-                let key = Key::new(u32::from(prefix.prefix_len()), addr.octets());
-                trie.insert(&key, &slot, 0).map_err(map_err(name))
+                let trie: LpmTrie<_, [u8; 5], u32> =
+                    self.map(name)?.try_into().map_err(map_err(name))?;
+                trie.get(&Key::new(40, gen_key(generation, &a.octets())), 0)
+                    .map_err(map_err(name))
             }
-            IpAddr::V6(addr) => {
+            IpAddr::V6(a) => {
                 let name = map_names::PREFIXES_V6;
-                let mut trie: LpmTrie<_, [u8; 16], u32> =
-                    self.map_mut(name)?.try_into().map_err(map_err(name))?;
-                let key = Key::new(u32::from(prefix.prefix_len()), addr.octets());
-                trie.insert(&key, &slot, 0).map_err(map_err(name))
+                let trie: LpmTrie<_, [u8; 17], u32> =
+                    self.map(name)?.try_into().map_err(map_err(name))?;
+                trie.get(&Key::new(136, gen_key(generation, &a.octets())), 0)
+                    .map_err(map_err(name))
             }
+        };
+        match result {
+            Ok(slot) => Ok(Some(slot)),
+            Err(DatapathError::Map {
+                source: MapError::KeyNotFound,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
-    pub fn remove_prefix(&mut self, prefix: IpNet) -> Result<()> {
+    fn prefix_op(&mut self, generation: u32, prefix: IpNet, slot: Option<u32>) -> Result<()> {
         let prefix = prefix.trunc();
+        let generation = (generation % GENERATIONS) as u8;
+        let bits = 8 + u32::from(prefix.prefix_len());
         match prefix.addr() {
             IpAddr::V4(addr) => {
                 let name = map_names::PREFIXES_V4;
-                let mut trie: LpmTrie<_, [u8; 4], u32> =
+                let mut trie: LpmTrie<_, [u8; 5], u32> =
                     self.map_mut(name)?.try_into().map_err(map_err(name))?;
-                let key = Key::new(u32::from(prefix.prefix_len()), addr.octets());
-                trie.remove(&key).map_err(map_err(name))
+                let key = Key::new(bits, gen_key(generation, &addr.octets()));
+                match slot {
+                    Some(slot) => trie.insert(&key, &slot, 0),
+                    None => trie.remove(&key),
+                }
+                .map_err(map_err(name))
             }
             IpAddr::V6(addr) => {
                 let name = map_names::PREFIXES_V6;
-                let mut trie: LpmTrie<_, [u8; 16], u32> =
+                let mut trie: LpmTrie<_, [u8; 17], u32> =
                     self.map_mut(name)?.try_into().map_err(map_err(name))?;
-                let key = Key::new(u32::from(prefix.prefix_len()), addr.octets());
-                trie.remove(&key).map_err(map_err(name))
+                let key = Key::new(bits, gen_key(generation, &addr.octets()));
+                match slot {
+                    Some(slot) => trie.insert(&key, &slot, 0),
+                    None => trie.remove(&key),
+                }
+                .map_err(map_err(name))
             }
         }
     }
@@ -261,11 +306,11 @@ impl Datapath {
             let name = map_names::SOURCE_BUCKETS;
             self.map(name)?.try_into().map_err(map_err(name))?
         };
-        let v4: LpmTrie<_, [u8; 4], u32> = {
+        let v4: LpmTrie<_, [u8; 5], u32> = {
             let name = map_names::PREFIXES_V4;
             self.map(name)?.try_into().map_err(map_err(name))?
         };
-        let v6: LpmTrie<_, [u8; 16], u32> = {
+        let v6: LpmTrie<_, [u8; 17], u32> = {
             let name = map_names::PREFIXES_V6;
             self.map(name)?.try_into().map_err(map_err(name))?
         };
@@ -292,6 +337,14 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap { name })?;
         RingBuf::try_from(map).map_err(map_err(name))
     }
+}
+
+/// A prefix-trie key: the generation byte, then the address.
+fn gen_key<const N: usize, const M: usize>(generation: u8, addr: &[u8; M]) -> [u8; N] {
+    let mut key = [0u8; N];
+    key[0] = generation;
+    key[1..].copy_from_slice(addr);
+    key
 }
 
 /// Kernel memory of some maps, in bytes (0 where the kernel did not say).

@@ -22,6 +22,7 @@ pub mod map_names {
     pub const RULE_COUNTERS: &str = "LIM_RCNT_V1";
     pub const REASON_COUNTERS: &str = "LIM_REASON_V1";
     pub const EVENTS: &str = "LIM_EVENTS_V1";
+    pub const ACTIVE: &str = "LIM_ACTIVE_V1";
 }
 
 /// Program names (the Rust function names in limiter-ebpf).
@@ -34,8 +35,15 @@ pub mod program_names {
     pub const REFERENCE_CLOCK: &str = "reference_clock";
 }
 
-/// Default number of rule slots (the size of the rules and counter arrays).
+/// Default number of rules (rule ids); the rules array holds twice as many
+/// slots, one set per generation.
 pub const DEFAULT_MAX_RULES: u32 = 131_072;
+
+/// Rule sets are double-buffered: the agent writes a whole new rule set into
+/// the inactive generation, then flips `ACTIVE`. A packet reads `ACTIVE` once,
+/// so it sees the old rule set or the new one, never half of each. The
+/// generation is the first byte of every prefix-trie key.
+pub const GENERATIONS: u32 = 2;
 /// Default number of tracked (rule, source) buckets in the LRU map.
 pub const DEFAULT_MAX_SOURCES: u32 = 1 << 20;
 /// Ring buffer size for over-budget events (a power of two, page aligned).

@@ -12,7 +12,7 @@
 //! - Two CPUs creating the same bucket at once: one insert wins, the other
 //!   finds it on the second lookup; neither gets a second fresh burst.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use limiter_common::{
     Action, Bucket, EVENT_INTERVAL_NS, OverBudgetEvent, Reason, Rule, Scope, SourceKey, dimension,
     family, mask_addr,
@@ -23,8 +23,8 @@ use limiter_common::{
 use crate::{
     atomic::compare_exchange,
     maps::{
-        EVENTS, PREFIXES_V4, PREFIXES_V6, REASON_COUNTERS, RULE_COUNTERS, RULES, SHARED_BUCKETS,
-        SOURCE_BUCKETS,
+        ACTIVE, EVENTS, PREFIXES_V4, PREFIXES_V6, REASON_COUNTERS, RULE_COUNTERS, RULES,
+        SHARED_BUCKETS, SOURCE_BUCKETS,
     },
     parse::{IpPacket, Packet, Parsed, parse},
 };
@@ -117,12 +117,20 @@ fn over_budget(rule: &Rule, action: Action, ip: IpPacket) -> (usize, Decision) {
 
 #[inline(always)]
 fn lookup_rule(ip: &IpPacket) -> Option<&'static Rule> {
+    // Read once: this packet sees one whole rule set.
+    let generation = ACTIVE.get(0).map_or(0, |g| (*g & 1) as u8);
+    let s = &ip.src;
     let slot = if ip.family == family::IPV4 {
-        let key =
-            aya_ebpf::maps::lpm_trie::Key::new(32, [ip.src[0], ip.src[1], ip.src[2], ip.src[3]]);
+        let key = Key::new(8 + 32, [generation, s[0], s[1], s[2], s[3]]);
         PREFIXES_V4.get(&key).copied()
     } else {
-        let key = aya_ebpf::maps::lpm_trie::Key::new(128, ip.src);
+        let key = Key::new(
+            8 + 128,
+            [
+                generation, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10],
+                s[11], s[12], s[13], s[14], s[15],
+            ],
+        );
         PREFIXES_V6.get(&key).copied()
     };
     let Some(slot) = slot else {

@@ -6,21 +6,28 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use limiter_common::{
-    Bucket, DEFAULT_MAX_RULES, DEFAULT_MAX_SOURCES, EVENTS_RING_BYTES, Reason, Rule, RuleCounters,
-    SourceKey,
+    Bucket, DEFAULT_MAX_RULES, DEFAULT_MAX_SOURCES, EVENTS_RING_BYTES, GENERATIONS, Reason, Rule,
+    RuleCounters, SourceKey,
 };
 
-/// Rule slot by rule index.
+/// Rules by slot (both generations' slots; the agent assigns them).
 #[map(name = "LIM_RULES_V1")]
-pub static RULES: Array<Rule> = Array::with_max_entries(DEFAULT_MAX_RULES, 0);
+pub static RULES: Array<Rule> = Array::with_max_entries(DEFAULT_MAX_RULES * GENERATIONS, 0);
 
-/// IPv4 source prefix -> rule slot. Longest prefix wins.
+/// The active rule-set generation (one u32, 0 or 1).
+#[map(name = "LIM_ACTIVE_V1")]
+pub static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// (generation, IPv4 source prefix) -> rule slot. Longest prefix wins; the
+/// generation byte is part of every entry's prefix.
 #[map(name = "LIM_PFX4_V1")]
-pub static PREFIXES_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(DEFAULT_MAX_RULES, 0);
+pub static PREFIXES_V4: LpmTrie<[u8; 5], u32> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_RULES * GENERATIONS, 0);
 
-/// IPv6 source prefix -> rule slot.
+/// (generation, IPv6 source prefix) -> rule slot.
 #[map(name = "LIM_PFX6_V1")]
-pub static PREFIXES_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(DEFAULT_MAX_RULES, 0);
+pub static PREFIXES_V6: LpmTrie<[u8; 17], u32> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_RULES * GENERATIONS, 0);
 
 /// Per-source buckets. LRU: a flood of new sources evicts the idlest.
 #[map(name = "LIM_SRC_V1")]

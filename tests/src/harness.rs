@@ -111,7 +111,7 @@ impl Harness {
             panic!("set rule {}: {e}", rule.id);
         }
         for p in prefixes {
-            if let Err(e) = self.dp.set_prefix(net(p), rule.id) {
+            if let Err(e) = self.dp.set_prefix(0, net(p), rule.id) {
                 panic!("set prefix {p}: {e}");
             }
         }

@@ -392,8 +392,37 @@ fn counters_of_rules_are_separate_and_exact() {
 fn an_empty_rule_slot_passes_and_is_counted() {
     let mut h = Harness::new();
     // A prefix pointing at slot 5 where no rule was written.
-    h.dp.set_prefix(net("198.18.0.0/15"), 5)
+    h.dp.set_prefix(0, net("198.18.0.0/15"), 5)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(h.xdp(&udp4(v4(1))).0, XDP_PASS);
     assert_eq!(h.reason(Reason::InvalidRule), 1);
+}
+
+#[test]
+fn a_generation_flip_switches_the_whole_rule_set_at_once() {
+    let mut h = Harness::new();
+    // Generation 0 (active): rule 1 denies 198.18.1.0/24.
+    h.rule(RuleSpec::new(1, Action::Deny), &["198.18.1.0/24"]);
+    // Generation 1 (inactive), slot 1001: the same rule id now allows.
+    let allow = RuleSpec::new(1, Action::Allow).0;
+    h.dp.set_rule(1001, &allow)
+        .unwrap_or_else(|e| panic!("{e}"));
+    h.dp.set_prefix(1, net("198.18.1.0/24"), 1001)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let frame = udp4(v4(1));
+    assert_eq!(
+        h.xdp(&frame).0,
+        XDP_DROP,
+        "inactive generation is invisible"
+    );
+    h.dp.set_active_generation(1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(h.xdp(&frame).0, XDP_PASS);
+    // Counters follow the rule id, across generations.
+    assert_eq!(h.packets(1), [1, 1, 0, 0]);
+    // A prefix only in generation 0 is gone in generation 1.
+    let other = udp4(Ipv4Addr::new(198, 18, 9, 9));
+    h.rule(RuleSpec::new(2, Action::Deny), &["198.18.9.0/24"]);
+    assert_eq!(h.xdp(&other).0, XDP_PASS);
+    assert_eq!(h.reason(Reason::NoRule), 1);
 }

@@ -66,7 +66,8 @@ fn native_xdp_on_a_veth_holds_every_source_to_its_budget() {
     let rule = RuleSpec::new(1, Action::Drop).packets(RATE, BURST).0;
     dp.set_rule(1, &rule).unwrap_or_else(|e| panic!("{e}"));
     for p in ["198.18.0.0/15", "2001:db8::/32"] {
-        dp.set_prefix(net(p), 1).unwrap_or_else(|e| panic!("{e}"));
+        dp.set_prefix(0, net(p), 1)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
     // Native (driver) mode only: a silent fallback to generic would not
     // test what this test claims.

@@ -76,8 +76,8 @@ fn setup(rules: u32, sources: u32) -> Result<Setup> {
     ];
     for (id, spec) in specs {
         dp.set_rule(id, &spec.0)?;
-        dp.set_prefix(net(&format!("198.18.{id}.7/32")), id)?;
-        dp.set_prefix(net(&format!("2001:db8:{id}::7/128")), id)?;
+        dp.set_prefix(0, net(&format!("198.18.{id}.7/32")), id)?;
+        dp.set_prefix(0, net(&format!("2001:db8:{id}::7/128")), id)?;
     }
     // Filler rules: distinct prefixes, half IPv4 /32s in 198.18.0.0/15
     // (beside the measured ones), half IPv6 /64s; all point at an allow rule.
@@ -91,7 +91,7 @@ fn setup(rules: u32, sources: u32) -> Result<Setup> {
             } else {
                 format!("2001:db8:ff:{:x}::/64", i / 2)
             };
-            dp.set_prefix(net(&prefix), filler)?;
+            dp.set_prefix(0, net(&prefix), filler)?;
         }
     }
     // Filler sources: buckets of the pass rule, so the measured lookup runs

@@ -109,7 +109,7 @@ fn main() -> Result<()> {
     let rules = rules();
     for r in &rules {
         dp.set_rule(r.id, &r.spec.0)?;
-        dp.set_prefix(net(r.prefix), r.id)?;
+        dp.set_prefix(0, net(r.prefix), r.id)?;
     }
     pair.gateway
         .run(|| {
