@@ -1,0 +1,244 @@
+use std::path::Path;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, String> {
+    Config::parse(text, Path::new("test.toml")).map_err(|e| e.to_string())
+}
+
+fn rule(body: &str) -> String {
+    format!("[[rule]]\nname = \"r\"\nprefixes = [\"198.18.0.0/15\"]\n{body}\n")
+}
+
+#[test]
+fn the_embedded_default_only_observes() {
+    let config = Config::embedded_default().unwrap();
+    assert_eq!(config.rules.len(), 1);
+    let rule = &config.rules[0];
+    assert_eq!(rule.action, ActionConfig::Monitor);
+    assert_eq!(rule.prefixes.len(), 2);
+    assert!(config.file.interfaces.is_empty());
+}
+
+#[test]
+fn the_documented_example_parses() {
+    let text = include_str!("../../../docs/limiter.example.toml");
+    let config = parse(text).unwrap();
+    assert!(config.rules.len() >= 5);
+    assert!(!config.file.interfaces.is_empty());
+}
+
+#[test]
+fn a_full_rule_parses_with_units() {
+    let c = parse(&rule(
+        "action = \"mark\"\npackets = \"10k/s\"\npacket_burst = \"20k\"\nbytes = \"100Mbit/s\"\n\
+         byte_burst = \"2MiB\"\nnew_connections = \"100/s\"\nconnection_burst = 50\n\
+         scope = \"shared\"\ndscp = 46\nskb_mark = 119",
+    ))
+    .unwrap();
+    let r = &c.rules[0];
+    assert_eq!(
+        r.packets,
+        Some(Budget {
+            rate_per_sec: 10_000,
+            burst: 20_000
+        })
+    );
+    assert_eq!(
+        r.bytes,
+        Some(Budget {
+            rate_per_sec: 12_500_000,
+            burst: 2 << 20
+        })
+    );
+    assert_eq!(
+        r.new_connections,
+        Some(Budget {
+            rate_per_sec: 100,
+            burst: 50
+        })
+    );
+    assert_eq!(
+        (r.scope, r.dscp, r.skb_mark),
+        (ScopeConfig::Shared, 46, 119)
+    );
+}
+
+#[test]
+fn bursts_default_to_one_second() {
+    let c = parse(&rule(
+        "action = \"drop\"\npackets = \"500/s\"\nbytes = \"1000B/s\"",
+    ))
+    .unwrap();
+    assert_eq!(c.rules[0].packets.unwrap().burst, 500);
+    // Never below one full-size frame.
+    assert_eq!(c.rules[0].bytes.unwrap().burst, 1514);
+}
+
+/// Each bad input is refused with the file, the line of the field at fault
+/// and a reason that says what to do.
+#[test]
+fn bad_inputs_are_refused_with_line_field_and_reason() {
+    let cases: &[(&str, usize, &str)] = &[
+        (
+            "[agent]\nunknown_key = 1\n",
+            2,
+            "unknown field `unknown_key`",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nprefixes = [\"198.18.0.0/15\"]\naction = \"explode\"\n",
+            4,
+            "unknown variant `explode`",
+        ),
+        (
+            &rule("action = \"drop\"\npackets = \"10k\""),
+            5,
+            "needs a time unit",
+        ),
+        (
+            &rule("action = \"drop\"\npackets = \"10/s\"\npacket_burst = 0"),
+            6,
+            "smaller than one packet",
+        ),
+        (
+            &rule("action = \"drop\"\nbytes = \"1Mbit/s\"\nbyte_burst = 1000"),
+            6,
+            "smaller than one packet (1514)",
+        ),
+        (
+            &rule("action = \"drop\"\npackets = \"100000000000000/s\""),
+            5,
+            "more than the kernel representation holds",
+        ),
+        (
+            &rule("action = \"drop\"\npackets = \"1/s\"\npacket_burst = \"9000000000000T\""),
+            6,
+            "count out of range",
+        ),
+        (
+            &rule("action = \"drop\"\npackets = \"1/s\"\npacket_burst = 5000000000"),
+            6,
+            "cannot be held by the kernel",
+        ),
+        (&rule("action = \"drop\""), 4, "needs a budget"),
+        (
+            &rule("action = \"deny\"\npackets = \"1/s\""),
+            4,
+            "take no budget",
+        ),
+        (
+            &rule("action = \"mark\"\npackets = \"1/s\""),
+            1,
+            "need the DSCP",
+        ),
+        (
+            &rule("action = \"mark\"\npackets = \"1/s\"\ndscp = 64"),
+            6,
+            "not a DSCP",
+        ),
+        (
+            &rule("action = \"drop\"\npackets = \"1/s\"\ndscp = 4"),
+            6,
+            "only mark rules",
+        ),
+        (
+            &rule("action = \"drop\"\npackets = \"1/s\"\nsource_prefix_v4 = 33"),
+            6,
+            "longer than 32",
+        ),
+        (
+            &rule("action = \"drop\"\npackets = \"1/s\"\nsource_prefix_v6 = 129"),
+            6,
+            "longer than 128",
+        ),
+        (
+            &rule("action = \"drop\"\npacket_burst = 5"),
+            5,
+            "needs `packets` too",
+        ),
+        (
+            "[[rule]]\nname = \"bad name!\"\nprefixes = [\"198.18.0.0/15\"]\naction = \"deny\"\n",
+            2,
+            "letters, digits",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nprefixes = [\"198.18.0.1/15\"]\naction = \"deny\"\n",
+            3,
+            "did you mean 198.18.0.0/15",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nprefixes = [\"banana\"]\naction = \"deny\"\n",
+            3,
+            "is not a prefix",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nprefixes = []\naction = \"deny\"\n",
+            3,
+            "at least one prefix",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nprefixes = [\"198.18.0.0/15\", \"198.18.0.0/15\"]\naction = \"deny\"\n",
+            3,
+            "listed twice",
+        ),
+        (
+            "[[rule]]\nname = \"a\"\nprefixes = [\"198.18.0.0/15\"]\naction = \"deny\"\n\
+             [[rule]]\nname = \"b\"\nprefixes = [\"198.18.0.0/15\"]\naction = \"allow\"\n",
+            7,
+            "already in rule \"a\"",
+        ),
+        (
+            "[[rule]]\nname = \"a\"\nprefixes = [\"198.18.0.0/16\"]\naction = \"deny\"\n\
+             [[rule]]\nname = \"a\"\nprefixes = [\"198.19.0.0/16\"]\naction = \"allow\"\n",
+            6,
+            "another rule has this name",
+        ),
+        (
+            "[capacity]\nrules = 1\n[[rule]]\nname = \"a\"\nprefixes = [\"198.18.0.0/16\"]\naction = \"deny\"\n[[rule]]\nname = \"b\"\nprefixes = [\"198.19.0.0/16\"]\naction = \"deny\"\n",
+            8,
+            "capacity.rules is 1",
+        ),
+        ("[capacity]\nsources = 0\n", 1, "at least 1"),
+        (
+            "[[interface]]\nname = \"averyveryverylongname\"\n",
+            2,
+            "1-15 bytes",
+        ),
+        (
+            "[[interface]]\nname = \"veth0\"\nxdp = \"off\"\n",
+            3,
+            "nothing to attach",
+        ),
+        (
+            "[[interface]]\nname = \"veth0\"\n[[interface]]\nname = \"veth0\"\n",
+            4,
+            "listed twice",
+        ),
+        (
+            "[[interface]]\nname = \"veth0\"\nxdp = \"turbo\"\n",
+            3,
+            "unknown variant `turbo`",
+        ),
+        ("this is not toml", 1, "expected"),
+    ];
+    for (text, line, reason) in cases {
+        let err = parse(text).expect_err(text);
+        assert!(
+            err.starts_with(&format!("test.toml:{line}: ")),
+            "{text:?}\n -> {err}"
+        );
+        assert!(
+            err.contains(reason),
+            "{text:?}\n -> {err}\n (wanted {reason:?})"
+        );
+    }
+}
+
+#[test]
+fn a_missing_file_says_which() {
+    let err = Config::load(Path::new("/nonexistent/limiter.toml")).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("/nonexistent/limiter.toml: cannot read")
+    );
+}

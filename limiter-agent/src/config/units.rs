@@ -1,0 +1,207 @@
+//! Quantities as people write them: `10k/s`, `100Mbit/s`, `2MiB`, `5m`.
+
+use std::time::Duration;
+
+/// Rates, counts and sizes are written with SI (`k`, `M`, `G`, `T`) or
+/// binary (`Ki`, `Mi`, `Gi`, `Ti`) multipliers.
+fn split_number(text: &str) -> Result<(f64, &str), String> {
+    let end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(text.len());
+    let (number, rest) = text.split_at(end);
+    let number: String = number.chars().filter(|c| *c != '_').collect();
+    if number.is_empty() {
+        return Err(format!("{text:?} does not start with a number"));
+    }
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{number:?} is not a number"))?;
+    Ok((value, rest.trim_start()))
+}
+
+fn multiplier(text: &str) -> (f64, &str) {
+    for (prefix, factor) in [
+        ("Ki", 1024f64),
+        ("Mi", 1024f64 * 1024.0),
+        ("Gi", 1024f64 * 1024.0 * 1024.0),
+        ("Ti", 1024f64 * 1024.0 * 1024.0 * 1024.0),
+        ("k", 1e3),
+        ("K", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+    ] {
+        if let Some(rest) = text.strip_prefix(prefix) {
+            return (factor, rest);
+        }
+    }
+    (1.0, text)
+}
+
+fn whole(value: f64, what: &str, text: &str) -> Result<u64, String> {
+    if !value.is_finite() || value < 0.0 || value > u64::MAX as f64 {
+        return Err(format!("{text:?}: {what} out of range"));
+    }
+    let rounded = value.round();
+    if (value - rounded).abs() > 1e-9 * value.max(1.0) {
+        return Err(format!(
+            "{text:?}: {what} must be a whole number (got {value})"
+        ));
+    }
+    Ok(rounded as u64)
+}
+
+/// A count: `100`, `10k`, `1.5M`.
+pub fn parse_count(text: &str) -> Result<u64, String> {
+    let (value, rest) = split_number(text.trim())?;
+    let (factor, rest) = multiplier(rest);
+    if !rest.is_empty() {
+        return Err(format!(
+            "{text:?}: unexpected {rest:?} (write e.g. 100, 10k, 2M)"
+        ));
+    }
+    whole(value * factor, "count", text)
+}
+
+/// A size in bytes: `1500`, `64KiB`, `2MiB`, `1.5MB`, `10kB`.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let (value, rest) = split_number(text.trim())?;
+    let (factor, rest) = multiplier(rest);
+    let rest = rest.trim();
+    if !(rest.is_empty() || rest == "B" || rest == "bytes") {
+        return Err(format!(
+            "{text:?}: unexpected {rest:?} (write e.g. 1500, 64KiB, 2MiB)"
+        ));
+    }
+    whole(value * factor, "size", text)
+}
+
+fn per_second(unit: &str, text: &str) -> Result<f64, String> {
+    match unit.trim() {
+        "s" | "sec" | "second" => Ok(1.0),
+        "m" | "min" | "minute" => Ok(1.0 / 60.0),
+        "h" | "hour" => Ok(1.0 / 3600.0),
+        other => Err(format!(
+            "{text:?}: unknown time unit {other:?} (use /s, /min or /h)"
+        )),
+    }
+}
+
+/// A packet or event rate in units per second: `10k/s`, `600/min`.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let (amount, unit) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?}: a rate needs a time unit, e.g. 100/s or 10k/s"))?;
+    let (value, rest) = split_number(amount.trim())?;
+    let (factor, rest) = multiplier(rest);
+    let rest = rest.trim();
+    if !(rest.is_empty() || rest == "p" || rest == "pkt" || rest == "packets") {
+        return Err(format!("{text:?}: unexpected {rest:?} before '/'"));
+    }
+    let rate = value * factor * per_second(unit, text)?;
+    let rate = whole(rate.round(), "rate", text)?;
+    if rate == 0 {
+        return Err(format!(
+            "{text:?}: less than one per second; use at least 1/s"
+        ));
+    }
+    Ok(rate)
+}
+
+/// A byte rate in bytes per second: `100Mbit/s`, `12.5MB/s`, `1Gbps`.
+pub fn parse_byte_rate(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (amount, unit) = if let Some(amount) = text.strip_suffix("bps") {
+        (format!("{amount}bit"), "s")
+    } else {
+        let (a, u) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?}: a byte rate needs a time unit, e.g. 100Mbit/s"))?;
+        (a.to_owned(), u)
+    };
+    let (value, rest) = split_number(amount.trim())?;
+    let (factor, rest) = multiplier(rest);
+    let bits_per_unit = match rest.trim() {
+        "bit" | "b" | "bits" => 1.0,
+        "B" | "" | "bytes" => 8.0,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (write e.g. 100Mbit/s or 12MB/s)"
+            ));
+        }
+    };
+    let bytes = value * factor * bits_per_unit / 8.0 * per_second(unit, text)?;
+    let rate = whole(bytes.round(), "byte rate", text)?;
+    if rate == 0 {
+        return Err(format!("{text:?}: less than one byte per second"));
+    }
+    Ok(rate)
+}
+
+/// A duration: `30s`, `5m`, `1h30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?}: {e} (write e.g. 30s, 5m, 1h)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("10k/s"), Ok(10_000));
+        assert_eq!(parse_rate("100/s"), Ok(100));
+        assert_eq!(parse_rate("600/min"), Ok(10));
+        assert_eq!(parse_rate("1.5M/s"), Ok(1_500_000));
+        assert_eq!(parse_rate("3600 / h"), Ok(1));
+        assert!(parse_rate("10k").unwrap_err().contains("time unit"));
+        assert!(
+            parse_rate("10/fortnight")
+                .unwrap_err()
+                .contains("unknown time unit")
+        );
+        assert!(parse_rate("1/min").unwrap_err().contains("less than one"));
+        assert!(parse_rate("fast/s").is_err());
+        assert!(parse_rate("-5/s").is_err());
+    }
+
+    #[test]
+    fn byte_rates() {
+        assert_eq!(parse_byte_rate("100Mbit/s"), Ok(12_500_000));
+        assert_eq!(parse_byte_rate("1Gbps"), Ok(125_000_000));
+        assert_eq!(parse_byte_rate("12MB/s"), Ok(12_000_000));
+        assert_eq!(parse_byte_rate("1MiB/s"), Ok(1_048_576));
+        assert_eq!(parse_byte_rate("8bit/s"), Ok(1));
+        assert!(
+            parse_byte_rate("100Mfoo/s")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(
+            parse_byte_rate("1bit/s")
+                .unwrap_err()
+                .contains("less than one byte")
+        );
+    }
+
+    #[test]
+    fn sizes_and_counts() {
+        assert_eq!(parse_bytes("2MiB"), Ok(2 * 1024 * 1024));
+        assert_eq!(parse_bytes("1500"), Ok(1500));
+        assert_eq!(parse_bytes("64 KiB"), Ok(65_536));
+        assert_eq!(parse_bytes("1.5kB"), Ok(1500));
+        assert!(parse_bytes("1.5").unwrap_err().contains("whole number"));
+        assert!(parse_bytes("3 apples").is_err());
+        assert_eq!(parse_count("10k"), Ok(10_000));
+        assert_eq!(parse_count("1_000"), Ok(1000));
+        assert!(parse_count("").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("soon").is_err());
+    }
+}
