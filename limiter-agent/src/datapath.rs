@@ -8,8 +8,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, RingBuf,
-        lpm_trie::Key,
+        Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues,
+        RingBuf, lpm_trie::Key,
     },
     programs::{ProgramError, SchedClassifier, Xdp},
 };
@@ -61,6 +61,8 @@ pub enum DatapathError {
     },
     #[error("rule slot {slot} is out of range: the rules map holds {capacity} rules")]
     SlotOutOfRange { slot: u32, capacity: u32 },
+    #[error("counting CPUs: {0}")]
+    Cpus(#[source] std::io::Error),
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
@@ -77,9 +79,24 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the object with `capacities` and runs both programs through the
-    /// verifier.
+    /// verifier. Maps are private to this instance.
     pub fn load(capacities: Capacities) -> Result<Self> {
+        Self::load_with(capacities, None)
+    }
+
+    /// Like [`Datapath::load`], but maps are pinned in `maps_dir`: existing
+    /// pins are reused (with their content), missing ones are created.
+    pub fn load_pinned(capacities: Capacities, maps_dir: &std::path::Path) -> Result<Self> {
+        Self::load_with(capacities, Some(maps_dir))
+    }
+
+    fn load_with(capacities: Capacities, maps_dir: Option<&std::path::Path>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
+        if let Some(dir) = maps_dir {
+            for name in map_names::ALL {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
         let slots = capacities.max_rules.saturating_mul(GENERATIONS);
         for name in [
             map_names::RULES,
@@ -127,6 +144,11 @@ impl Datapath {
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
         Ok(prog)
+    }
+
+    /// The kernel's id of a loaded program.
+    pub fn program_id(&self, name: &str) -> Option<u32> {
+        self.ebpf.program(name)?.info().ok().map(|info| info.id())
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
@@ -241,6 +263,59 @@ impl Datapath {
                 .map_err(map_err(name))
             }
         }
+    }
+
+    /// Removes every prefix of `generation` from both tries.
+    pub fn clear_generation(&mut self, generation: u32) -> Result<usize> {
+        let generation = (generation % GENERATIONS) as u8;
+        let mut removed = 0;
+        {
+            let name = map_names::PREFIXES_V4;
+            let mut trie: LpmTrie<_, [u8; 5], u32> =
+                self.map_mut(name)?.try_into().map_err(map_err(name))?;
+            let keys: Vec<_> = trie
+                .keys()
+                .filter_map(std::result::Result::ok)
+                .filter(|k| k.data()[0] == generation)
+                .collect();
+            for key in keys {
+                trie.remove(&key).map_err(map_err(name))?;
+                removed += 1;
+            }
+        }
+        let name = map_names::PREFIXES_V6;
+        let mut trie: LpmTrie<_, [u8; 17], u32> =
+            self.map_mut(name)?.try_into().map_err(map_err(name))?;
+        let keys: Vec<_> = trie
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| k.data()[0] == generation)
+            .collect();
+        for key in keys {
+            trie.remove(&key).map_err(map_err(name))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Zeroes a rule id's counters and shared bucket, before the id is given
+    /// to a new rule.
+    pub fn reset_rule_state(&mut self, rule_id: u32) -> Result<()> {
+        {
+            let name = map_names::RULE_COUNTERS;
+            let mut map: PerCpuArray<_, RuleCounters> =
+                self.map_mut(name)?.try_into().map_err(map_err(name))?;
+            let cpus = aya::util::nr_cpus()
+                .map_err(|(_, e)| DatapathError::Cpus(e))?
+                .get() as usize;
+            let zeros = PerCpuValues::try_from(vec![RuleCounters::default(); cpus])
+                .map_err(|e| DatapathError::Cpus(std::io::Error::other(e)))?;
+            map.set(rule_id, zeros, 0).map_err(map_err(name))?;
+        }
+        let name = map_names::SHARED_BUCKETS;
+        let mut map: Array<_, Bucket> = self.map_mut(name)?.try_into().map_err(map_err(name))?;
+        map.set(rule_id, &Bucket::default(), 0)
+            .map_err(map_err(name))
     }
 
     /// A rule's counters, summed over CPUs.

@@ -1,4 +1,15 @@
-//! limiter's agent: loads the kernel programs, owns the budgets.
+//! limiter's agent: loads the kernel programs, owns the budgets, serves the
+//! control API; the same binary is the CLI.
+pub mod api;
+pub mod attach;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod datapath;
 pub mod ebpf;
+pub mod enforcer;
+pub mod events;
+pub mod netns;
+pub mod pins;
+pub mod service;
+pub mod state;

@@ -1,1 +1,286 @@
-fn main() {}
+//! `limiter-agent`: the daemon (`run`) and the CLI that talks to it.
+//!
+//! Exit codes: 0 done; 1 the agent or the system failed; 2 bad input (a bad
+//! argument, or a request the agent refused); 3 the agent is unreachable.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+use limiter_agent::{
+    cli,
+    config::{ActionConfig, Config, ScopeConfig, defaults},
+    daemon,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "limiter-agent",
+    version,
+    about = "Kernel-level per-client traffic budgets"
+)]
+struct Cli {
+    /// The running agent's control socket.
+    #[arg(long, global = true, env = "LIMITER_SOCKET", default_value = defaults::CONTROL_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the programs, attach, and serve until SIGTERM/SIGINT (SIGHUP reloads)
+    Run {
+        /// Configuration file (without one: the embedded, monitor-only default)
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Also attach to this interface (repeatable), in auto XDP mode
+        #[arg(long = "interface", short = 'i')]
+        interfaces: Vec<String>,
+        /// Log format
+        #[arg(long, value_enum, default_value_t = cli::LogFormat::Auto)]
+        log_format: cli::LogFormat,
+    },
+    /// Validate a configuration file and print what it would enforce
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Re-read the configuration file (like SIGHUP); a bad file changes nothing
+    Reload,
+    /// Interfaces, modes, program ids, rule and source counts
+    Status,
+    /// List, show, add, change or delete rules
+    #[command(subcommand)]
+    Rules(RulesCommand),
+    /// Put a temporary budget (or a deny) on a prefix; it expires by itself
+    Penalize {
+        /// Address or prefix, e.g. 198.18.7.9 or 2001:db8:7::/48
+        prefix: String,
+        /// How long, e.g. 30s, 5m, 1h
+        #[arg(long = "for")]
+        duration: String,
+        /// Drop everything from the prefix
+        #[arg(long, conflicts_with_all = ["packets", "bytes"])]
+        deny: bool,
+        #[arg(long)]
+        packets: Option<String>,
+        #[arg(long)]
+        packet_burst: Option<String>,
+        #[arg(long)]
+        bytes: Option<String>,
+        #[arg(long)]
+        byte_burst: Option<String>,
+    },
+    /// Which rule a source matches, its bucket, and whether it is over budget
+    Inspect { address: String },
+    /// Sources most over budget (from the kernel's events)
+    Top {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Refresh every second, like top (Ctrl-C to quit)
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Detach from every interface and remove all pins (stops enforcement)
+    Detach {
+        /// Pin directory, when no agent is running
+        #[arg(long, default_value = defaults::PIN_PATH)]
+        pin_path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// All rules in force with their counters
+    List,
+    /// One rule
+    Show { name: String },
+    /// Add a rule
+    Add(RuleArgs),
+    /// Change fields of a rule (only those given)
+    Change(RuleArgs),
+    /// Delete a rule
+    Delete { name: String },
+}
+
+#[derive(Args)]
+pub struct RuleArgs {
+    name: String,
+    /// Source prefix (repeatable)
+    #[arg(long = "prefix")]
+    prefixes: Vec<String>,
+    #[arg(long, value_enum)]
+    action: Option<ActionConfig>,
+    #[arg(long, value_enum)]
+    scope: Option<ScopeConfig>,
+    #[arg(long)]
+    source_prefix_v4: Option<u32>,
+    #[arg(long)]
+    source_prefix_v6: Option<u32>,
+    /// e.g. 10k/s
+    #[arg(long)]
+    packets: Option<String>,
+    #[arg(long)]
+    packet_burst: Option<String>,
+    /// e.g. 100Mbit/s
+    #[arg(long)]
+    bytes: Option<String>,
+    #[arg(long)]
+    byte_burst: Option<String>,
+    /// TCP SYNs per time, e.g. 100/s
+    #[arg(long)]
+    new_connections: Option<String>,
+    #[arg(long)]
+    connection_burst: Option<String>,
+    #[arg(long)]
+    dscp: Option<u8>,
+    #[arg(long)]
+    skb_mark: Option<u32>,
+}
+
+impl From<RuleArgs> for cli::RuleFields {
+    fn from(a: RuleArgs) -> Self {
+        Self {
+            name: a.name,
+            prefixes: a.prefixes,
+            action: a.action,
+            scope: a.scope,
+            source_prefix_v4: a.source_prefix_v4,
+            source_prefix_v6: a.source_prefix_v6,
+            packets: a.packets,
+            packet_burst: a.packet_burst,
+            bytes: a.bytes,
+            byte_burst: a.byte_burst,
+            new_connections: a.new_connections,
+            connection_burst: a.connection_burst,
+            dscp: a.dscp,
+            skb_mark: a.skb_mark,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> ExitCode {
+    let client = limiter_agent::api::client::Client::new(&cli.socket);
+    let out = cli::Output { json: cli.json };
+    let result = match cli.command {
+        Command::Run {
+            config,
+            interfaces,
+            log_format,
+        } => {
+            cli::init_logging(log_format);
+            return match daemon::run(daemon::RunOptions { config, interfaces }).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Check { config } => {
+            return match Config::load(&config) {
+                Ok(c) => {
+                    cli::print_check(&c);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Reload => cli::reload(&client, &out).await,
+        Command::Status => cli::status(&client, &out).await,
+        Command::Rules(RulesCommand::List) => cli::list(&client, &out).await,
+        Command::Rules(RulesCommand::Show { name }) => cli::show(&client, &out, &name).await,
+        Command::Rules(RulesCommand::Add(args)) => cli::add(&client, &out, args.into()).await,
+        Command::Rules(RulesCommand::Change(args)) => cli::change(&client, &out, args.into()).await,
+        Command::Rules(RulesCommand::Delete { name }) => cli::delete(&client, &out, &name).await,
+        Command::Penalize {
+            prefix,
+            duration,
+            deny,
+            packets,
+            packet_burst,
+            bytes,
+            byte_burst,
+        } => {
+            let request = limiter_agent::api::types::PenaltyRequest {
+                prefix,
+                duration,
+                deny,
+                packets,
+                packet_burst: packet_burst.map(limiter_agent::config::Quantity::Text),
+                bytes,
+                byte_burst: byte_burst.map(limiter_agent::config::Quantity::Text),
+            };
+            cli::penalize(&client, &out, &request).await
+        }
+        Command::Inspect { address } => cli::inspect(&client, &out, &address).await,
+        Command::Top { limit, watch } => cli::top(&client, &out, limit, watch).await,
+        Command::Detach { pin_path } => cli::detach(&client, &out, &pin_path).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_arguments_are_usage_errors() {
+        use clap::Parser as _;
+        for args in [
+            &["limiter-agent", "rules", "add"][..],
+            &["limiter-agent", "penalize", "198.18.0.1"],
+            &[
+                "limiter-agent",
+                "penalize",
+                "198.18.0.1",
+                "--for",
+                "5m",
+                "--deny",
+                "--packets",
+                "1/s",
+            ],
+            &["limiter-agent", "rules", "add", "x", "--action", "explode"],
+            &["limiter-agent", "frobnicate"],
+        ] {
+            let err = match super::Cli::try_parse_from(args) {
+                Err(e) => e,
+                Ok(_) => panic!("{args:?} parsed"),
+            };
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+}

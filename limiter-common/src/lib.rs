@@ -23,6 +23,17 @@ pub mod map_names {
     pub const REASON_COUNTERS: &str = "LIM_REASON_V1";
     pub const EVENTS: &str = "LIM_EVENTS_V1";
     pub const ACTIVE: &str = "LIM_ACTIVE_V1";
+    pub const ALL: [&str; 9] = [
+        RULES,
+        PREFIXES_V4,
+        PREFIXES_V6,
+        SOURCE_BUCKETS,
+        SHARED_BUCKETS,
+        RULE_COUNTERS,
+        REASON_COUNTERS,
+        EVENTS,
+        ACTIVE,
+    ];
 }
 
 /// Program names (the Rust function names in limiter-ebpf).

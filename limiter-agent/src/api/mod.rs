@@ -1,0 +1,4 @@
+//! The control API (server, client, bodies).
+pub mod client;
+pub mod server;
+pub mod types;

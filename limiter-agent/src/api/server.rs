@@ -1,0 +1,279 @@
+//! The control API: HTTP/1.1 with JSON bodies on a Unix socket that only
+//! root can open (mode 0600). Documented in docs/api.md.
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, Path as UrlPath, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::Deserialize;
+use tokio::{net::UnixListener, sync::watch};
+
+use super::types::{Applied, ErrorBody, Offender, PenaltyRequest, RulePatch};
+use crate::{
+    config::RuleConfig,
+    events::Offenders,
+    service::{Service, ServiceError},
+};
+
+/// Requests larger than this are refused (a rule is a few hundred bytes).
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct Shared {
+    pub service: Arc<Mutex<Service>>,
+    pub offenders: Arc<Mutex<Offenders>>,
+    /// Set by `POST /v1/detach`: the daemon detaches everything and exits.
+    pub detach: watch::Sender<bool>,
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let code = match e {
+            ServiceError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ServiceError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServiceError::Conflict(_) => StatusCode::CONFLICT,
+            ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self(code, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Runs `f` on the service off the async runtime (map work is blocking).
+async fn with_service<T: Send + 'static>(
+    shared: &Shared,
+    f: impl FnOnce(&mut Service) -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let service = shared.service.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = service
+            .lock()
+            .map_err(|_| ServiceError::Internal("agent state lock poisoned".into()))?;
+        f(&mut guard)
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(ApiError::from)
+}
+
+fn applied(service: &Service, message: String) -> Applied {
+    Applied {
+        config_generation: service.config_generation,
+        message,
+    }
+}
+
+pub fn router(shared: Shared) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/rules", get(list_rules).post(add_rule))
+        .route(
+            "/v1/rules/{name}",
+            get(show_rule)
+                .put(replace_rule)
+                .patch(patch_rule)
+                .delete(delete_rule),
+        )
+        .route("/v1/penalties", post(penalize))
+        .route("/v1/sources/{address}", get(inspect))
+        .route("/v1/top", get(top))
+        .route("/v1/reload", post(reload))
+        .route("/v1/detach", post(detach))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(shared)
+}
+
+async fn status(State(s): State<Shared>) -> ApiResult<super::types::Status> {
+    with_service(&s, |svc| Ok(svc.status())).await.map(Json)
+}
+
+async fn list_rules(State(s): State<Shared>) -> ApiResult<Vec<super::types::RuleView>> {
+    with_service(&s, |svc| Ok(svc.rules())).await.map(Json)
+}
+
+async fn show_rule(
+    State(s): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<super::types::RuleView> {
+    with_service(&s, move |svc| svc.rule(&name)).await.map(Json)
+}
+
+async fn add_rule(State(s): State<Shared>, Json(rule): Json<RuleConfig>) -> ApiResult<Applied> {
+    with_service(&s, move |svc| {
+        let name = rule.name.clone();
+        svc.add_rule(rule)?;
+        Ok(applied(svc, format!("rule {name:?} added")))
+    })
+    .await
+    .map(Json)
+}
+
+async fn replace_rule(
+    State(s): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    Json(rule): Json<RuleConfig>,
+) -> ApiResult<Applied> {
+    with_service(&s, move |svc| {
+        svc.replace_rule(&name, rule)?;
+        Ok(applied(svc, format!("rule {name:?} replaced")))
+    })
+    .await
+    .map(Json)
+}
+
+async fn patch_rule(
+    State(s): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    Json(patch): Json<RulePatch>,
+) -> ApiResult<Applied> {
+    with_service(&s, move |svc| {
+        svc.patch_rule(&name, &patch)?;
+        Ok(applied(svc, format!("rule {name:?} changed")))
+    })
+    .await
+    .map(Json)
+}
+
+async fn delete_rule(
+    State(s): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Applied> {
+    with_service(&s, move |svc| {
+        svc.delete_rule(&name)?;
+        Ok(applied(svc, format!("rule {name:?} deleted")))
+    })
+    .await
+    .map(Json)
+}
+
+async fn penalize(
+    State(s): State<Shared>,
+    Json(request): Json<PenaltyRequest>,
+) -> ApiResult<Applied> {
+    with_service(&s, move |svc| {
+        let name = svc.penalize(&request)?;
+        Ok(applied(
+            svc,
+            format!("penalty {name:?} in force for {}", request.duration),
+        ))
+    })
+    .await
+    .map(Json)
+}
+
+async fn inspect(
+    State(s): State<Shared>,
+    UrlPath(address): UrlPath<String>,
+) -> ApiResult<super::types::SourceView> {
+    with_service(&s, move |svc| svc.inspect(&address))
+        .await
+        .map(Json)
+}
+
+#[derive(Deserialize)]
+struct TopQuery {
+    limit: Option<usize>,
+}
+
+async fn top(State(s): State<Shared>, Query(q): Query<TopQuery>) -> ApiResult<Vec<Offender>> {
+    let limit = q.limit.unwrap_or(20).min(1000);
+    let rows = {
+        let offenders = s
+            .offenders
+            .lock()
+            .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "lock poisoned".into()))?;
+        offenders.top(limit, Instant::now())
+    };
+    with_service(&s, move |svc| {
+        Ok(rows
+            .into_iter()
+            .map(|r| Offender {
+                rule: svc
+                    .rule_name(r.key.rule_id)
+                    .map_or_else(|| format!("#{}", r.key.rule_id), str::to_owned),
+                source: r.key.source(),
+                seconds_over: r.seconds_over,
+                first_seen_secs_ago: r.first_seen.as_secs(),
+                last_seen_secs_ago: r.last_seen.as_secs(),
+                exceeded: r.exceeded.iter().map(|e| (*e).to_owned()).collect(),
+            })
+            .collect())
+    })
+    .await
+    .map(Json)
+}
+
+async fn reload(State(s): State<Shared>) -> ApiResult<Applied> {
+    with_service(&s, |svc| {
+        svc.reload()?;
+        Ok(applied(svc, "configuration reloaded".into()))
+    })
+    .await
+    .map(Json)
+}
+
+async fn detach(State(s): State<Shared>) -> ApiResult<Applied> {
+    let _ = s.detach.send(true);
+    Ok(Json(Applied {
+        config_generation: 0,
+        message: "detaching from every interface and removing pins; the agent exits".into(),
+    }))
+}
+
+/// Binds the control socket: a stale socket file is replaced; the socket is
+/// made root-only before anything can connect meaningfully.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        // A live agent would answer; a dead one left its socket behind.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another agent is serving {}; stop it first (or give this one another control_socket)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: UnixListener,
+    shared: Shared,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    axum::serve(listener, router(shared))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("control API")
+}
+
+/// How long a blocking API call may take before a client gives up.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);

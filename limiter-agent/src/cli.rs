@@ -1,0 +1,417 @@
+//! The CLI commands: a request to the agent, then a table (or `--json`).
+
+use std::{io::IsTerminal as _, path::Path, time::Duration};
+
+use hyper::Method;
+use serde::Serialize;
+
+use crate::{
+    api::{
+        client::{Client, ClientError, segment},
+        types::{Applied, Offender, PenaltyRequest, RulePatch, RuleView, SourceView, Status},
+    },
+    config::{ActionConfig, Config, Quantity, RuleConfig, ScopeConfig},
+};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human lines on a terminal, JSON otherwise
+    Auto,
+    Text,
+    Json,
+}
+
+/// `tracing` to stderr; the level from `LIMITER_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LIMITER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub struct Output {
+    pub json: bool,
+}
+
+impl Output {
+    fn print<T: Serialize>(&self, value: &T, human: impl FnOnce(&T)) {
+        if self.json {
+            match serde_json::to_string_pretty(value) {
+                Ok(text) => println!("{text}"),
+                Err(e) => eprintln!("error: encoding JSON: {e}"),
+            }
+        } else {
+            human(value);
+        }
+    }
+}
+
+type Result = std::result::Result<(), ClientError>;
+
+/// Rule fields from the command line; `None` means "not given".
+pub struct RuleFields {
+    pub name: String,
+    pub prefixes: Vec<String>,
+    pub action: Option<ActionConfig>,
+    pub scope: Option<ScopeConfig>,
+    pub source_prefix_v4: Option<u32>,
+    pub source_prefix_v6: Option<u32>,
+    pub packets: Option<String>,
+    pub packet_burst: Option<String>,
+    pub bytes: Option<String>,
+    pub byte_burst: Option<String>,
+    pub new_connections: Option<String>,
+    pub connection_burst: Option<String>,
+    pub dscp: Option<u8>,
+    pub skb_mark: Option<u32>,
+}
+
+fn applied(out: &Output, a: &Applied) {
+    out.print(a, |a| {
+        println!("{} (generation {})", a.message, a.config_generation)
+    });
+}
+
+pub async fn add(client: &Client, out: &Output, f: RuleFields) -> Result {
+    let Some(action) = f.action else {
+        return Err(ClientError::Rejected(
+            "--action is required to add a rule".into(),
+        ));
+    };
+    let rule = RuleConfig {
+        name: f.name,
+        prefixes: f.prefixes,
+        action,
+        scope: f.scope.unwrap_or_default(),
+        source_prefix_v4: f.source_prefix_v4,
+        source_prefix_v6: f.source_prefix_v6,
+        packets: f.packets,
+        packet_burst: f.packet_burst.map(Quantity::Text),
+        bytes: f.bytes,
+        byte_burst: f.byte_burst.map(Quantity::Text),
+        new_connections: f.new_connections,
+        connection_burst: f.connection_burst.map(Quantity::Text),
+        dscp: f.dscp,
+        skb_mark: f.skb_mark,
+    };
+    let a: Applied = client.call(Method::POST, "/v1/rules", Some(&rule)).await?;
+    applied(out, &a);
+    Ok(())
+}
+
+pub async fn change(client: &Client, out: &Output, f: RuleFields) -> Result {
+    let patch = RulePatch {
+        prefixes: (!f.prefixes.is_empty()).then_some(f.prefixes),
+        action: f.action,
+        scope: f.scope,
+        source_prefix_v4: f.source_prefix_v4,
+        source_prefix_v6: f.source_prefix_v6,
+        packets: f.packets,
+        packet_burst: f.packet_burst.map(Quantity::Text),
+        bytes: f.bytes,
+        byte_burst: f.byte_burst.map(Quantity::Text),
+        new_connections: f.new_connections,
+        connection_burst: f.connection_burst.map(Quantity::Text),
+        dscp: f.dscp,
+        skb_mark: f.skb_mark,
+    };
+    if patch == RulePatch::default() {
+        return Err(ClientError::Rejected(
+            "nothing to change: give at least one field".into(),
+        ));
+    }
+    let path = format!("/v1/rules/{}", segment(&f.name));
+    let a: Applied = client.call(Method::PATCH, &path, Some(&patch)).await?;
+    applied(out, &a);
+    Ok(())
+}
+
+pub async fn delete(client: &Client, out: &Output, name: &str) -> Result {
+    let path = format!("/v1/rules/{}", segment(name));
+    let a: Applied = client
+        .call(Method::DELETE, &path, Option::<&()>::None)
+        .await?;
+    applied(out, &a);
+    Ok(())
+}
+
+pub async fn reload(client: &Client, out: &Output) -> Result {
+    let a: Applied = client
+        .call(Method::POST, "/v1/reload", Option::<&()>::None)
+        .await?;
+    applied(out, &a);
+    Ok(())
+}
+
+pub async fn penalize(client: &Client, out: &Output, request: &PenaltyRequest) -> Result {
+    let a: Applied = client
+        .call(Method::POST, "/v1/penalties", Some(request))
+        .await?;
+    applied(out, &a);
+    Ok(())
+}
+
+fn budget_text(rate: &Option<String>, burst: &Option<Quantity>) -> String {
+    match (rate, burst) {
+        (None, _) => "-".into(),
+        (Some(r), None) => r.clone(),
+        (Some(r), Some(Quantity::Number(b))) => format!("{r} (burst {b})"),
+        (Some(r), Some(Quantity::Text(b))) => format!("{r} (burst {b})"),
+    }
+}
+
+fn action_text(a: ActionConfig) -> &'static str {
+    match a {
+        ActionConfig::Allow => "allow",
+        ActionConfig::Deny => "deny",
+        ActionConfig::Drop => "drop",
+        ActionConfig::Mark => "mark",
+        ActionConfig::Monitor => "monitor",
+    }
+}
+
+fn print_rules(rules: &[RuleView]) {
+    println!(
+        "{:<28} {:>5} {:<8} {:<8} {:<30} {:<22} {:>12} {:>12} {:>12}",
+        "NAME",
+        "ID",
+        "ORIGIN",
+        "ACTION",
+        "PREFIXES",
+        "PACKETS",
+        "PASSED",
+        "DROPPED",
+        "OVER(MARK/MON)"
+    );
+    for r in rules {
+        let over = r.counters.packets.marked + r.counters.packets.would_drop;
+        println!(
+            "{:<28} {:>5} {:<8} {:<8} {:<30} {:<22} {:>12} {:>12} {:>12}",
+            r.name,
+            r.id,
+            format!("{:?}", r.origin).to_lowercase(),
+            action_text(r.rule.action),
+            r.rule.prefixes.join(","),
+            budget_text(&r.rule.packets, &r.rule.packet_burst),
+            r.counters.packets.passed,
+            r.counters.packets.dropped,
+            over,
+        );
+    }
+}
+
+pub async fn list(client: &Client, out: &Output) -> Result {
+    let rules: Vec<RuleView> = client.get("/v1/rules").await?;
+    out.print(&rules, |r| print_rules(r));
+    Ok(())
+}
+
+pub async fn show(client: &Client, out: &Output, name: &str) -> Result {
+    let rule: RuleView = client.get(&format!("/v1/rules/{}", segment(name))).await?;
+    out.print(&rule, |r| {
+        println!("rule {} (id {}, {:?})", r.name, r.id, r.origin);
+        println!("  prefixes         {}", r.rule.prefixes.join(", "));
+        println!("  action           {}", action_text(r.rule.action));
+        println!("  scope            {:?}", r.rule.scope);
+        println!(
+            "  packets          {}",
+            budget_text(&r.rule.packets, &r.rule.packet_burst)
+        );
+        println!(
+            "  bytes            {}",
+            budget_text(&r.rule.bytes, &r.rule.byte_burst)
+        );
+        println!(
+            "  new connections  {}",
+            budget_text(&r.rule.new_connections, &r.rule.connection_burst)
+        );
+        if let Some(at) = r.expires_at {
+            println!("  expires at       {at} (Unix time)");
+        }
+        let c = &r.counters;
+        println!(
+            "  packets          passed {} dropped {} marked {} would-drop {}",
+            c.packets.passed, c.packets.dropped, c.packets.marked, c.packets.would_drop
+        );
+        println!(
+            "  bytes            passed {} dropped {} marked {} would-drop {}",
+            c.bytes.passed, c.bytes.dropped, c.bytes.marked, c.bytes.would_drop
+        );
+    });
+    Ok(())
+}
+
+pub async fn inspect(client: &Client, out: &Output, address: &str) -> Result {
+    let view: SourceView = client
+        .get(&format!("/v1/sources/{}", segment(address)))
+        .await?;
+    out.print(&view, |v| {
+        let Some(rule) = &v.rule else {
+            println!(
+                "{}: no rule matches (passed, counted as no_rule)",
+                v.address
+            );
+            return;
+        };
+        println!(
+            "{}: rule {} via {} ({})",
+            v.address,
+            rule,
+            v.matched_prefix.as_deref().unwrap_or("?"),
+            v.action.map_or("?", action_text)
+        );
+        if let Some(bucket) = &v.bucket {
+            let tracked = if v.tracked {
+                "tracked"
+            } else {
+                "not tracked yet: full burst available"
+            };
+            println!("  bucket {bucket} ({tracked})");
+        }
+        for b in &v.budgets {
+            println!(
+                "  {:<16} {}/s burst {}: {} available{}",
+                b.dimension,
+                b.rate_per_sec,
+                b.burst,
+                b.available,
+                if b.over_budget { ", OVER BUDGET" } else { "" }
+            );
+        }
+    });
+    Ok(())
+}
+
+pub async fn status(client: &Client, out: &Output) -> Result {
+    let s: Status = client.get("/v1/status").await?;
+    out.print(&s, |s| {
+        println!("limiter-agent {}", s.version);
+        println!("  config        {}", s.config);
+        println!("  state file    {}", s.state_file);
+        println!("  pins          {}", s.pin_path);
+        println!(
+            "  programs      xdp {:?}  tc {:?}",
+            s.programs.xdp, s.programs.tc
+        );
+        println!(
+            "  rules         {} of {} ({} penalties), generation {}",
+            s.rules, s.max_rules, s.penalties, s.config_generation
+        );
+        println!(
+            "  sources       {} tracked of {}",
+            s.tracked_sources, s.max_sources
+        );
+        for i in &s.interfaces {
+            println!(
+                "  interface     {}{} xdp={} tc={}{}",
+                i.interface,
+                i.netns
+                    .as_ref()
+                    .map(|n| format!(" (netns {n})"))
+                    .unwrap_or_default(),
+                i.xdp_mode.as_deref().unwrap_or("off"),
+                i.tc,
+                if i.adopted { " (adopted)" } else { "" }
+            );
+        }
+    });
+    Ok(())
+}
+
+fn print_top(rows: &[Offender]) {
+    println!(
+        "{:<24} {:<40} {:>12} {:>10} {:<20}",
+        "RULE", "SOURCE", "SECONDS OVER", "LAST SEEN", "EXCEEDED"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:<40} {:>12} {:>9}s {:<20}",
+            r.rule,
+            r.source,
+            r.seconds_over,
+            r.last_seen_secs_ago,
+            r.exceeded.join(",")
+        );
+    }
+}
+
+pub async fn top(client: &Client, out: &Output, limit: usize, watch: bool) -> Result {
+    loop {
+        let rows: Vec<Offender> = client.get(&format!("/v1/top?limit={limit}")).await?;
+        if watch && !out.json {
+            // Clear the screen and go home, like top.
+            print!("\x1b[2J\x1b[H");
+            println!("limiter top: sources over budget in the last 60 s (Ctrl-C to quit)\n");
+        }
+        out.print(&rows, |r| print_top(r));
+        if !watch {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+pub async fn detach(client: &Client, out: &Output, pin_path: &Path) -> Result {
+    match client
+        .call::<Applied, ()>(Method::POST, "/v1/detach", None)
+        .await
+    {
+        Ok(a) => {
+            // Wait for the agent to finish and remove its socket.
+            for _ in 0..100 {
+                if !client.socket().exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            applied(out, &a);
+            Ok(())
+        }
+        Err(ClientError::Unreachable { .. }) => {
+            // No agent: remove what an earlier one pinned.
+            let pins = crate::pins::Pins::new(pin_path);
+            let links = crate::attach::detach_all(&pins)
+                .map_err(|e| ClientError::Failed(format!("{e:#}")))?;
+            let a = Applied {
+                config_generation: 0,
+                message: format!(
+                    "no agent running; detached {links} pinned links and removed {}",
+                    pin_path.display()
+                ),
+            };
+            applied(out, &a);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub fn print_check(config: &Config) {
+    println!("{}: valid", config.source.display());
+    for i in &config.file.interfaces {
+        println!("  interface {} xdp={:?} tc={}", i.name, i.xdp, i.tc);
+    }
+    for r in &config.rules {
+        let prefixes: Vec<String> = r.prefixes.iter().map(ToString::to_string).collect();
+        println!(
+            "  rule {} {} {}",
+            r.name,
+            action_text(r.action),
+            prefixes.join(",")
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! `limiter-agent run`: load or adopt, attach, serve the control API, apply
+//! reloads and expiries, until SIGTERM/SIGINT (or a detach request).
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use crate::{
+    api::server::{self, Shared},
+    attach,
+    config::{Config, InterfaceConfig, XdpModeConfig},
+    datapath::{Capacities, Datapath, DatapathError},
+    enforcer::Enforcer,
+    events::{Offenders, parse_event},
+    pins::Pins,
+    service::{Service, now_unix},
+    state::State,
+};
+
+pub struct RunOptions {
+    pub config: Option<PathBuf>,
+    /// Extra interfaces (`--interface`), attached in `auto` mode.
+    pub interfaces: Vec<String>,
+}
+
+/// Offenders remembered, and for how long an event counts in `top`.
+const OFFENDER_CAPACITY: usize = 100_000;
+const OFFENDER_WINDOW: Duration = Duration::from_secs(60);
+/// At most this many "went over budget" log lines per second.
+const OFFENDER_LOG_PER_SEC: u32 = 10;
+
+pub async fn run(options: RunOptions) -> Result<()> {
+    let mut config = match &options.config {
+        Some(path) => Config::load(path)?,
+        None => {
+            tracing::info!("no --config: running on the embedded default (monitor only)");
+            Config::embedded_default()?
+        }
+    };
+    for name in &options.interfaces {
+        config.file.interfaces.push(InterfaceConfig {
+            name: name.clone(),
+            xdp: XdpModeConfig::Auto,
+            tc: false,
+            netns: None,
+        });
+    }
+    if config.file.interfaces.is_empty() {
+        tracing::warn!(
+            "no interface configured: nothing is enforced until one is (--interface or [[interface]])"
+        );
+    }
+    let agent = config.file.agent.clone();
+    let pins = Pins::new(&agent.pin_path);
+    pins.prepare()?;
+    let adopted = pins.has_maps();
+    let capacities = Capacities {
+        max_rules: config.file.capacity.rules,
+        max_sources: config.file.capacity.sources,
+    };
+    let dp = Datapath::load_pinned(capacities, &pins.maps_dir()).map_err(|e| match e {
+        DatapathError::Load(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap { name, property, expected, actual })) => anyhow!(
+            "the maps pinned under {} were made with another [capacity] ({name}: {property} {actual}, this config needs {expected}). \
+             Set [capacity] back, or run `limiter-agent detach` to start afresh (this drops per-source state)",
+            pins.root.display()
+        ),
+        e => anyhow!("loading the kernel programs: {e}"),
+    })?;
+    if adopted {
+        tracing::info!(pins = %pins.root.display(), "adopting pinned maps: per-source state and counters carry over");
+    }
+    // A corrupt state file stops us here, before anything pinned is touched.
+    let state = State::load(&agent.state_file)?;
+    let enforcer = Enforcer::new(dp, adopted)?;
+    let mut service = Service::start(
+        config.clone(),
+        state,
+        agent.state_file.clone(),
+        enforcer,
+        agent.pin_path.clone(),
+    )
+    .map_err(|e| anyhow!("applying the rules: {e}"))?;
+    service.attached = attach::attach_all(service.datapath_mut(), &pins, &config.file.interfaces)?;
+    for a in &service.attached {
+        tracing::info!(
+            interface = %a.interface,
+            netns = a.netns.as_deref().unwrap_or("-"),
+            xdp = a.xdp_mode.as_deref().unwrap_or("off"),
+            tc = a.tc,
+            adopted = a.adopted,
+            "attached"
+        );
+    }
+    let events = service.datapath_mut().take_events()?;
+    let (detach_tx, mut detach_rx) = watch::channel(false);
+    let shared = Shared {
+        service: Arc::new(Mutex::new(service)),
+        offenders: Arc::new(Mutex::new(Offenders::new(
+            OFFENDER_WINDOW,
+            OFFENDER_CAPACITY,
+        ))),
+        detach: detach_tx,
+    };
+    let listener = server::bind(&agent.control_socket)?;
+    tracing::info!(socket = %agent.control_socket.display(), "control API listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut stop_api = stop_rx.clone();
+    let api = tokio::spawn(server::serve(listener, shared.clone(), async move {
+        stopped(&mut stop_api).await;
+    }));
+    let events_task = tokio::spawn(consume_events(events, shared.clone(), stop_rx.clone()));
+    let expiry = tokio::spawn(expire_penalties(shared.clone(), stop_rx.clone()));
+
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let detach = loop {
+        tokio::select! {
+            _ = term.recv() => break false,
+            _ = int.recv() => break false,
+            _ = detach_rx.wait_for(|d| *d) => break true,
+            _ = hup.recv() => {
+                let svc = shared.service.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    let mut guard = svc.lock().map_err(|_| anyhow!("agent state lock poisoned"))?;
+                    guard.reload().map_err(|e| anyhow!("{e}"))
+                })
+                .await;
+                match result {
+                    Ok(Ok(())) => tracing::info!("SIGHUP: configuration reloaded"),
+                    Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, the rules in force are unchanged: {e}"),
+                    Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
+                }
+            }
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = api.await;
+    let _ = events_task.await;
+    let _ = expiry.await;
+    let _ = std::fs::remove_file(&agent.control_socket);
+    if detach {
+        drop(shared);
+        let links = attach::detach_all(&pins)?;
+        tracing::info!(links, pins = %pins.root.display(), "detached and removed every pin");
+    } else {
+        tracing::info!("stopping; the programs stay attached and enforcing (pinned)");
+    }
+    Ok(())
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn consume_events(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    shared: Shared,
+    mut stop: watch::Receiver<bool>,
+) {
+    // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd
+    // owns the ring buffer, and always reports that same fd.
+    let mut ring =
+        match unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::error!("watching the event ring buffer: {e}; `top` will stay empty");
+                return;
+            }
+        };
+    let mut logged_this_second = 0u32;
+    let mut second = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            guard = ring.readable_mut() => {
+                let Ok(mut guard) = guard else { return };
+                let mut new_offenders = Vec::new();
+                {
+                    let rb = guard.get_inner_mut();
+                    let Ok(mut offenders) = shared.offenders.lock() else { return };
+                    let now = Instant::now();
+                    while let Some(item) = rb.next() {
+                        if let Some(event) = parse_event(&item)
+                            && offenders.record(&event, now)
+                        {
+                            new_offenders.push(event);
+                        }
+                    }
+                }
+                guard.clear_ready();
+                if second.elapsed() >= Duration::from_secs(1) {
+                    second = Instant::now();
+                    logged_this_second = 0;
+                }
+                for event in new_offenders {
+                    if logged_this_second >= OFFENDER_LOG_PER_SEC {
+                        break;
+                    }
+                    logged_this_second += 1;
+                    let key = crate::events::OffenderKey {
+                        rule_id: event.rule_id,
+                        family: event.family,
+                        addr: event.addr,
+                        prefix_len: event.prefix_len,
+                    };
+                    let rule = shared
+                        .service
+                        .lock()
+                        .ok()
+                        .and_then(|s| s.rule_name(event.rule_id).map(str::to_owned))
+                        .unwrap_or_else(|| format!("#{}", event.rule_id));
+                    tracing::info!(rule, source = key.source(), "source went over budget");
+                }
+            }
+        }
+    }
+}
+
+async fn expire_penalties(shared: Shared, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tick.tick() => {
+                let svc = shared.service.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    svc.lock().map_err(|_| anyhow!("lock poisoned"))?.expire(now_unix()).map_err(|e| anyhow!("{e}"))
+                })
+                .await;
+                match result {
+                    Ok(Ok(expired)) => {
+                        for name in expired {
+                            tracing::info!(penalty = name, "penalty expired and removed");
+                        }
+                    }
+                    Ok(Err(e)) => tracing::error!("removing expired penalties: {e}"),
+                    Err(e) => tracing::error!("removing expired penalties: {e}"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Puts a rule set into the kernel atomically.
+//!
+//! The kernel holds two generations of prefixes (see `GENERATIONS` in
+//! limiter-common). `apply` writes the new rule set into the inactive
+//! generation, by difference with what that generation holds, then flips the
+//! active one: packets see all of the old set or all of the new one. A
+//! failure before the flip leaves the old set in force, untouched.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use limiter_common::{Action, GENERATIONS, Limit, Rule, Scope, dimension};
+
+use crate::{
+    config::{ActionConfig, Budget, RuleDef, ScopeConfig},
+    datapath::{Datapath, DatapathError},
+};
+
+/// A generation is only rewritten this long after it stopped being active,
+/// so no packet that read the old `ACTIVE` value can still be looking at it
+/// (a program run takes microseconds).
+const GRACE: Duration = Duration::from_millis(2);
+
+/// A rule as the kernel gets it: its id, its kernel form, its prefixes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelRule {
+    pub id: u32,
+    pub rule: Rule,
+    pub prefixes: Vec<IpNet>,
+}
+
+fn limit(budget: Option<Budget>) -> Limit {
+    // Budgets were checked by validation; an impossible one cannot get here,
+    // and if it did, "no budget in this dimension" is the safe reading.
+    budget
+        .and_then(|b| Limit::new(b.rate_per_sec, b.burst).ok())
+        .unwrap_or(Limit::UNLIMITED)
+}
+
+/// The kernel form of a validated rule.
+pub fn kernel_rule(def: &RuleDef, id: u32) -> KernelRule {
+    let action = match def.action {
+        ActionConfig::Allow => Action::Allow,
+        ActionConfig::Deny => Action::Deny,
+        ActionConfig::Drop => Action::Drop,
+        ActionConfig::Mark => Action::Mark,
+        ActionConfig::Monitor => Action::Monitor,
+    };
+    let mut limits = [Limit::UNLIMITED; dimension::COUNT];
+    limits[dimension::PACKETS] = limit(def.packets);
+    limits[dimension::BYTES] = limit(def.bytes);
+    limits[dimension::SYNS] = limit(def.new_connections);
+    KernelRule {
+        id,
+        rule: Rule {
+            id,
+            action: action as u32,
+            scope: match def.scope {
+                ScopeConfig::PerSource => Scope::PerSource as u32,
+                ScopeConfig::Shared => Scope::Shared as u32,
+            },
+            source_prefix_v4: def.source_prefix_v4,
+            source_prefix_v6: def.source_prefix_v6,
+            dscp: u32::from(def.dscp),
+            skb_mark: def.skb_mark,
+            in_use: 1,
+            limits,
+        },
+        prefixes: def.prefixes.clone(),
+    }
+}
+
+/// What one generation holds in the kernel, as far as we know.
+#[derive(Default)]
+struct Installed {
+    prefixes: HashMap<IpNet, u32>,
+    rules: HashMap<u32, Rule>,
+}
+
+/// How much an `apply` wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub generation: u32,
+    pub writes: usize,
+}
+
+pub struct Enforcer {
+    dp: Datapath,
+    active: u32,
+    /// `None`: unknown (adopted from pinned maps), cleared before reuse.
+    installed: [Option<Installed>; GENERATIONS as usize],
+    deactivated_at: [Option<Instant>; GENERATIONS as usize],
+}
+
+impl Enforcer {
+    /// Takes over `dp`. With `adopted`, the maps came from pins and their
+    /// content is unknown; otherwise they are fresh and empty.
+    pub fn new(dp: Datapath, adopted: bool) -> Result<Self, DatapathError> {
+        let active = dp.active_generation()? % GENERATIONS;
+        let known = || (!adopted).then(Installed::default);
+        Ok(Self {
+            dp,
+            active,
+            installed: [known(), known()],
+            deactivated_at: [None, None],
+        })
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.dp
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.dp
+    }
+
+    pub fn active_generation(&self) -> u32 {
+        self.active
+    }
+
+    fn slot(&self, generation: u32, id: u32) -> u32 {
+        generation * self.dp.capacities().max_rules + id
+    }
+
+    /// Makes `rules` the rule set in force, atomically.
+    pub fn apply(&mut self, rules: &[KernelRule]) -> Result<ApplyStats, DatapathError> {
+        let next = (self.active + 1) % GENERATIONS;
+        if let Some(at) = self.deactivated_at[next as usize] {
+            let waited = at.elapsed();
+            if waited < GRACE {
+                std::thread::sleep(GRACE - waited);
+            }
+        }
+        let result = self.write_generation(next, rules);
+        match result {
+            Ok(writes) => {
+                self.dp.set_active_generation(next)?;
+                self.deactivated_at[self.active as usize] = Some(Instant::now());
+                self.active = next;
+                Ok(ApplyStats {
+                    generation: next,
+                    writes,
+                })
+            }
+            Err(e) => {
+                // Partly written and never activated: rewrite it next time.
+                self.installed[next as usize] = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn write_generation(
+        &mut self,
+        generation: u32,
+        rules: &[KernelRule],
+    ) -> Result<usize, DatapathError> {
+        let mut writes = 0;
+        let mut installed = match self.installed[generation as usize].take() {
+            Some(installed) => installed,
+            None => {
+                writes += self.dp.clear_generation(generation)?;
+                Installed::default()
+            }
+        };
+        let mut want_rules = HashMap::with_capacity(rules.len());
+        let mut want_prefixes = HashMap::new();
+        for r in rules {
+            let slot = self.slot(generation, r.id);
+            want_rules.insert(slot, r.rule);
+            for p in &r.prefixes {
+                want_prefixes.insert(*p, slot);
+            }
+        }
+        // Rules first, so no prefix ever points at a slot not yet written.
+        for (slot, rule) in &want_rules {
+            if installed.rules.get(slot) != Some(rule) {
+                self.dp.set_rule(*slot, rule)?;
+                installed.rules.insert(*slot, *rule);
+                writes += 1;
+            }
+        }
+        for (prefix, slot) in &want_prefixes {
+            if installed.prefixes.get(prefix) != Some(slot) {
+                self.dp.set_prefix(generation, *prefix, *slot)?;
+                installed.prefixes.insert(*prefix, *slot);
+                writes += 1;
+            }
+        }
+        let stale: Vec<IpNet> = installed
+            .prefixes
+            .keys()
+            .filter(|p| !want_prefixes.contains_key(p))
+            .copied()
+            .collect();
+        for prefix in stale {
+            self.dp.remove_prefix(generation, prefix)?;
+            installed.prefixes.remove(&prefix);
+            writes += 1;
+        }
+        let unused: Vec<u32> = installed
+            .rules
+            .keys()
+            .filter(|s| !want_rules.contains_key(s))
+            .copied()
+            .collect();
+        for slot in unused {
+            self.dp.set_rule(slot, &Rule::EMPTY)?;
+            installed.rules.remove(&slot);
+            writes += 1;
+        }
+        self.installed[generation as usize] = Some(installed);
+        Ok(writes)
+    }
+}

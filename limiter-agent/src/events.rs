@@ -1,0 +1,232 @@
+//! Over-budget events from the kernel's ring buffer: who is over budget now,
+//! without any per-packet work in user space.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use limiter_common::{OverBudgetEvent, dimension, family};
+
+/// A bucket that went over budget: rule id, family, masked address, length.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct OffenderKey {
+    pub rule_id: u32,
+    pub family: u32,
+    pub addr: [u8; 16],
+    pub prefix_len: u32,
+}
+
+impl OffenderKey {
+    /// "198.18.1.0/24", "2001:db8::/64", or "shared" (a shared-scope rule).
+    pub fn source(&self) -> String {
+        if self.prefix_len == 0 {
+            return "shared".into();
+        }
+        let addr: std::net::IpAddr = if self.family == family::IPV4 {
+            [self.addr[0], self.addr[1], self.addr[2], self.addr[3]].into()
+        } else {
+            self.addr.into()
+        };
+        format!("{addr}/{}", self.prefix_len)
+    }
+}
+
+struct Entry {
+    first_seen: Instant,
+    last_seen: Instant,
+    /// Event times inside the window (events come at most once a second
+    /// per bucket, so this is "seconds over budget").
+    recent: VecDeque<Instant>,
+    exceeded: u32,
+}
+
+/// Offenders seen recently, bounded in memory.
+pub struct Offenders {
+    entries: HashMap<OffenderKey, Entry>,
+    window: Duration,
+    capacity: usize,
+    pub events_received: u64,
+}
+
+/// One row of [`Offenders::top`].
+pub struct TopRow {
+    pub key: OffenderKey,
+    pub seconds_over: u64,
+    pub first_seen: Duration,
+    pub last_seen: Duration,
+    pub exceeded: Vec<&'static str>,
+}
+
+impl Offenders {
+    pub fn new(window: Duration, capacity: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            window,
+            capacity,
+            events_received: 0,
+        }
+    }
+
+    /// Records an event; returns whether this bucket is a new offender.
+    pub fn record(&mut self, event: &OverBudgetEvent, now: Instant) -> bool {
+        self.events_received += 1;
+        let key = OffenderKey {
+            rule_id: event.rule_id,
+            family: event.family,
+            addr: event.addr,
+            prefix_len: event.prefix_len,
+        };
+        if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity {
+            self.evict(now);
+        }
+        let window = self.window;
+        let mut new = false;
+        let entry = self.entries.entry(key).or_insert_with(|| {
+            new = true;
+            Entry {
+                first_seen: now,
+                last_seen: now,
+                recent: VecDeque::new(),
+                exceeded: 0,
+            }
+        });
+        entry.last_seen = now;
+        entry.exceeded |= event.exceeded;
+        entry.recent.push_back(now);
+        while entry
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            entry.recent.pop_front();
+        }
+        new
+    }
+
+    /// Drops entries quiet for a window, then the quietest if still full.
+    fn evict(&mut self, now: Instant) {
+        let window = self.window;
+        self.entries
+            .retain(|_, e| now.duration_since(e.last_seen) <= window);
+        if self.entries.len() >= self.capacity
+            && let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.last_seen)
+                .map(|(k, _)| *k)
+        {
+            self.entries.remove(&oldest);
+        }
+    }
+
+    /// The `limit` buckets most over budget within the window.
+    pub fn top(&self, limit: usize, now: Instant) -> Vec<TopRow> {
+        let mut rows: Vec<TopRow> = self
+            .entries
+            .iter()
+            .filter_map(|(key, e)| {
+                let seconds = e
+                    .recent
+                    .iter()
+                    .filter(|t| now.duration_since(**t) <= self.window)
+                    .count() as u64;
+                (seconds > 0).then(|| TopRow {
+                    key: *key,
+                    seconds_over: seconds,
+                    first_seen: now.duration_since(e.first_seen),
+                    last_seen: now.duration_since(e.last_seen),
+                    exceeded: [
+                        (dimension::PACKETS, "packets"),
+                        (dimension::BYTES, "bytes"),
+                        (dimension::SYNS, "new_connections"),
+                    ]
+                    .into_iter()
+                    .filter(|(d, _)| e.exceeded & (1 << d) != 0)
+                    .map(|(_, n)| n)
+                    .collect(),
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            b.seconds_over
+                .cmp(&a.seconds_over)
+                .then(a.last_seen.cmp(&b.last_seen))
+        });
+        rows.truncate(limit);
+        rows
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Reads an event from a ring buffer item.
+pub fn parse_event(bytes: &[u8]) -> Option<OverBudgetEvent> {
+    if bytes.len() < size_of::<OverBudgetEvent>() {
+        return None;
+    }
+    // SAFETY: the length was checked; OverBudgetEvent is plain old data for
+    // which every bit pattern is valid.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<OverBudgetEvent>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(last: u8, prefix_len: u32) -> OverBudgetEvent {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[198, 18, 0, last]);
+        OverBudgetEvent {
+            timestamp_ns: 1,
+            rule_id: 7,
+            family: family::IPV4,
+            addr,
+            prefix_len,
+            action: 3,
+            exceeded: 1,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn ranks_by_seconds_over_and_forgets_the_window() {
+        let mut o = Offenders::new(Duration::from_secs(10), 100);
+        let t0 = Instant::now();
+        for s in 0..5 {
+            o.record(&event(1, 32), t0 + Duration::from_secs(s));
+        }
+        assert!(o.record(&event(2, 32), t0 + Duration::from_secs(4)));
+        let top = o.top(10, t0 + Duration::from_secs(5));
+        assert_eq!(top.len(), 2);
+        assert_eq!(top[0].key.source(), "198.18.0.1/32");
+        assert_eq!(top[0].seconds_over, 5);
+        assert_eq!(top[0].exceeded, ["packets"]);
+        // Long after, nothing is in the window.
+        assert!(o.top(10, t0 + Duration::from_secs(100)).is_empty());
+    }
+
+    #[test]
+    fn memory_stays_bounded() {
+        let mut o = Offenders::new(Duration::from_secs(10), 50);
+        let t0 = Instant::now();
+        for i in 0..200u8 {
+            o.record(&event(i, 32), t0);
+        }
+        assert!(o.len() <= 50);
+        assert_eq!(event(0, 0).prefix_len, 0);
+        let shared = OffenderKey {
+            rule_id: 1,
+            family: family::IPV4,
+            addr: [0; 16],
+            prefix_len: 0,
+        };
+        assert_eq!(shared.source(), "shared");
+    }
+}

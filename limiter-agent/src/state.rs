@@ -1,0 +1,141 @@
+//! The state file: live changes (rule overrides, penalties) and the rule ids
+//! in use, written atomically so a restart comes back with them.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::RuleConfig;
+
+pub const VERSION: u32 = 1;
+
+/// A temporary rule that removes itself at `expires_at` (Unix seconds).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Penalty {
+    pub rule: RuleConfig,
+    pub expires_at: u64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    pub version: u32,
+    /// Kernel rule id of every rule name in force (counters and per-source
+    /// state are keyed by it, so it must survive restarts).
+    #[serde(default)]
+    pub ids: BTreeMap<String, u32>,
+    /// Live changes over the config file: a rule (added or changed), or
+    /// `null` for a configured rule deleted live.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, Option<RuleConfig>>,
+    /// Penalties by rule name (`penalty:<prefix>`).
+    #[serde(default)]
+    pub penalties: BTreeMap<String, Penalty>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "state file {path} is corrupt ({message}); it was left as it is. Move it away to start without live changes, or restore a backup"
+    )]
+    Corrupt { path: PathBuf, message: String },
+}
+
+impl State {
+    /// Reads the state file; a missing file is an empty state.
+    pub fn load(path: &Path) -> Result<Self, StateError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self {
+                    version: VERSION,
+                    ..Self::default()
+                });
+            }
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let state: Self = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        if state.version != VERSION {
+            return Err(StateError::Corrupt {
+                path: path.to_owned(),
+                message: format!("version {} (this agent writes {VERSION})", state.version),
+            });
+        }
+        Ok(state)
+    }
+
+    /// Writes atomically: a temporary file, fsync, rename over the old one,
+    /// fsync of the directory. A crash leaves the old or the new file.
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let io = |source| StateError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_vec_pretty(self).map_err(|e| io(std::io::Error::other(e)))?;
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&text)?;
+            file.write_all(b"\n")?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(e)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_refuses_corruption() {
+        let dir = std::env::temp_dir().join(format!("limiter-state-{}", std::process::id()));
+        let path = dir.join("state.json");
+        assert_eq!(State::load(&path).unwrap().version, VERSION);
+        let mut state = State {
+            version: VERSION,
+            ..State::default()
+        };
+        state.ids.insert("a".into(), 3);
+        state.overrides.insert("gone".into(), None);
+        state.save(&path).unwrap();
+        assert_eq!(State::load(&path).unwrap(), state);
+        std::fs::write(&path, "{\"version\": 1, \"ids\": ").unwrap();
+        let err = State::load(&path).unwrap_err().to_string();
+        assert!(err.contains("is corrupt"), "{err}");
+        std::fs::write(&path, "{\"version\": 9}").unwrap();
+        assert!(
+            State::load(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("version 9")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
