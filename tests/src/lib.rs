@@ -1,5 +1,6 @@
 //! Fixtures for limiter's tests against the real kernel: frame building,
 //! BPF_PROG_TEST_RUN, network namespaces and raw traffic.
+pub mod agent;
 pub mod frame;
 pub mod harness;
 pub mod netns;

@@ -156,3 +156,65 @@ pub fn source_of(frame: &[u8]) -> Option<[u8; 16]> {
     }
     Some(addr)
 }
+
+/// Sends every frame of `frames` `rate` times a second (each) from the
+/// source namespace for `duration`, and returns how many frames of each
+/// source address reached the gateway's interface (after XDP).
+pub fn measure(
+    pair: &crate::netns::Pair,
+    frames: &[Vec<u8>],
+    rate: u64,
+    duration: Duration,
+) -> Result<std::collections::HashMap<[u8; 16], u64>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    let ready = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let receiver = scope.spawn(|| {
+            pair.gateway.run(|| {
+                let sock = PacketSocket::open(&pair.gw_if)?
+                    .receiver(32 << 20, Duration::from_millis(50))?;
+                ready.store(true, Ordering::Relaxed);
+                let mut counts = std::collections::HashMap::new();
+                let mut buf = [0u8; 2048];
+                loop {
+                    match sock.recv(&mut buf)? {
+                        Some(n) => {
+                            if let Some(src) = source_of(&buf[..n]) {
+                                *counts.entry(src).or_insert(0u64) += 1;
+                            }
+                        }
+                        None if stop.load(Ordering::Relaxed) => return Ok(counts),
+                        None => {}
+                    }
+                }
+            })
+        });
+        while !ready.load(Ordering::Relaxed) && !receiver.is_finished() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let sent = pair.source.run(|| {
+            let sock = PacketSocket::open(&pair.src_if)?;
+            let start = std::time::Instant::now();
+            let round = Duration::from_nanos(1_000_000_000 / rate.max(1));
+            let mut next = start;
+            while start.elapsed() < duration {
+                for frame in frames {
+                    sock.send(frame)?;
+                }
+                next += round;
+                if let Some(wait) = next.checked_duration_since(std::time::Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            Ok(())
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        let counts = receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+        sent?;
+        counts
+    })
+}

@@ -1,0 +1,213 @@
+//! The real `limiter-agent` binary on a namespace pair: start it with a
+//! config, drive it with its own CLI, kill it, and clean up everything it
+//! pinned when the test ends.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::netns::{Pair, unique_tag};
+
+/// The agent binary: `$LIMITER_AGENT_BIN`, or `target/<profile>/limiter-agent`
+/// next to this test executable (`./x test` builds it first).
+pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("LIMITER_AGENT_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> -> target/<profile>/limiter-agent
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let bin = dir.join("limiter-agent");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p limiter-agent`; ./x test does) or set LIMITER_AGENT_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A namespace pair, a working directory, and a pin directory of our own.
+pub struct AgentEnv {
+    pub pair: Pair,
+    pub dir: PathBuf,
+    pub pin_path: PathBuf,
+    pub socket: PathBuf,
+    pub state_file: PathBuf,
+    pub config: PathBuf,
+    agent: Option<Child>,
+}
+
+impl AgentEnv {
+    pub fn new() -> Result<Self> {
+        let pair = Pair::create()?;
+        let tag = unique_tag();
+        let dir = std::env::temp_dir().join(format!("limiter-test-{tag}"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            pin_path: PathBuf::from(format!("/sys/fs/bpf/limiter-test-{tag}")),
+            socket: dir.join("control.sock"),
+            state_file: dir.join("state.json"),
+            config: dir.join("limiter.toml"),
+            dir,
+            pair,
+            agent: None,
+        })
+    }
+
+    /// The `[agent]`, `[capacity]` and `[[interface]]` parts for this
+    /// environment, to put before a test's rules.
+    pub fn header(&self) -> String {
+        format!(
+            "[agent]\npin_path = {:?}\nstate_file = {:?}\ncontrol_socket = {:?}\n\
+             [capacity]\nrules = 256\nsources = 65536\n\
+             [[interface]]\nname = {:?}\nnetns = {:?}\nxdp = \"native\"\n",
+            self.pin_path, self.state_file, self.socket, self.pair.gw_if, self.pair.gateway.name
+        )
+    }
+
+    pub fn write_config(&self, rules: &str) -> Result<()> {
+        std::fs::write(&self.config, format!("{}{rules}", self.header()))?;
+        Ok(())
+    }
+
+    /// Starts the agent on the config file and waits for its socket.
+    pub fn start(&mut self) -> Result<()> {
+        let runs = std::fs::read_dir(&self.dir)?.count();
+        let log = std::fs::File::create(self.dir.join(format!("agent-{runs}.log")))?;
+        let child = Command::new(agent_binary())
+            .args(["run", "--log-format", "text", "--config"])
+            .arg(&self.config)
+            .env("LIMITER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting limiter-agent")?;
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(child) = self.agent.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("limiter-agent exited early ({status}):\n{}", self.logs());
+            }
+            if self
+                .cli(&["status"])
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("limiter-agent did not answer within 30 s:\n{}", self.logs())
+    }
+
+    /// Everything the agents of this environment logged.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.filter_map(std::result::Result::ok) {
+                if e.file_name().to_string_lossy().starts_with("agent-") {
+                    out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` to the agent we started (and only to it).
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let Some(pid) = self.pid() else {
+            bail!("no agent running");
+        };
+        // SAFETY: kill(2) on the pid of our own child process.
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            bail!("kill {pid}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.agent.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the agent to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.agent.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.agent = None;
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent still running after {timeout:?}")
+    }
+
+    /// Runs the CLI against this environment's agent.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Command::new(agent_binary())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .context("running the limiter-agent CLI")
+    }
+
+    /// Runs the CLI and fails unless it succeeds; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        match self.cli(args) {
+            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+            Ok(out) => panic!(
+                "limiter-agent {args:?} failed ({}): {}{}\nagent log:\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            ),
+            Err(e) => panic!("limiter-agent {args:?}: {e:#}"),
+        }
+    }
+
+    /// `--json` output of the CLI, parsed.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let text = self.cli_ok(&all);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    }
+}
+
+impl Drop for AgentEnv {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+        // Remove whatever an agent pinned for this environment.
+        let _ = Command::new(agent_binary())
+            .args(["--socket"])
+            .arg(&self.socket)
+            .args(["detach", "--pin-path"])
+            .arg(&self.pin_path)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.pin_path);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

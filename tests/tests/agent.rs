@@ -1,0 +1,394 @@
+//! The real agent binary in network namespaces, driven by its own CLI.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::unix::process::CommandExt as _,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use limiter_tests::{
+    agent::{AgentEnv, agent_binary},
+    frame::{Frame, L4},
+    traffic::measure,
+};
+
+const RULES: &str = r#"
+[[rule]]
+name = "default"
+prefixes = ["0.0.0.0/0", "::/0"]
+action = "monitor"
+packets = "100k/s"
+
+[[rule]]
+name = "clients"
+prefixes = ["198.18.1.0/24", "2001:db8:1::/48"]
+action = "drop"
+packets = "40/s"
+packet_burst = 10
+"#;
+
+fn sources() -> Vec<([u8; 16], Vec<u8>)> {
+    let mut out = Vec::new();
+    for i in 1..=8u8 {
+        let src = Ipv4Addr::new(198, 18, 1, i);
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&src.octets());
+        out.push((addr, Frame::v4(src, L4::Udp).build()));
+    }
+    // IPv6 sources are budgeted per /64 by default: one source per /64.
+    for i in 1..=4u16 {
+        let src = Ipv6Addr::new(0x2001, 0xdb8, 1, i, 0, 0, 0, 1);
+        out.push((src.octets(), Frame::v6(src, L4::Udp).build()));
+    }
+    out
+}
+
+fn env_with(rules: &str) -> AgentEnv {
+    let mut env = AgentEnv::new().unwrap_or_else(|e| panic!("environment: {e:#}"));
+    env.write_config(rules).unwrap_or_else(|e| panic!("{e:#}"));
+    env.start().unwrap_or_else(|e| panic!("{e:#}"));
+    env
+}
+
+fn blast(env: &AgentEnv, rate: u64, seconds: f64) -> HashMap<[u8; 16], u64> {
+    let frames: Vec<Vec<u8>> = sources().into_iter().map(|(_, f)| f).collect();
+    measure(&env.pair, &frames, rate, Duration::from_secs_f64(seconds))
+        .unwrap_or_else(|e| panic!("traffic: {e:#}"))
+}
+
+/// Asserts every source got `expected` packets, within `tolerance`.
+fn assert_each(got: &HashMap<[u8; 16], u64>, expected: f64, tolerance: f64, what: &str) {
+    for (addr, _) in sources() {
+        let n = got.get(&addr).copied().unwrap_or(0) as f64;
+        assert!(
+            (n - expected).abs() <= tolerance,
+            "{what}: source {addr:?} got {n}, expected {expected} +- {tolerance}; all: {got:?}"
+        );
+    }
+}
+
+fn rule<'a>(rules: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    rules.as_array()?.iter().find(|r| r["name"] == name)
+}
+
+#[test]
+fn budgets_follow_a_live_cli_change_while_traffic_flows() {
+    let env = env_with(RULES);
+    // 200/s offered per source against 40/s (burst 10) for 1.5 s.
+    let before = blast(&env, 200, 1.5);
+    assert_each(&before, 10.0 + 40.0 * 1.5, 8.0, "at 40/s");
+    let out = env.cli_ok(&["rules", "change", "clients", "--packets", "120/s"]);
+    assert!(out.contains("changed"), "{out}");
+    let after = blast(&env, 200, 1.5);
+    // The bucket is kept across the change, so no fresh burst: ~120/s.
+    assert_each(&after, 120.0 * 1.5, 20.0, "at 120/s");
+    let rules = env.cli_json(&["rules", "list"]);
+    let clients = rule(&rules, "clients").unwrap_or_else(|| panic!("{rules}"));
+    assert_eq!(clients["origin"], "live");
+    assert_eq!(clients["rule"]["packets"], "120/s");
+    let passed = clients["counters"]["packets"]["passed"]
+        .as_u64()
+        .unwrap_or(0);
+    let delivered: u64 = before.values().chain(after.values()).sum();
+    // Every source of the test is in the rule: the kernel's count is ours
+    // (other frames the namespaces send come from other addresses).
+    let ours: u64 = sources()
+        .iter()
+        .map(|(a, _)| before.get(a).unwrap_or(&0) + after.get(a).unwrap_or(&0))
+        .sum();
+    assert_eq!(
+        passed, ours,
+        "kernel passed counter vs delivered ({delivered} incl. others)"
+    );
+}
+
+#[test]
+fn a_penalty_applies_at_once_and_expires_by_itself() {
+    let env = env_with(RULES);
+    let victim = Ipv4Addr::new(198, 18, 1, 1);
+    let out = env.cli_ok(&["penalize", &victim.to_string(), "--for", "2s", "--deny"]);
+    assert!(out.contains("penalty"), "{out}");
+    let during = blast(&env, 100, 0.5);
+    let mut key = [0u8; 16];
+    key[..4].copy_from_slice(&victim.octets());
+    assert_eq!(
+        during.get(&key).copied().unwrap_or(0),
+        0,
+        "denied while penalized"
+    );
+    let other = sources()[1].0;
+    assert!(
+        during.get(&other).copied().unwrap_or(0) > 0,
+        "other sources unaffected"
+    );
+    // Expiry: removed from the rules, the kernel and the state file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rules = env.cli_json(&["rules", "list"]);
+        if rule(&rules, "penalty:198.18.1.1/32").is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "penalty never expired: {rules}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let state = std::fs::read_to_string(&env.state_file).unwrap_or_default();
+    assert!(!state.contains("penalty:"), "{state}");
+    let inspect = env.cli_json(&["inspect", "198.18.1.1"]);
+    assert_eq!(inspect["rule"], "clients");
+    let after = blast(&env, 100, 0.5);
+    assert!(
+        after.get(&key).copied().unwrap_or(0) > 0,
+        "passes again after expiry"
+    );
+}
+
+#[test]
+fn sighup_applies_a_good_file_and_refuses_a_bad_one() {
+    let env = env_with(RULES);
+    let denied = RULES.replace(
+        "action = \"drop\"\npackets = \"40/s\"\npacket_burst = 10",
+        "action = \"deny\"",
+    );
+    env.write_config(&denied)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    env.signal(libc::SIGHUP).unwrap_or_else(|e| panic!("{e:#}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.cli_json(&["rules", "show", "clients"])["rule"]["action"] != "deny" {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not apply the new file"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = blast(&env, 100, 0.5);
+    assert_each(&got, 0.0, 0.0, "denied after reload");
+    // A bad file: refused, the rules in force stay.
+    env.write_config("[[rule]]\nname = \"x\"\nprefixes = [\"198.18.9.0/24\"]\naction = \"drop\"\npackets = \"lots\"\n")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    env.signal(libc::SIGHUP).unwrap_or_else(|e| panic!("{e:#}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env.logs().contains("reload refused") {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            env.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        env.cli_json(&["rules", "show", "clients"])["rule"]["action"],
+        "deny"
+    );
+    // The same through the CLI: exit 2 and the file, line and field.
+    let out = env.cli(&["reload"]).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("limiter.toml:") && err.contains("`packets`"),
+        "{err}"
+    );
+    assert_each(&blast(&env, 100, 0.3), 0.0, 0.0, "still denied");
+}
+
+#[test]
+fn kill_9_keeps_enforcing_and_a_new_agent_adopts_state_and_live_changes() {
+    let mut env = env_with(RULES);
+    env.cli_ok(&[
+        "rules",
+        "change",
+        "clients",
+        "--packets",
+        "20/s",
+        "--packet-burst",
+        "5",
+    ]);
+    let first = blast(&env, 200, 1.0);
+    assert_each(&first, 5.0 + 20.0, 6.0, "before the kill");
+    let passed_before = rule(&env.cli_json(&["rules", "list"]), "clients")
+        .map(|r| r["counters"]["packets"]["passed"].as_u64().unwrap_or(0))
+        .unwrap_or(0);
+    env.kill9().unwrap_or_else(|e| panic!("{e:#}"));
+    // No agent: the pinned program still enforces the live budget, and the
+    // per-source buckets are still empty (no fresh burst).
+    let gap = blast(&env, 200, 1.0);
+    assert_each(&gap, 20.0, 6.0, "while no agent runs");
+    env.start().unwrap_or_else(|e| panic!("{e:#}"));
+    let status = env.cli_json(&["status"]);
+    assert_eq!(status["interfaces"][0]["adopted"], true, "{status}");
+    let rules = env.cli_json(&["rules", "list"]);
+    let clients = rule(&rules, "clients").unwrap_or_else(|| panic!("{rules}"));
+    assert_eq!(clients["origin"], "live");
+    assert_eq!(clients["rule"]["packets"], "20/s");
+    let passed_after = clients["counters"]["packets"]["passed"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        passed_after >= passed_before + 20 * 12,
+        "counters carried over: {passed_before} -> {passed_after}"
+    );
+    let inspect = env.cli_json(&["inspect", "198.18.1.3"]);
+    assert_eq!(
+        inspect["tracked"], true,
+        "per-source state carried over: {inspect}"
+    );
+    assert_each(&blast(&env, 200, 1.0), 20.0, 6.0, "after the restart");
+}
+
+#[test]
+fn the_control_socket_refuses_non_root() {
+    let env = env_with(RULES);
+    let out = Command::new(agent_binary())
+        .arg("--socket")
+        .arg(&env.socket)
+        .arg("status")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+    // Root gets through.
+    env.cli_ok(&["status"]);
+}
+
+#[test]
+fn detach_leaves_nothing_behind() {
+    let mut env = env_with(RULES);
+    let status = env.cli_json(&["status"]);
+    let xdp_id = status["programs"]["xdp"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{status}"));
+    let out = env.cli_ok(&["detach"]);
+    assert!(out.contains("detach"), "{out}");
+    let exit = env
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(exit.success(), "{exit}");
+    assert!(!env.pin_path.exists(), "pins removed");
+    assert!(!env.socket.exists(), "socket removed");
+    let link = Command::new("ip")
+        .args([
+            "-n",
+            &env.pair.gateway.name,
+            "-d",
+            "link",
+            "show",
+            "dev",
+            &env.pair.gw_if,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8_lossy(&link.stdout);
+    assert!(!text.contains("xdp"), "XDP still attached: {text}");
+    let prog = Command::new("bpftool")
+        .args(["prog", "show", "id", &xdp_id.to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!prog.status.success(), "program {xdp_id} still loaded");
+    // Traffic passes untouched now.
+    assert_each(&blast(&env, 100, 0.5), 50.0, 3.0, "without limiter");
+}
+
+#[test]
+fn a_failing_interface_leaves_nothing_half_attached() {
+    let mut env = AgentEnv::new().unwrap_or_else(|e| panic!("{e:#}"));
+    let extra = format!(
+        "[[interface]]\nname = \"nosuch0\"\nnetns = {:?}\n",
+        env.pair.gateway.name
+    );
+    env.write_config(&format!("{extra}{RULES}"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let err = env.start().expect_err("must fail");
+    assert!(format!("{err:#}").contains("nosuch0"), "{err:#}");
+    let link = Command::new("ip")
+        .args([
+            "-n",
+            &env.pair.gateway.name,
+            "-d",
+            "link",
+            "show",
+            "dev",
+            &env.pair.gw_if,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "first interface was detached again"
+    );
+    let links = std::fs::read_dir(env.pin_path.join("links"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(links, 0, "no link pins left");
+}
+
+#[test]
+fn the_cli_reports_bad_input_and_an_absent_agent_with_distinct_exit_codes() {
+    let env = env_with(RULES);
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "rules",
+                "add",
+                "x",
+                "--prefix",
+                "198.18.9.0/24",
+                "--action",
+                "drop",
+            ],
+            "needs a budget",
+        ),
+        (
+            &[
+                "rules",
+                "add",
+                "clients",
+                "--prefix",
+                "198.18.9.0/24",
+                "--action",
+                "deny",
+            ],
+            "exists",
+        ),
+        (
+            &[
+                "rules",
+                "add",
+                "y",
+                "--prefix",
+                "198.18.1.0/24",
+                "--action",
+                "deny",
+            ],
+            "already in rule \"clients\"",
+        ),
+        (
+            &["rules", "change", "nosuch", "--packets", "1/s"],
+            "no rule named",
+        ),
+        (
+            &["penalize", "198.18.1.1", "--for", "soon", "--deny"],
+            "soon",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = env.cli(args).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+    // Nothing of that changed the rules.
+    let rules = env.cli_json(&["rules", "list"]);
+    assert_eq!(rules.as_array().map(Vec::len), Some(2), "{rules}");
+    let out = Command::new(agent_binary())
+        .args(["--socket", "/nonexistent/limiter.sock", "status"])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"));
+}
