@@ -3,7 +3,7 @@
 //! pinned when the test ends.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -12,26 +12,28 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::netns::{Pair, unique_tag};
 
-/// The agent binary: `$LIMITER_AGENT_BIN`, or `target/<profile>/limiter-agent`
-/// next to this test executable (`./x test` builds it first).
+/// The agent binary: `$LIMITER_AGENT_BIN`, or `limiter-agent` in the cargo
+/// target directory this executable was built into (`./x test` and
+/// `./x demo` build it first).
 pub fn agent_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("LIMITER_AGENT_BIN") {
         return path.into();
     }
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> -> target/<profile>/limiter-agent
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let bin = dir.join("limiter-agent");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p limiter-agent`; ./x test does) or set LIMITER_AGENT_BIN",
-        bin.display()
-    );
-    bin
+    // A test runs from target/<profile>/deps/, the demo from target/<profile>/.
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("limiter-agent"))
+        .collect();
+    match candidates.iter().find(|c| c.exists()) {
+        Some(bin) => bin.clone(),
+        None => panic!(
+            "limiter-agent not found (looked at {candidates:?}): build it first \
+             (`cargo build -p limiter-agent`; ./x test does) or set LIMITER_AGENT_BIN"
+        ),
+    }
 }
 
 /// A namespace pair, a working directory, and a pin directory of our own.

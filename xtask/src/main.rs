@@ -33,6 +33,12 @@ enum Task {
         #[arg(last = true, hide = true)]
         binary_args: Vec<String>,
     },
+    /// Run setup, build, then start the agent (`limiter-agent run`)
+    Run {
+        /// Passed to `limiter-agent run`, e.g. --config FILE --interface eth1
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run setup, then the demo in throwaway network namespaces
     Demo {
         /// Passed to `limiter-demo`
@@ -72,17 +78,20 @@ fn run() -> Result<()> {
         }
         Task::Demo { args } => {
             setup::run(&root)?;
+            // The demo runs the real agent binary.
+            cmd::run(cmd::cargo(&root).args(["build", "--release", "-p", "limiter-agent"]))?;
             cmd::run(
                 cmd::cargo(&root)
-                    .args([
-                        "run",
-                        "--release",
-                        "-p",
-                        "limiter-tests",
-                        "--bin",
-                        "limiter-demo",
-                        "--",
-                    ])
+                    .args(["run", "--release", "-p", "limiter-tests"])
+                    .args(["--bin", "limiter-demo", "--"])
+                    .args(args),
+            )
+        }
+        Task::Run { args } => {
+            setup::run(&root)?;
+            cmd::run(
+                cmd::cargo(&root)
+                    .args(["run", "--release", "-p", "limiter-agent", "--", "run"])
                     .args(args),
             )
         }

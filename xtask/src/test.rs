@@ -37,6 +37,9 @@ pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
             .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"]),
     )?;
 
+    // The agent tests run the real binary.
+    cmd::run(cargo(root).args(["build", "-p", "limiter-agent"]))?;
+
     // The benchmark is not a test, but its smoke mode must keep working.
     cmd::run(
         cargo(root)
