@@ -19,10 +19,21 @@ use crate::{
     datapath::{Datapath, DatapathError},
 };
 
-/// A generation is only rewritten this long after it stopped being active,
-/// so no packet that read the old `ACTIVE` value can still be looking at it
-/// (a program run takes microseconds).
-const GRACE: Duration = Duration::from_millis(2);
+/// Programs run under RCU: once a grace period has passed after a flip, no
+/// packet that read the old `ACTIVE` value can still be looking at the old
+/// generation. Rewriting a generation deactivated less than this long ago
+/// waits for a grace period first (`membarrier`, which is synchronize_rcu).
+const RECENT: Duration = Duration::from_secs(1);
+
+/// Waits for an RCU grace period; falls back to a sleep where the kernel
+/// refuses (nohz_full systems).
+fn wait_for_grace_period() {
+    // SAFETY: membarrier(2) with MEMBARRIER_CMD_GLOBAL takes no pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, libc::MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// A rule as the kernel gets it: its id, its kernel form, its prefixes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,11 +139,8 @@ impl Enforcer {
     /// Makes `rules` the rule set in force, atomically.
     pub fn apply(&mut self, rules: &[KernelRule]) -> Result<ApplyStats, DatapathError> {
         let next = (self.active + 1) % GENERATIONS;
-        if let Some(at) = self.deactivated_at[next as usize] {
-            let waited = at.elapsed();
-            if waited < GRACE {
-                std::thread::sleep(GRACE - waited);
-            }
+        if self.deactivated_at[next as usize].is_some_and(|at| at.elapsed() < RECENT) {
+            wait_for_grace_period();
         }
         let result = self.write_generation(next, rules);
         match result {

@@ -45,7 +45,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run setup, then the benchmark
+    /// Run setup, then the benchmarks (packet cost, control-plane latency)
     Bench {
         /// Passed to `limiter-bench`
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -97,6 +97,8 @@ fn run() -> Result<()> {
         }
         Task::Bench { args } => {
             setup::run(&root)?;
+            // The control suite runs the real agent binary.
+            cmd::run(cmd::cargo(&root).args(["build", "--release", "-p", "limiter-agent"]))?;
             cmd::run(
                 cmd::cargo(&root)
                     .args(["run", "--release", "-p", "limiter-tests"])

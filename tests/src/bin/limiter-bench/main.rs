@@ -22,9 +22,25 @@ use limiter_tests::{
     harness::{RuleSpec, net},
 };
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Suite {
+    /// Per-packet cost of the XDP program
+    Packet,
+    /// Latency of budget changes through the agent's API and CLI
+    Control,
+    All,
+}
+
 #[derive(Parser)]
-#[command(about = "Per-packet cost of limiter's XDP program (BPF_PROG_TEST_RUN)")]
+#[command(
+    about = "limiter benchmarks: per-packet cost (BPF_PROG_TEST_RUN) and control-plane latency"
+)]
 struct Args {
+    #[arg(value_enum, default_value_t = Suite::All)]
+    suite: Suite,
+    /// Budget changes timed through the API (control suite).
+    #[arg(long, default_value_t = 1_000)]
+    changes: usize,
     /// Timed runs per variant (the median is reported).
     #[arg(long, default_value_t = 7)]
     runs: usize,
@@ -166,6 +182,8 @@ fn median_min_max(samples: &[f64]) -> (f64, f64, f64) {
     (s[s.len() / 2], s[0], s[s.len() - 1])
 }
 
+mod control;
+
 fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.smoke {
@@ -173,7 +191,18 @@ fn main() -> Result<()> {
         args.repeat = 10_000;
         args.many_rules = 1_000;
         args.many_sources = 10_000;
+        args.changes = 20;
     }
+    if args.suite != Suite::Control {
+        packet_suite(&args)?;
+    }
+    if args.suite != Suite::Packet {
+        control::suite(args.changes)?;
+    }
+    Ok(())
+}
+
+fn packet_suite(args: &Args) -> Result<()> {
     let mut setups = Vec::new();
     for (rules, sources) in [
         (3, 1),
