@@ -21,6 +21,7 @@ use crate::{
     datapath::{Capacities, Datapath, DatapathError},
     enforcer::Enforcer,
     events::{Offenders, parse_event},
+    metrics,
     pins::Pins,
     service::{Service, now_unix},
     state::State,
@@ -112,12 +113,32 @@ pub async fn run(options: RunOptions) -> Result<()> {
     };
     let listener = server::bind(&agent.control_socket)?;
     tracing::info!(socket = %agent.control_socket.display(), "control API listening");
+    let metrics_listener = match config.file.metrics.address.as_str() {
+        "" => None,
+        address => {
+            let listener = metrics::bind(address).await?;
+            let counters = metrics::KernelCounters::open(&pins.maps_dir())?;
+            tracing::info!(address, "metrics at /metrics");
+            Some((listener, counters))
+        }
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut stop_api = stop_rx.clone();
     let api = tokio::spawn(server::serve(listener, shared.clone(), async move {
         stopped(&mut stop_api).await;
     }));
+    let metrics_task = metrics_listener.map(|(listener, counters)| {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(metrics::serve(
+            listener,
+            shared.clone(),
+            counters,
+            async move {
+                stopped(&mut stop).await;
+            },
+        ))
+    });
     let events_task = tokio::spawn(consume_events(events, shared.clone(), stop_rx.clone()));
     let expiry = tokio::spawn(expire_penalties(shared.clone(), stop_rx.clone()));
 
@@ -146,6 +167,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     };
     let _ = stop_tx.send(true);
     let _ = api.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     let _ = events_task.await;
     let _ = expiry.await;
     let _ = std::fs::remove_file(&agent.control_socket);

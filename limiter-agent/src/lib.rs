@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod ebpf;
 pub mod enforcer;
 pub mod events;
+pub mod metrics;
 pub mod netns;
 pub mod pins;
 pub mod service;

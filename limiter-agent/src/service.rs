@@ -426,6 +426,24 @@ impl Service {
             .ok_or_else(|| ServiceError::NotFound(format!("no rule named {name:?}")))
     }
 
+    /// (name, kernel id) of every rule in force.
+    pub fn rule_ids(&self) -> Vec<(String, u32)> {
+        self.in_force
+            .iter()
+            .filter_map(|r| {
+                self.state
+                    .ids
+                    .get(&r.def.name)
+                    .map(|id| (r.def.name.clone(), *id))
+            })
+            .collect()
+    }
+
+    /// Prefixes in force (each is one trie entry per generation).
+    pub fn prefix_count(&self) -> usize {
+        self.in_force.iter().map(|r| r.def.prefixes.len()).sum()
+    }
+
     /// Name of the rule with kernel id `id`.
     pub fn rule_name(&self, id: u32) -> Option<&str> {
         self.state
@@ -559,7 +577,13 @@ impl Service {
             penalties: self.state.penalties.len(),
             max_rules: self.config.file.capacity.rules,
             max_sources: self.config.file.capacity.sources,
-            tracked_sources: dp.tracked_sources().unwrap_or(0),
+            // Buckets are never deleted, only evicted once the LRU is full.
+            tracked_sources: reasons
+                .get(Reason::SourceTracked.name())
+                .copied()
+                .unwrap_or(0)
+                .min(u64::from(self.config.file.capacity.sources))
+                as usize,
             active_generation: self.enforcer.active_generation(),
             config_generation: self.config_generation,
             reasons,

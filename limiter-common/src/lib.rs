@@ -245,7 +245,10 @@ pub enum Reason {
     EventLost = 13,
     /// The mark rewrite could not be applied (packet too short): passed.
     MarkFailed = 14,
-    Count = 15,
+    /// A new per-source bucket was created (not an error: with the map's
+    /// capacity this shows how full the LRU is and how fast it churns).
+    SourceTracked = 15,
+    Count = 16,
 }
 
 impl Reason {
@@ -266,6 +269,7 @@ impl Reason {
         Reason::StateInsertFailed,
         Reason::EventLost,
         Reason::MarkFailed,
+        Reason::SourceTracked,
     ];
 
     /// Metric label value.
@@ -286,6 +290,7 @@ impl Reason {
             Reason::StateInsertFailed => "state_insert_failed",
             Reason::EventLost => "event_lost",
             Reason::MarkFailed => "mark_failed",
+            Reason::SourceTracked => "source_tracked",
             Reason::Count => "count",
         }
     }

@@ -175,7 +175,12 @@ fn bucket_for(rule: &Rule, ip: &IpPacket, now_ns: u64) -> Option<(*mut Bucket, S
         last_event_ns: 0,
     };
     // Losing an insert race to another CPU is fine: we use its bucket.
-    let _ = SOURCE_BUCKETS.insert(&key, &fresh, u64::from(BPF_NOEXIST));
+    if SOURCE_BUCKETS
+        .insert(&key, &fresh, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        count_reason(Reason::SourceTracked);
+    }
     match SOURCE_BUCKETS.get_ptr_mut(&key) {
         Some(bucket) => Some((bucket, key)),
         None => {

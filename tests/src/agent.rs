@@ -44,6 +44,10 @@ pub struct AgentEnv {
     pub socket: PathBuf,
     pub state_file: PathBuf,
     pub config: PathBuf,
+    /// Loopback port of the agent's metrics endpoint.
+    pub metrics_port: u16,
+    /// `[metrics] top_k` written by `header`.
+    pub top_k: usize,
     agent: Option<Child>,
 }
 
@@ -60,6 +64,8 @@ impl AgentEnv {
             config: dir.join("limiter.toml"),
             dir,
             pair,
+            metrics_port: free_port()?,
+            top_k: 20,
             agent: None,
         })
     }
@@ -69,9 +75,16 @@ impl AgentEnv {
     pub fn header(&self) -> String {
         format!(
             "[agent]\npin_path = {:?}\nstate_file = {:?}\ncontrol_socket = {:?}\n\
+             [metrics]\naddress = \"127.0.0.1:{}\"\ntop_k = {}\n\
              [capacity]\nrules = 256\nsources = 65536\n\
              [[interface]]\nname = {:?}\nnetns = {:?}\nxdp = \"native\"\n",
-            self.pin_path, self.state_file, self.socket, self.pair.gw_if, self.pair.gateway.name
+            self.pin_path,
+            self.state_file,
+            self.socket,
+            self.metrics_port,
+            self.top_k,
+            self.pair.gw_if,
+            self.pair.gateway.name
         )
     }
 
@@ -196,6 +209,37 @@ impl AgentEnv {
         all.extend_from_slice(args);
         let text = self.cli_ok(&all);
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `GET http://127.0.0.1:{port}{path}`: the body, or an error.
+pub fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("no HTTP header in the answer")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_owned())
+}
+
+impl AgentEnv {
+    /// The agent's current `/metrics` text.
+    pub fn scrape(&self) -> Result<String> {
+        http_get(self.metrics_port, "/metrics")
+            .with_context(|| format!("scraping the agent; its log:\n{}", self.logs()))
     }
 }
 

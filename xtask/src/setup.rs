@@ -9,10 +9,18 @@ use crate::cmd;
 
 /// Installed when missing. llvm-22-dev: bpf-linker links against it;
 /// iproute2, ethtool, nftables, iptables: the tests and the demo set up
-/// namespaces, veths and competing filters with them.
-const PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "ethtool", "nftables", "iptables"];
-/// Installed only if apt offers them: handy to inspect loaded programs, not needed.
-const OPTIONAL_PACKAGES: &[&str] = &["bpftool"];
+/// namespaces, veths and competing filters with them; bpftool: tests check
+/// what is loaded; prometheus: the end-to-end metrics test scrapes the agent
+/// with a real Prometheus server, and promtool checks the exposition.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "iproute2",
+    "ethtool",
+    "nftables",
+    "iptables",
+    "bpftool",
+    "prometheus",
+];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Without it bpf-linker's build finds an older llvm-config first and fails
@@ -43,7 +51,7 @@ fn is_root() -> Result<bool> {
 
 fn packages() -> Result<()> {
     let mut missing = Vec::new();
-    for &name in PACKAGES.iter().chain(OPTIONAL_PACKAGES) {
+    for &name in PACKAGES {
         if is_installed(name)? {
             println!("ok: {name} already installed");
         } else {
@@ -56,17 +64,7 @@ fn packages() -> Result<()> {
     // Once, and only when needed: a fresh machine has empty package lists.
     cmd::run(Command::new("apt-get").arg("update"))
         .context("`apt-get update` failed: check network access and /etc/apt/sources.list*")?;
-    let mut install = Vec::new();
-    for name in missing {
-        if OPTIONAL_PACKAGES.contains(&name) && !has_candidate(name)? {
-            println!("skipped: {name} (optional, and apt has no installation candidate)");
-        } else {
-            install.push(name);
-        }
-    }
-    if install.is_empty() {
-        return Ok(());
-    }
+    let install = missing;
     cmd::run(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -85,16 +83,6 @@ fn is_installed(name: &str) -> Result<bool> {
         .context("setup supports Debian-based systems only (dpkg-query is missing)")?;
     // Unknown packages make dpkg-query fail: that is "not installed" too.
     Ok(out.status.success() && out.stdout == b"install ok installed")
-}
-
-fn has_candidate(name: &str) -> Result<bool> {
-    let out = cmd::output(Command::new("apt-cache").args(["policy", name]))?;
-    let policy = String::from_utf8_lossy(&out.stdout);
-    let candidate = policy
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("Candidate:"))
-        .map(str::trim);
-    Ok(candidate.is_some_and(|version| version != "(none)"))
 }
 
 fn bpf_linker(root: &Path) -> Result<()> {

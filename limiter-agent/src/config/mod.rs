@@ -23,6 +23,9 @@ pub mod defaults {
     pub const SOURCE_PREFIX_V4: u32 = 32;
     /// A /64 is what one IPv6 client usually holds.
     pub const SOURCE_PREFIX_V6: u32 = 64;
+    /// Loopback only: exposing metrics beyond the host is a choice to make.
+    pub const METRICS_ADDRESS: &str = "127.0.0.1:9464";
+    pub const TOP_K: usize = 20;
     /// The smallest byte burst: one full-size Ethernet frame without FCS.
     pub const MIN_BYTE_BURST: u64 = 1514;
 }
@@ -37,6 +40,8 @@ pub struct ConfigFile {
     pub agent: AgentSection,
     #[serde(default)]
     pub capacity: CapacitySection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
     #[serde(default, rename = "interface")]
     pub interfaces: Vec<InterfaceConfig>,
     #[serde(default, rename = "rule")]
@@ -60,6 +65,24 @@ impl Default for AgentSection {
             pin_path: defaults::PIN_PATH.into(),
             state_file: defaults::STATE_FILE.into(),
             control_socket: defaults::CONTROL_SOCKET.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Where Prometheus scrapes `/metrics`; "" turns the endpoint off.
+    pub address: String,
+    /// How many offenders (sources most over budget) are exported.
+    pub top_k: usize,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            address: defaults::METRICS_ADDRESS.into(),
+            top_k: defaults::TOP_K,
         }
     }
 }
@@ -528,6 +551,30 @@ impl Config {
             return Err(at(
                 field_line(text, "capacity", 0, "rules").unwrap_or(1),
                 "capacity.rules and capacity.sources must be at least 1".into(),
+            ));
+        }
+        if !file.metrics.address.is_empty()
+            && file
+                .metrics
+                .address
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(at(
+                field_line(text, "metrics", 0, "address").unwrap_or(1),
+                format!(
+                    "metrics.address {:?} is not an address:port (e.g. 127.0.0.1:9464; \"\" turns metrics off)",
+                    file.metrics.address
+                ),
+            ));
+        }
+        if file.metrics.top_k > 1000 {
+            return Err(at(
+                field_line(text, "metrics", 0, "top_k").unwrap_or(1),
+                format!(
+                    "metrics.top_k {} is too many series; at most 1000",
+                    file.metrics.top_k
+                ),
             ));
         }
         let mut seen = Vec::new();

@@ -220,6 +220,12 @@ fn bad_inputs_are_refused_with_line_field_and_reason() {
             "unknown variant `turbo`",
         ),
         ("this is not toml", 1, "expected"),
+        (
+            "[metrics]\naddress = \"localhost\"\n",
+            2,
+            "not an address:port",
+        ),
+        ("[metrics]\ntop_k = 100000\n", 2, "too many series"),
     ];
     for (text, line, reason) in cases {
         let err = parse(text).expect_err(text);

@@ -1,0 +1,354 @@
+//! Prometheus metrics at `/metrics` (text exposition, `prometheus` crate).
+//!
+//! A scrape reads the kernel's counters through its own handles on the
+//! pinned maps, outside the agent's state lock: it takes that lock only to
+//! copy the rule names, so scrapes never hold up the control API and never
+//! touch the packet path (per-CPU counters are read, not locked).
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Instant};
+
+use anyhow::{Context as _, Result};
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use aya::maps::{Map, MapData, PerCpuArray};
+use limiter_common::{Reason, RuleCounters, map_names, verdict};
+use prometheus::{
+    Encoder as _, TextEncoder,
+    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+};
+
+use crate::api::server::Shared;
+
+/// Handles on the pinned counter maps, separate from the datapath's.
+pub struct KernelCounters {
+    rules: PerCpuArray<MapData, RuleCounters>,
+    reasons: PerCpuArray<MapData, u64>,
+}
+
+impl KernelCounters {
+    pub fn open(maps_dir: &Path) -> Result<Self> {
+        let open = |name: &str| -> Result<Map> {
+            let data = MapData::from_pin(maps_dir.join(name))
+                .with_context(|| format!("opening pinned map {name}"))?;
+            Ok(Map::PerCpuArray(data))
+        };
+        Ok(Self {
+            rules: PerCpuArray::try_from(open(map_names::RULE_COUNTERS)?)?,
+            reasons: PerCpuArray::try_from(open(map_names::REASON_COUNTERS)?)?,
+        })
+    }
+
+    fn rule(&self, id: u32) -> RuleCounters {
+        let mut sum = RuleCounters::default();
+        if let Ok(per_cpu) = self.rules.get(&id, 0) {
+            for cpu in per_cpu.iter() {
+                for v in 0..verdict::COUNT {
+                    sum.packets[v] += cpu.packets[v];
+                    sum.bytes[v] += cpu.bytes[v];
+                }
+            }
+        }
+        sum
+    }
+
+    fn reason(&self, reason: Reason) -> u64 {
+        self.reasons
+            .get(&(reason as u32), 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_owned());
+    l.set_value(value.to_owned());
+    l
+}
+
+/// A metric family under construction.
+struct Family(MetricFamily);
+
+impl Family {
+    fn new(name: &str, help: &str, kind: MetricType) -> Self {
+        let mut f = MetricFamily::default();
+        f.set_name(name.to_owned());
+        f.set_help(help.to_owned());
+        f.set_field_type(kind);
+        Self(f)
+    }
+
+    fn add(&mut self, labels: &[(&str, &str)], value: f64) {
+        let mut m = Metric::default();
+        m.set_label(labels.iter().map(|(k, v)| label(k, v)).collect());
+        match self.0.get_field_type() {
+            MetricType::COUNTER => {
+                let mut c = Counter::default();
+                c.set_value(value);
+                m.set_counter(c);
+            }
+            _ => {
+                let mut g = Gauge::default();
+                g.set_value(value);
+                m.set_gauge(g);
+            }
+        }
+        self.0.mut_metric().push(m);
+    }
+}
+
+/// What a scrape needs from the agent's state, copied under its lock.
+struct Snapshot {
+    rules: Vec<(String, u32)>,
+    max_rules: u32,
+    max_sources: u32,
+    prefixes: usize,
+    config_generation: u64,
+    last_ok: Option<u64>,
+    last_failed: Option<u64>,
+    interfaces: Vec<crate::attach::Attached>,
+    top_k: usize,
+}
+
+/// Renders every metric family.
+pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
+    let snapshot = match shared.service.lock() {
+        Ok(s) => Snapshot {
+            rules: s.rule_ids(),
+            max_rules: s.config().file.capacity.rules,
+            max_sources: s.config().file.capacity.sources,
+            prefixes: s.prefix_count(),
+            config_generation: s.config_generation,
+            last_ok: s.last_reload_ok,
+            last_failed: s.last_reload_failed,
+            interfaces: s.attached.clone(),
+            top_k: s.config().file.metrics.top_k,
+        },
+        Err(_) => return Vec::new(),
+    };
+    let mut out = Vec::new();
+
+    let mut packets = Family::new(
+        "limiter_packets_total",
+        "Packets of each rule, by verdict (passed, dropped, marked, would_drop), summed over CPUs.",
+        MetricType::COUNTER,
+    );
+    let mut bytes = Family::new(
+        "limiter_bytes_total",
+        "Bytes (L2 frames) of each rule, by verdict, summed over CPUs.",
+        MetricType::COUNTER,
+    );
+    for (name, id) in &snapshot.rules {
+        let c = counters.rule(*id);
+        for (v, verdict_name) in verdict::NAMES.iter().enumerate() {
+            let labels = [("rule", name.as_str()), ("verdict", *verdict_name)];
+            packets.add(&labels, c.packets[v] as f64);
+            bytes.add(&labels, c.bytes[v] as f64);
+        }
+    }
+    out.push(packets.0);
+    out.push(bytes.0);
+
+    let mut reasons = Family::new(
+        "limiter_reason_packets_total",
+        "Packets by reason code (non-IP, malformed, no rule, ...), summed over CPUs.",
+        MetricType::COUNTER,
+    );
+    for reason in Reason::ALL {
+        reasons.add(&[("reason", reason.name())], counters.reason(reason) as f64);
+    }
+    out.push(reasons.0);
+
+    // Sources are never deleted, only evicted by the LRU once full, so the
+    // buckets created so far (capped at the capacity) is how full it is.
+    let created = counters.reason(Reason::SourceTracked);
+    let mut entries = Family::new(
+        "limiter_map_entries",
+        "Entries in use per map (sources: buckets created, capped at capacity; evictions start there).",
+        MetricType::GAUGE,
+    );
+    entries.add(
+        &[("map", "sources")],
+        created.min(u64::from(snapshot.max_sources)) as f64,
+    );
+    entries.add(&[("map", "rules")], snapshot.rules.len() as f64);
+    entries.add(&[("map", "prefixes")], snapshot.prefixes as f64);
+    out.push(entries.0);
+    let mut capacity = Family::new(
+        "limiter_map_capacity_entries",
+        "Capacity of each map, in entries.",
+        MetricType::GAUGE,
+    );
+    capacity.add(&[("map", "sources")], f64::from(snapshot.max_sources));
+    capacity.add(&[("map", "rules")], f64::from(snapshot.max_rules));
+    capacity.add(&[("map", "prefixes")], f64::from(snapshot.max_rules));
+    out.push(capacity.0);
+    let mut evicted = Family::new(
+        "limiter_sources_evicted_total",
+        "Per-source buckets evicted by the LRU to make room (estimate: created beyond capacity).",
+        MetricType::COUNTER,
+    );
+    evicted.add(
+        &[],
+        created.saturating_sub(u64::from(snapshot.max_sources)) as f64,
+    );
+    out.push(evicted.0);
+
+    let (received, top) = match shared.offenders.lock() {
+        Ok(o) => (o.events_received, o.top(snapshot.top_k, Instant::now())),
+        Err(_) => (0, Vec::new()),
+    };
+    let mut events = Family::new(
+        "limiter_events_received_total",
+        "Over-budget events read from the kernel's ring buffer.",
+        MetricType::COUNTER,
+    );
+    events.add(&[], received as f64);
+    out.push(events.0);
+    let mut lost = Family::new(
+        "limiter_events_lost_total",
+        "Over-budget events the kernel could not queue (ring buffer full).",
+        MetricType::COUNTER,
+    );
+    lost.add(&[], counters.reason(Reason::EventLost) as f64);
+    out.push(lost.0);
+
+    // Offenders: the top K only, rebuilt each scrape, so a source that left
+    // the top has no series any more.
+    let names: std::collections::HashMap<u32, &str> = snapshot
+        .rules
+        .iter()
+        .map(|(n, id)| (*id, n.as_str()))
+        .collect();
+    let mut offenders = Family::new(
+        "limiter_offender_over_budget_seconds",
+        "Seconds over budget in the last 60 s of the top-K sources most over budget.",
+        MetricType::GAUGE,
+    );
+    for row in &top {
+        let rule = names
+            .get(&row.key.rule_id)
+            .map_or_else(|| format!("#{}", row.key.rule_id), |n| (*n).to_owned());
+        offenders.add(
+            &[("rule", &rule), ("source", &row.key.source())],
+            row.seconds_over as f64,
+        );
+    }
+    out.push(offenders.0);
+
+    let mut generation = Family::new(
+        "limiter_config_generation",
+        "Rule-set generation: bumped on every change that reached the kernel.",
+        MetricType::GAUGE,
+    );
+    generation.add(&[], snapshot.config_generation as f64);
+    out.push(generation.0);
+    for (name, help, at) in [
+        (
+            "limiter_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load or reload.",
+            snapshot.last_ok,
+        ),
+        (
+            "limiter_config_last_reload_failure_timestamp_seconds",
+            "Unix time of the last refused reload (0: none).",
+            snapshot.last_failed,
+        ),
+    ] {
+        let mut f = Family::new(name, help, MetricType::GAUGE);
+        f.add(&[], at.unwrap_or(0) as f64);
+        out.push(f.0);
+    }
+
+    let mut attached = Family::new(
+        "limiter_interface_attached",
+        "Programs attached, by interface, hook (xdp, tc) and mode.",
+        MetricType::GAUGE,
+    );
+    for i in &snapshot.interfaces {
+        let netns = i.netns.as_deref().unwrap_or("");
+        if let Some(mode) = &i.xdp_mode {
+            attached.add(
+                &[
+                    ("interface", &i.interface),
+                    ("netns", netns),
+                    ("hook", "xdp"),
+                    ("mode", mode),
+                ],
+                1.0,
+            );
+        }
+        if i.tc {
+            attached.add(
+                &[
+                    ("interface", &i.interface),
+                    ("netns", netns),
+                    ("hook", "tc"),
+                    ("mode", "tcx"),
+                ],
+                1.0,
+            );
+        }
+    }
+    out.push(attached.0);
+
+    let mut build = Family::new(
+        "limiter_build_info",
+        "Build information.",
+        MetricType::GAUGE,
+    );
+    build.add(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+    out.push(build.0);
+    out
+}
+
+#[derive(Clone)]
+struct MetricsState {
+    shared: Shared,
+    counters: Arc<KernelCounters>,
+}
+
+async fn scrape(State(state): State<MetricsState>) -> impl IntoResponse {
+    let text = tokio::task::spawn_blocking(move || {
+        // The text format has no empty families: leave them out.
+        let families: Vec<MetricFamily> = gather(&state.shared, &state.counters)
+            .into_iter()
+            .filter(|f| !f.get_metric().is_empty())
+            .collect();
+        let mut buf = Vec::new();
+        match TextEncoder::new().encode(&families, &mut buf) {
+            Ok(()) => String::from_utf8(buf).unwrap_or_default(),
+            Err(e) => format!("# encoding failed: {e}\n"),
+        }
+    })
+    .await
+    .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// Binds the metrics endpoint.
+pub async fn bind(address: &str) -> Result<tokio::net::TcpListener> {
+    let addr: SocketAddr = address
+        .parse()
+        .with_context(|| format!("metrics address {address:?}"))?;
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("binding the metrics endpoint {addr} (in use? set [metrics] address)")
+    })
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Shared,
+    counters: KernelCounters,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(MetricsState {
+            shared,
+            counters: Arc::new(counters),
+        });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("metrics endpoint")
+}
