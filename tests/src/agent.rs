@@ -48,6 +48,8 @@ pub struct AgentEnv {
     pub metrics_port: u16,
     /// `[metrics] top_k` written by `header`.
     pub top_k: usize,
+    /// `[capacity] rules` written by `header`.
+    pub max_rules: u32,
     agent: Option<Child>,
 }
 
@@ -66,6 +68,7 @@ impl AgentEnv {
             pair,
             metrics_port: free_port()?,
             top_k: 20,
+            max_rules: 256,
             agent: None,
         })
     }
@@ -76,13 +79,14 @@ impl AgentEnv {
         format!(
             "[agent]\npin_path = {:?}\nstate_file = {:?}\ncontrol_socket = {:?}\n\
              [metrics]\naddress = \"127.0.0.1:{}\"\ntop_k = {}\n\
-             [capacity]\nrules = 256\nsources = 65536\n\
+             [capacity]\nrules = {}\nsources = 65536\n\
              [[interface]]\nname = {:?}\nnetns = {:?}\nxdp = \"native\"\n",
             self.pin_path,
             self.state_file,
             self.socket,
             self.metrics_port,
             self.top_k,
+            self.max_rules,
             self.pair.gw_if,
             self.pair.gateway.name
         )

@@ -105,5 +105,47 @@ pub fn suite(changes: usize) -> Result<()> {
         println!("| {label} | {n} | {p50:.0} | {p99:.0} | {max:.0} |");
     }
     env.cli_ok(&["detach"]);
+    drop(env);
+    scrapes(if changes < 100 { 1_000 } else { 10_000 })
+}
+
+/// Time of a `/metrics` scrape with `rules` rules, next to one with a
+/// single rule measured in the same run.
+fn scrapes(rules: usize) -> Result<()> {
+    let mut results = Vec::new();
+    for count in [1, rules] {
+        let mut env = AgentEnv::new()?;
+        env.max_rules = (count as u32 + 16).max(256);
+        let mut text = String::new();
+        for i in 0..count {
+            text.push_str(&format!(
+                "[[rule]]\nname = \"r{i}\"\nprefixes = [\"198.18.{}.{}/32\"]\naction = \"drop\"\npackets = \"100/s\"\n",
+                i / 256,
+                i % 256
+            ));
+        }
+        env.write_config(&text)?;
+        let started = Instant::now();
+        env.start()?;
+        let load = started.elapsed().as_secs_f64() * 1e3;
+        let mut samples = Vec::new();
+        let mut size = 0;
+        for _ in 0..20 {
+            let started = Instant::now();
+            let body = env.scrape()?;
+            samples.push(started.elapsed().as_secs_f64() * 1e3);
+            size = body.len();
+        }
+        env.cli_ok(&["detach"]);
+        results.push((count, load, size, percentiles(samples)));
+    }
+    println!();
+    println!("Metrics scrape (/metrics), milliseconds, 20 scrapes each");
+    println!();
+    println!("| rules | agent start (load + apply) | body bytes | p50 | p99 | max |");
+    println!("|---|---|---|---|---|---|");
+    for (count, load, size, (p50, p99, max)) in results {
+        println!("| {count} | {load:.0} | {size} | {p50:.1} | {p99:.1} | {max:.1} |");
+    }
     Ok(())
 }
