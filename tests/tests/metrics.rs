@@ -156,6 +156,24 @@ fn a_scrape_passes_promtool_and_equals_the_kernel_counters() {
             &[("rule", "clients"), ("source", "198.18.10.3/32")]
         ) >= 1.0
     );
+    // Every metric the Grafana dashboard uses is exported.
+    let dashboard = include_str!("../../docs/grafana/limiter-dashboard.json");
+    let json: serde_json::Value = serde_json::from_str(dashboard).unwrap_or_else(|e| panic!("dashboard JSON: {e}"));
+    let exprs: Vec<String> = json["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    for expr in &exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("limiter_") {
+                assert!(text.contains(&format!("# TYPE {word} ")), "dashboard uses {word}, not exported");
+            }
+        }
+    }
     // A refused reload shows up with its time.
     std::fs::write(&env.config, "not toml").unwrap_or_else(|e| panic!("{e}"));
     let _ = env.cli(&["reload"]);
