@@ -68,7 +68,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
         max_rules: config.file.capacity.rules,
         max_sources: config.file.capacity.sources,
     };
-    let dp = Datapath::load_pinned(capacities, &pins.maps_dir()).map_err(|e| match e {
+    // Kernel log records: in debug builds, or when asked for.
+    let kernel_log =
+        cfg!(debug_assertions) || std::env::var_os("LIMITER_KERNEL_LOG").is_some_and(|v| v == "1");
+    let dp = Datapath::load_pinned(capacities, &pins.maps_dir(), kernel_log).map_err(|e| match e {
         DatapathError::Load(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap { name, property, expected, actual })) => anyhow!(
             "the maps pinned under {} were made with another [capacity] ({name}: {property} {actual}, this config needs {expected}). \
              Set [capacity] back, or run `limiter-agent detach` to start afresh (this drops per-source state)",
@@ -102,6 +105,17 @@ pub async fn run(options: RunOptions) -> Result<()> {
         );
     }
     let events = service.datapath_mut().take_events()?;
+    let kernel_logger = if kernel_log {
+        match service.datapath_mut().kernel_logger() {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!("kernel log records unavailable: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let (detach_tx, mut detach_rx) = watch::channel(false);
     let shared = Shared {
         service: Arc::new(Mutex::new(service)),
@@ -140,6 +154,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         ))
     });
     let events_task = tokio::spawn(consume_events(events, shared.clone(), stop_rx.clone()));
+    let log_task =
+        kernel_logger.map(|logger| tokio::spawn(forward_kernel_logs(logger, stop_rx.clone())));
     let expiry = tokio::spawn(expire_penalties(shared.clone(), stop_rx.clone()));
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -171,6 +187,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         let _ = task.await;
     }
     let _ = events_task.await;
+    if let Some(task) = log_task {
+        let _ = task.await;
+    }
     let _ = expiry.await;
     let _ = std::fs::remove_file(&agent.control_socket);
     if detach {
@@ -251,6 +270,33 @@ async fn consume_events(
                         .unwrap_or_else(|| format!("#{}", event.rule_id));
                     tracing::info!(rule, source = key.source(), "source went over budget");
                 }
+            }
+        }
+    }
+}
+
+/// Kernel log records (aya-log) into the agent's log.
+async fn forward_kernel_logs(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    mut stop: watch::Receiver<bool>,
+) {
+    // SAFETY: the logger owns its ring buffer fd for its whole life and
+    // always reports that same fd.
+    let mut logger =
+        match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!("watching kernel log records: {e}");
+                return;
+            }
+        };
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            guard = logger.readable_mut() => {
+                let Ok(mut guard) = guard else { return };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
             }
         }
     }

@@ -81,17 +81,30 @@ impl Datapath {
     /// Loads the object with `capacities` and runs both programs through the
     /// verifier. Maps are private to this instance.
     pub fn load(capacities: Capacities) -> Result<Self> {
-        Self::load_with(capacities, None)
+        Self::load_with(capacities, None, false)
     }
 
     /// Like [`Datapath::load`], but maps are pinned in `maps_dir`: existing
     /// pins are reused (with their content), missing ones are created.
-    pub fn load_pinned(capacities: Capacities, maps_dir: &std::path::Path) -> Result<Self> {
-        Self::load_with(capacities, Some(maps_dir))
+    /// With `kernel_log`, the programs' log records (rare events only) are
+    /// produced; read them with [`Datapath::kernel_logger`].
+    pub fn load_pinned(
+        capacities: Capacities,
+        maps_dir: &std::path::Path,
+        kernel_log: bool,
+    ) -> Result<Self> {
+        Self::load_with(capacities, Some(maps_dir), kernel_log)
     }
 
-    fn load_with(capacities: Capacities, maps_dir: Option<&std::path::Path>) -> Result<Self> {
+    fn load_with(
+        capacities: Capacities,
+        maps_dir: Option<&std::path::Path>,
+        kernel_log: bool,
+    ) -> Result<Self> {
         let mut loader = EbpfLoader::new();
+        // aya-log's level gate in the programs: 0 turns every record off.
+        let level: u8 = if kernel_log { 0xff } else { 0 };
+        loader.override_global("AYA_LOG_LEVEL", &level, true);
         if let Some(dir) = maps_dir {
             for name in map_names::ALL {
                 loader.map_pin_path(name, dir.join(name));
@@ -401,6 +414,14 @@ impl Datapath {
         let name = map_names::SHARED_BUCKETS;
         let map: Array<_, Bucket> = self.map(name)?.try_into().map_err(map_err(name))?;
         map.get(&rule_id, 0).map_err(map_err(name))
+    }
+
+    /// Reads the programs' log records into the `log` crate (and so into
+    /// `tracing`). Call `flush` when its fd is readable.
+    pub fn kernel_logger(
+        &mut self,
+    ) -> std::result::Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
     }
 
     /// Takes the over-budget event ring buffer (once).

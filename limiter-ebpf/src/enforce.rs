@@ -64,6 +64,13 @@ pub fn decide<P: Packet>(pkt: &P) -> Decision {
         }
         Parsed::Drop(reason) => {
             count_reason(reason);
+            // Rare, and off unless the agent enables kernel logs (then the
+            // cost is one record on this drop path only).
+            aya_log_ebpf::info!(
+                pkt.ctx(),
+                "dropped malformed packet, reason {}",
+                reason as u32
+            );
             return Decision::Drop;
         }
     };
@@ -78,7 +85,7 @@ pub fn decide<P: Packet>(pkt: &P) -> Decision {
         Some(Action::Allow) => (verdict::PASSED, Decision::Pass),
         Some(Action::Deny) => (verdict::DROPPED, Decision::Drop),
         Some(action) => {
-            if charge(rule, &ip, wire_len) {
+            if charge(pkt, rule, &ip, wire_len) {
                 (verdict::PASSED, Decision::Pass)
             } else {
                 over_budget(rule, action, ip)
@@ -194,10 +201,15 @@ fn bucket_for(rule: &Rule, ip: &IpPacket, now_ns: u64) -> Option<(*mut Bucket, S
 /// open (admits) when no bucket can be had: a full map must not black-hole
 /// traffic.
 #[inline(always)]
-fn charge(rule: &Rule, ip: &IpPacket, wire_len: u32) -> bool {
+fn charge<P: Packet>(pkt: &P, rule: &Rule, ip: &IpPacket, wire_len: u32) -> bool {
     // SAFETY: a plain helper call without arguments.
     let now_ns = unsafe { bpf_ktime_get_ns() };
     let Some((bucket, key)) = bucket_for(rule, ip, now_ns) else {
+        aya_log_ebpf::warn!(
+            pkt.ctx(),
+            "no bucket for rule {}: passed (fail open)",
+            rule.id
+        );
         return true;
     };
     // SAFETY: `bucket` points into a map value that stays valid for the

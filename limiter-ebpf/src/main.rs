@@ -37,6 +37,11 @@ use crate::{
 struct Xdp<'a>(&'a XdpContext);
 
 impl Packet for Xdp<'_> {
+    type Ctx = XdpContext;
+    #[inline(always)]
+    fn ctx(&self) -> &XdpContext {
+        self.0
+    }
     #[inline(always)]
     fn data(&self) -> usize {
         self.0.data()
@@ -54,6 +59,11 @@ impl Packet for Xdp<'_> {
 struct Tc<'a>(&'a TcContext);
 
 impl Packet for Tc<'_> {
+    type Ctx = TcContext;
+    #[inline(always)]
+    fn ctx(&self) -> &TcContext {
+        self.0
+    }
     #[inline(always)]
     fn data(&self) -> usize {
         self.0.data()
@@ -88,6 +98,7 @@ pub fn limiter_xdp(ctx: XdpContext) -> u32 {
         Decision::Mark { ip, dscp, .. } => {
             if xdp_mark(&pkt, &ip, dscp).is_none() {
                 count_reason(Reason::MarkFailed);
+                aya_log_ebpf::warn!(&ctx, "mark rewrite failed (IP header at {})", ip.l3);
             }
             xdp_action::XDP_PASS
         }
@@ -135,6 +146,7 @@ pub fn limiter_tc(ctx: TcContext) -> i32 {
             }
             if tc_mark(&ctx, &ip, dscp).is_none() {
                 count_reason(Reason::MarkFailed);
+                aya_log_ebpf::warn!(&ctx, "mark rewrite failed (IP header at {})", ip.l3);
             }
             TC_ACT_OK
         }

@@ -8,6 +8,9 @@ use limiter_common::{Reason, family};
 
 /// Packet memory as both program types see it.
 pub trait Packet {
+    /// The program's context, for kernel log records.
+    type Ctx: aya_ebpf::EbpfContext;
+    fn ctx(&self) -> &Self::Ctx;
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Length charged to byte budgets: the L2 frame without FCS.

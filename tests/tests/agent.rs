@@ -392,3 +392,29 @@ fn the_cli_reports_bad_input_and_an_absent_agent_with_distinct_exit_codes() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"));
 }
+
+#[test]
+fn kernel_log_records_reach_the_agent_log() {
+    // The test binary is a debug build, where kernel log records are on.
+    let env = env_with(RULES);
+    let mut bad = Frame::v4(Ipv4Addr::new(198, 18, 1, 1), L4::Udp).build();
+    bad[14] = 0x44; // IHL 4: malformed
+    env.pair
+        .source
+        .run(|| {
+            let sock = limiter_tests::traffic::PacketSocket::open(&env.pair.src_if)?;
+            sock.send(&bad)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env.logs().contains("dropped malformed packet") {
+        assert!(
+            Instant::now() < deadline,
+            "no kernel record in the log:\n{}",
+            env.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = env.cli_json(&["status"]);
+    assert_eq!(status["reasons"]["malformed_ipv4"], 1, "{status}");
+}

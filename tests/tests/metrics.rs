@@ -158,7 +158,8 @@ fn a_scrape_passes_promtool_and_equals_the_kernel_counters() {
     );
     // Every metric the Grafana dashboard uses is exported.
     let dashboard = include_str!("../../docs/grafana/limiter-dashboard.json");
-    let json: serde_json::Value = serde_json::from_str(dashboard).unwrap_or_else(|e| panic!("dashboard JSON: {e}"));
+    let json: serde_json::Value =
+        serde_json::from_str(dashboard).unwrap_or_else(|e| panic!("dashboard JSON: {e}"));
     let exprs: Vec<String> = json["panels"]
         .as_array()
         .into_iter()
@@ -170,7 +171,10 @@ fn a_scrape_passes_promtool_and_equals_the_kernel_counters() {
     for expr in &exprs {
         for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
             if word.starts_with("limiter_") {
-                assert!(text.contains(&format!("# TYPE {word} ")), "dashboard uses {word}, not exported");
+                assert!(
+                    text.contains(&format!("# TYPE {word} ")),
+                    "dashboard uses {word}, not exported"
+                );
             }
         }
     }
