@@ -418,3 +418,32 @@ fn kernel_log_records_reach_the_agent_log() {
     let status = env.cli_json(&["status"]);
     assert_eq!(status["reasons"]["malformed_ipv4"], 1, "{status}");
 }
+
+#[test]
+fn top_watch_refreshes_like_top() {
+    let env = env_with(RULES);
+    blast(&env, 200, 0.5);
+    let mut child = Command::new(agent_binary())
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["top", "--watch", "--limit", "5"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(2_500));
+    // Our own child: end it and read what it drew.
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let frames = text.matches("\x1b[2J").count();
+    assert!(frames >= 2, "{frames} screens drawn: {text:?}");
+    let last = text.rsplit("\x1b[2J").next().unwrap_or_default();
+    assert!(
+        last.contains("clients") && last.contains("198.18.1."),
+        "{last}"
+    );
+    assert!(
+        last.lines().filter(|l| l.starts_with("clients")).count() <= 5,
+        "{last}"
+    );
+}
