@@ -255,25 +255,13 @@ impl Datapath {
         match prefix.addr() {
             IpAddr::V4(addr) => {
                 let name = map_names::PREFIXES_V4;
-                let mut trie: LpmTrie<_, [u8; 5], u32> =
-                    self.map_mut(name)?.try_into().map_err(map_err(name))?;
-                let key = Key::new(bits, gen_key(generation, &addr.octets()));
-                match slot {
-                    Some(slot) => trie.insert(&key, &slot, 0),
-                    None => trie.remove(&key),
-                }
-                .map_err(map_err(name))
+                let key = Key::new(bits, gen_key::<5, 4>(generation, &addr.octets()));
+                trie_op(self.map_mut(name)?, name, &key, slot)
             }
             IpAddr::V6(addr) => {
                 let name = map_names::PREFIXES_V6;
-                let mut trie: LpmTrie<_, [u8; 17], u32> =
-                    self.map_mut(name)?.try_into().map_err(map_err(name))?;
-                let key = Key::new(bits, gen_key(generation, &addr.octets()));
-                match slot {
-                    Some(slot) => trie.insert(&key, &slot, 0),
-                    None => trie.remove(&key),
-                }
-                .map_err(map_err(name))
+                let key = Key::new(bits, gen_key::<17, 16>(generation, &addr.octets()));
+                trie_op(self.map_mut(name)?, name, &key, slot)
             }
         }
     }
@@ -281,34 +269,17 @@ impl Datapath {
     /// Removes every prefix of `generation` from both tries.
     pub fn clear_generation(&mut self, generation: u32) -> Result<usize> {
         let generation = (generation % GENERATIONS) as u8;
-        let mut removed = 0;
-        {
-            let name = map_names::PREFIXES_V4;
-            let mut trie: LpmTrie<_, [u8; 5], u32> =
-                self.map_mut(name)?.try_into().map_err(map_err(name))?;
-            let keys: Vec<_> = trie
-                .keys()
-                .filter_map(std::result::Result::ok)
-                .filter(|k| k.data()[0] == generation)
-                .collect();
-            for key in keys {
-                trie.remove(&key).map_err(map_err(name))?;
-                removed += 1;
-            }
-        }
-        let name = map_names::PREFIXES_V6;
-        let mut trie: LpmTrie<_, [u8; 17], u32> =
-            self.map_mut(name)?.try_into().map_err(map_err(name))?;
-        let keys: Vec<_> = trie
-            .keys()
-            .filter_map(std::result::Result::ok)
-            .filter(|k| k.data()[0] == generation)
-            .collect();
-        for key in keys {
-            trie.remove(&key).map_err(map_err(name))?;
-            removed += 1;
-        }
-        Ok(removed)
+        let v4 = clear_trie::<5>(
+            self.map_mut(map_names::PREFIXES_V4)?,
+            map_names::PREFIXES_V4,
+            generation,
+        )?;
+        let v6 = clear_trie::<17>(
+            self.map_mut(map_names::PREFIXES_V6)?,
+            map_names::PREFIXES_V6,
+            generation,
+        )?;
+        Ok(v4 + v6)
     }
 
     /// Zeroes a rule id's counters and shared bucket, before the id is given
@@ -433,6 +404,39 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap { name })?;
         RingBuf::try_from(map).map_err(map_err(name))
     }
+}
+
+/// Inserts (`Some(slot)`) or removes (`None`) one prefix-trie key.
+fn trie_op<const N: usize>(
+    map: &mut aya::maps::Map,
+    name: &'static str,
+    key: &Key<[u8; N]>,
+    slot: Option<u32>,
+) -> Result<()> {
+    let mut trie: LpmTrie<_, [u8; N], u32> = map.try_into().map_err(map_err(name))?;
+    match slot {
+        Some(slot) => trie.insert(key, &slot, 0),
+        None => trie.remove(key),
+    }
+    .map_err(map_err(name))
+}
+
+/// Removes every key of `generation` from a prefix trie with `N`-byte keys.
+fn clear_trie<const N: usize>(
+    map: &mut aya::maps::Map,
+    name: &'static str,
+    generation: u8,
+) -> Result<usize> {
+    let mut trie: LpmTrie<_, [u8; N], u32> = map.try_into().map_err(map_err(name))?;
+    let keys: Vec<_> = trie
+        .keys()
+        .filter_map(std::result::Result::ok)
+        .filter(|k| k.data()[0] == generation)
+        .collect();
+    for key in &keys {
+        trie.remove(key).map_err(map_err(name))?;
+    }
+    Ok(keys.len())
 }
 
 /// A prefix-trie key: the generation byte, then the address.
