@@ -2,3 +2,8 @@
 
 /// The BPF object built from limiter-ebpf by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/limiter"));
+
+/// Programs for the benchmarks only (a live-frames traffic generator and
+/// reference programs); never loaded by the agent.
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/limiter-bench-progs"));

@@ -318,8 +318,38 @@ pub struct OverBudgetEvent {
 
 const _: () = assert!(size_of::<OverBudgetEvent>() == 48);
 
+/// Benchmark-only programs (`limiter-bench-progs`): never loaded by the
+/// agent.
+pub mod bench {
+    /// Length of the frames the live-frames generator writes.
+    pub const FRAME_LEN: usize = 64;
+    pub const GENERATOR: &str = "bench_generator";
+    pub const REFERENCE_DROP: &str = "reference_drop";
+    pub const CONFIG_MAP: &str = "GEN_CONFIG";
+
+    /// How the generator builds each frame.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct GeneratorConfig {
+        /// The frame, with the first source address in it.
+        pub frame: [u8; FRAME_LEN],
+        /// Where frames are redirected (the sending veth).
+        pub ifindex: u32,
+        /// Sources cycled through: the first source plus 0..sources-1 in
+        /// the address's last 32 bits.
+        pub sources: u32,
+        /// A `family` tag.
+        pub family: u32,
+        pub _pad: u32,
+    }
+
+    const _: () = assert!(core::mem::size_of::<GeneratorConfig>() == FRAME_LEN + 16);
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: repr(C) integers and bytes with explicit padding.
+    unsafe impl aya::Pod for super::bench::GeneratorConfig {}
     // SAFETY: all of these are repr(C), Copy, made of integers, with explicit
     // padding, so every bit pattern is valid and there are no holes.
     unsafe impl aya::Pod for super::Rule {}

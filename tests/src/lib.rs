@@ -2,6 +2,7 @@
 //! BPF_PROG_TEST_RUN, network namespaces and raw traffic.
 pub mod agent;
 pub mod frame;
+pub mod gateway;
 pub mod harness;
 pub mod netns;
 pub mod traffic;

@@ -28,6 +28,8 @@ enum Suite {
     Packet,
     /// Latency of budget changes through the agent's API and CLI
     Control,
+    /// Gateway CPU per packet against nftables and iptables
+    Gateway,
     All,
 }
 
@@ -183,6 +185,7 @@ fn median_min_max(samples: &[f64]) -> (f64, f64, f64) {
 }
 
 mod control;
+mod gateway;
 
 fn main() -> Result<()> {
     let mut args = Args::parse();
@@ -192,6 +195,14 @@ fn main() -> Result<()> {
         args.many_rules = 1_000;
         args.many_sources = 10_000;
         args.changes = 20;
+    }
+    if args.suite == Suite::Gateway {
+        let (reps, count) = if args.smoke {
+            (1, 100_000)
+        } else {
+            (5, 2_000_000)
+        };
+        return gateway::suite(reps, count);
     }
     if args.suite != Suite::Control {
         packet_suite(&args)?;
