@@ -269,41 +269,68 @@ impl Gateway {
         f
     }
 
-    /// Sends `count` frames from `sources` sources (IPv4 or IPv6) into the
-    /// gateway, generated in the kernel (live frames), from this thread's
-    /// CPU. Returns when they are all handed to the veth.
-    pub fn send(&mut self, count: u32, sources: u32, v6: bool) -> Result<()> {
-        let src_if = self.src_if.clone();
+    /// Sets what the generator sends: `sources` sources, IPv4 or IPv6.
+    pub fn configure(&mut self, sources: u32, v6: bool) -> Result<()> {
         let frame = self.frame(v6);
-        let source_ns = self.source.name.clone();
-        let progs = &mut self.bench_progs;
-        limiter_agent::netns::run_in(Some(&source_ns), move || {
-            let config = GeneratorConfig {
-                frame,
-                ifindex: if_index(&src_if)?,
-                sources: sources.max(1),
-                family: if v6 { family::IPV6 } else { family::IPV4 },
-                _pad: 0,
-            };
-            let mut map: Array<_, GeneratorConfig> = progs
-                .map_mut(CONFIG_MAP)
-                .context("GEN_CONFIG")?
-                .try_into()?;
-            map.set(0, &config, 0)?;
-            let prog: &mut Xdp = progs
-                .program_mut(GENERATOR)
-                .context("generator")?
-                .try_into()?;
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(&frame);
-            opts.repeat = count;
-            opts.attrs = TestRunAttrs::new().xdp_live_frames(64);
-            let result = prog.test_run(opts).context("live-frames test run")?;
-            if result.return_value != 0 && result.return_value != 4 {
-                bail!("generator returned {}", result.return_value);
-            }
-            Ok(())
-        })
+        let config = GeneratorConfig {
+            frame,
+            ifindex: self.src_ifindex()?,
+            sources: sources.max(1),
+            family: if v6 { family::IPV6 } else { family::IPV4 },
+            _pad: 0,
+        };
+        let mut map: Array<_, GeneratorConfig> = self
+            .bench_progs
+            .map_mut(CONFIG_MAP)
+            .context("GEN_CONFIG")?
+            .try_into()?;
+        map.set(0, &config, 0)?;
+        Ok(())
+    }
+
+    fn src_ifindex(&self) -> Result<u32> {
+        let dev = self.src_if.clone();
+        limiter_agent::netns::run_in(Some(&self.source.name), move || if_index(&dev))
+    }
+
+    /// Sends `count` frames as configured, generated in the kernel (live
+    /// frames) on this thread's CPU. The calling thread must be in the
+    /// source namespace (see [`Gateway::send`], or `enter_source`).
+    pub fn fire(&self, count: u32) -> Result<()> {
+        let prog: &Xdp = self
+            .bench_progs
+            .program(GENERATOR)
+            .context("generator")?
+            .try_into()?;
+        // Any 64 bytes: the generator writes the whole frame.
+        let data = [0u8; FRAME_LEN];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&data);
+        opts.repeat = count;
+        opts.attrs = TestRunAttrs::new().xdp_live_frames(64);
+        let result = prog.test_run(opts).context("live-frames test run")?;
+        if result.return_value != 0 && result.return_value != 4 {
+            bail!("generator returned {}", result.return_value);
+        }
+        Ok(())
+    }
+
+    /// Moves the calling thread into the source namespace, for [`fire`].
+    pub fn enter_source(&self) -> Result<()> {
+        let path = format!("/var/run/netns/{}", self.source.name);
+        let file = std::fs::File::open(&path)?;
+        // SAFETY: setns on a valid namespace fd; moves only this thread.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Configures and sends `count` frames from `sources` sources.
+    pub fn send(&mut self, count: u32, sources: u32, v6: bool) -> Result<()> {
+        self.configure(sources, v6)?;
+        let this = &*self;
+        limiter_agent::netns::run_in(Some(&this.source.name), || this.fire(count))
     }
 
     /// The gateway receive thread's PID (it is re-created when XDP is

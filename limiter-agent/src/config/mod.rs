@@ -464,6 +464,7 @@ impl fmt::Display for RuleError {
 pub fn validate_rules(rules: &[RuleConfig], max_rules: u32) -> Result<Vec<RuleDef>, RuleError> {
     let mut out: Vec<RuleDef> = Vec::with_capacity(rules.len());
     let mut owners: HashMap<IpNet, String> = HashMap::new();
+    let mut names: std::collections::HashSet<String> = std::collections::HashSet::new();
     for (index, rule) in rules.iter().enumerate() {
         let fail = |error| RuleError {
             index,
@@ -471,7 +472,7 @@ pub fn validate_rules(rules: &[RuleConfig], max_rules: u32) -> Result<Vec<RuleDe
             error,
         };
         let def = rule.validate().map_err(fail)?;
-        if out.iter().any(|r| r.name == def.name) {
+        if !names.insert(def.name.clone()) {
             return Err(fail(field_err("name", "another rule has this name")));
         }
         for p in &def.prefixes {

@@ -104,9 +104,153 @@ pub fn suite(changes: usize) -> Result<()> {
         let (p50, p99, max) = percentiles(samples);
         println!("| {label} | {n} | {p50:.0} | {p99:.0} | {max:.0} |");
     }
+    let usage = resources(
+        &env,
+        &runtime,
+        &client,
+        if changes < 100 { 1.0 } else { 5.0 },
+    )?;
     env.cli_ok(&["detach"]);
     drop(env);
-    scrapes(if changes < 100 { 1_000 } else { 10_000 })
+    println!();
+    println!("Agent resources ({} s each)", usage.seconds);
+    println!();
+    println!("| load | changes/s achieved | RSS MiB | CPU % of one core |");
+    println!("|---|---|---|---|");
+    println!(
+        "| idle | 0 | {:.1} | {:.2} |",
+        usage.idle_rss_mib, usage.idle_cpu
+    );
+    println!(
+        "| changes at up to 100/s | {:.0} | {:.1} | {:.2} |",
+        usage.rate, usage.busy_rss_mib, usage.busy_cpu
+    );
+    scrapes(if changes < 100 { 1_000 } else { 10_000 })?;
+    scale(if changes < 100 { 2_000 } else { 100_000 })
+}
+
+struct Usage {
+    seconds: f64,
+    idle_rss_mib: f64,
+    idle_cpu: f64,
+    rate: f64,
+    busy_rss_mib: f64,
+    busy_cpu: f64,
+}
+
+/// (RSS in MiB, CPU seconds so far) of `pid`.
+fn rss_and_cpu(pid: u32) -> Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name: utime and stime are the 12th and 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // SAFETY: sysconf is always safe to call.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    Ok((rss_kib / 1024.0, ticks / hz))
+}
+
+/// RSS and CPU of the agent idle, then while changes are sent at up to
+/// 100 per second (sequentially, as an operator script would).
+fn resources(
+    env: &AgentEnv,
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    seconds: f64,
+) -> Result<Usage> {
+    let pid = env.pid().context("agent pid")?;
+    let (_, cpu0) = rss_and_cpu(pid)?;
+    std::thread::sleep(std::time::Duration::from_secs_f64(seconds));
+    let (idle_rss, cpu1) = rss_and_cpu(pid)?;
+    let started = Instant::now();
+    let mut done = 0u64;
+    runtime.block_on(async {
+        let mut next = Instant::now();
+        while started.elapsed().as_secs_f64() < seconds {
+            let patch = RulePatch {
+                packets: Some(format!("{}/s", 100 + done % 2 * 100)),
+                ..RulePatch::default()
+            };
+            let _: Applied = client
+                .call(Method::PATCH, "/v1/rules/clients", Some(&patch))
+                .await?;
+            done += 1;
+            next += std::time::Duration::from_millis(10);
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (busy_rss, cpu2) = rss_and_cpu(pid)?;
+    Ok(Usage {
+        seconds,
+        idle_rss_mib: idle_rss,
+        idle_cpu: (cpu1 - cpu0) / seconds * 100.0,
+        rate: done as f64 / elapsed,
+        busy_rss_mib: busy_rss,
+        busy_cpu: (cpu2 - cpu1) / elapsed * 100.0,
+    })
+}
+
+/// Load time and kernel memory with `rules` rules (half IPv4 /32, half
+/// IPv6 /64) through the agent's config file.
+fn scale(rules: usize) -> Result<()> {
+    let mut env = AgentEnv::new()?;
+    env.max_rules = rules as u32 + 16;
+    let mut text = String::with_capacity(rules * 100);
+    for i in 0..rules {
+        let prefix = if i % 2 == 0 {
+            let n = i / 2;
+            format!("198.18.{}.{}/32", (n >> 8) & 0xff, n & 0xff)
+        } else {
+            format!("2001:db8:ff:{:x}::/64", i / 2)
+        };
+        text.push_str(&format!(
+            "[[rule]]\nname = \"r{i}\"\nprefixes = [\"{prefix}\"]\naction = \"drop\"\npackets = \"100/s\"\n"
+        ));
+    }
+    env.write_config(&text)?;
+    let started = Instant::now();
+    env.start()?;
+    let load = started.elapsed().as_secs_f64();
+    let memory = map_memory(&env.pin_path)?;
+    env.cli_ok(&["detach"]);
+    println!();
+    println!("Scale: {rules} rules (half IPv4 /32, half IPv6 /64) from the config file");
+    println!();
+    println!("| agent start to serving | kernel memory of all maps (memlock) |");
+    println!("|---|---|");
+    println!("| {load:.1} s | {:.1} MiB |", memory as f64 / 1048576.0);
+    Ok(())
+}
+
+/// Sum of `memlock` of the maps pinned under `pins`.
+fn map_memory(pins: &std::path::Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(pins.join("maps"))?.filter_map(std::result::Result::ok) {
+        let data = aya::maps::MapData::from_pin(entry.path())?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(data.fd()));
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
 }
 
 /// Time of a `/metrics` scrape with `rules` rules, next to one with a

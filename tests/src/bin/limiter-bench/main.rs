@@ -30,6 +30,8 @@ enum Suite {
     Control,
     /// Gateway CPU per packet against nftables and iptables
     Gateway,
+    /// Admitted vs budget at 1.5x, 10x, 100x from both CPUs
+    Accuracy,
     All,
 }
 
@@ -184,6 +186,7 @@ fn median_min_max(samples: &[f64]) -> (f64, f64, f64) {
     (s[s.len() / 2], s[0], s[s.len() - 1])
 }
 
+mod accuracy;
 mod control;
 mod gateway;
 
@@ -196,19 +199,23 @@ fn main() -> Result<()> {
         args.many_sources = 10_000;
         args.changes = 20;
     }
-    if args.suite == Suite::Gateway {
+    let all = args.suite == Suite::All;
+    if all || args.suite == Suite::Packet {
+        packet_suite(&args)?;
+    }
+    if all || args.suite == Suite::Control {
+        control::suite(args.changes)?;
+    }
+    if all || args.suite == Suite::Gateway {
         let (reps, count) = if args.smoke {
             (1, 100_000)
         } else {
             (5, 2_000_000)
         };
-        return gateway::suite(reps, count);
+        gateway::suite(reps, count)?;
     }
-    if args.suite != Suite::Control {
-        packet_suite(&args)?;
-    }
-    if args.suite != Suite::Packet {
-        control::suite(args.changes)?;
+    if all || args.suite == Suite::Accuracy {
+        accuracy::suite(if args.smoke { 1.0 } else { 10.0 })?;
     }
     Ok(())
 }
