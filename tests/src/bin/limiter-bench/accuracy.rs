@@ -73,7 +73,7 @@ fn send_paced(gw: &Gateway, offered: u64, duration: Duration) -> Result<Duration
     Ok(started.elapsed())
 }
 
-pub fn suite(seconds: f64) -> Result<()> {
+pub fn suite(seconds: f64, out_dir: &std::path::Path) -> Result<()> {
     let duration = Duration::from_secs_f64(seconds);
     let frame_bytes = FRAME_LEN as u64;
     let mut cases = Vec::new();
@@ -129,17 +129,17 @@ pub fn suite(seconds: f64) -> Result<()> {
         })?;
     }
     let mut gw = gw;
-    println!();
-    println!(
-        "Accuracy: admitted vs rate x time + burst, {seconds} s per case, sent from both CPUs"
-    );
-    println!(
-        "load average: {}",
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Accuracy: admitted vs rate x time + burst, {seconds} s per case, sent from both CPUs\n"
+    ));
+    out.push_str(&format!(
+        "load average: {}\n\n",
         std::fs::read_to_string("/proc/loadavg")?.trim()
-    );
-    println!();
-    println!("| case | arrived/s (multiple) | admitted | expected | error |");
-    println!("|---|---|---|---|---|");
+    ));
+    out.push_str("| case | arrived/s (multiple) | admitted | expected | error |\n");
+    out.push_str("|---|---|---|---|---|\n");
+    let mut points = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         // A fresh rule id per case: fresh counters and buckets.
         let id = 2 + i as u32;
@@ -162,12 +162,29 @@ pub fn suite(seconds: f64) -> Result<()> {
         let arrived = seen as f64 / window.as_secs_f64();
         let budget_pps = case.rate as f64 / case.units as f64;
         let error = (admitted as f64 - expected) / expected * 100.0;
-        println!(
-            "| {} | {:.0} ({:.1}x budget) | {admitted} | {expected:.0} | {error:+.2}% |",
+        out.push_str(&format!(
+            "| {} | {:.0} ({:.1}x budget) | {admitted} | {expected:.0} | {error:+.2}% |\n",
             case.label,
             arrived,
             arrived / budget_pps
-        );
+        ));
+        // In multiples of the budget: admitted per second over the budget.
+        let admitted_rate =
+            (admitted as f64 - case.burst as f64) / window.as_secs_f64() / case.rate as f64;
+        points.push((case.label.clone(), arrived / budget_pps, admitted_rate));
     }
+    println!("\n{out}");
+    std::fs::create_dir_all(out_dir)?;
+    std::fs::write(out_dir.join("accuracy.md"), &out)?;
+    let named: Vec<(&str, f64, f64)> = points
+        .iter()
+        .map(|(l, x, y)| (l.as_str(), *x, *y))
+        .collect();
+    crate::plot::admitted_vs_offered(
+        &out_dir.join("accuracy.svg"),
+        "Admitted vs offered, in multiples of the budget",
+        &named,
+        1.0,
+    )?;
     Ok(())
 }

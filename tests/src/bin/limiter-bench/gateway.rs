@@ -192,7 +192,7 @@ fn median_min_max(samples: &[f64]) -> (f64, f64, f64) {
     (s[s.len() / 2], s[0], s[s.len() - 1])
 }
 
-pub fn suite(reps: usize, count: u32) -> Result<()> {
+pub fn suite(reps: usize, count: u32, out_dir: &std::path::Path) -> Result<()> {
     let gw = Gateway::create().context("gateway topology")?;
     let mut dp = Datapath::load(Capacities {
         max_rules: 16,
@@ -222,21 +222,20 @@ pub fn suite(reps: usize, count: u32) -> Result<()> {
                 .with_context(|| format!("removing {filter:?}"))?;
         }
     }
-    println!();
-    println!(
-        "Gateway receive-thread CPU, ns per packet: median (min-max) of {reps} runs x {count} packets"
-    );
-    println!(
-        "load average: {}",
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Gateway receive-thread CPU, ns per packet: median (min-max) of {reps} runs x {count} packets\n"
+    ));
+    out.push_str(&format!(
+        "load average: {}\n\n",
         std::fs::read_to_string("/proc/loadavg")?.trim()
-    );
-    println!();
+    ));
     let header: Vec<String> = cases
         .iter()
         .map(|(v6, s)| format!("{} {s} src", if *v6 { "IPv6" } else { "IPv4" }))
         .collect();
-    println!("| filter | {} |", header.join(" | "));
-    println!("|---|{}", "---|".repeat(cases.len()));
+    out.push_str(&format!("| filter | {} |\n", header.join(" | ")));
+    out.push_str(&format!("|---|{}\n", "---|".repeat(cases.len())));
     for (f, filter) in FILTERS.iter().enumerate() {
         let cells: Vec<String> = results[f]
             .iter()
@@ -245,19 +244,40 @@ pub fn suite(reps: usize, count: u32) -> Result<()> {
                 format!("{m:.0} ({lo:.0}-{hi:.0})")
             })
             .collect();
-        println!("| {} | {} |", filter.label(), cells.join(" | "));
+        out.push_str(&format!("| {} | {} |\n", filter.label(), cells.join(" | ")));
     }
     let med = |f: Filter, c: usize| {
-        median_min_max(&results[FILTERS.iter().position(|x| *x == f).unwrap_or(0)][c]).0
+        let i = FILTERS.iter().position(|x| *x == f).unwrap_or(0);
+        median_min_max(&results[i][c]).0
     };
-    println!();
+    out.push('\n');
     for (c, name) in header.iter().enumerate() {
-        println!(
-            "{name}: limiter drop / bare XDP_DROP = {:.2}x; nftables / limiter drop = {:.1}x; iptables / limiter drop = {:.1}x",
+        out.push_str(&format!(
+            "{name}: limiter drop / bare XDP_DROP = {:.2}x; nftables / limiter drop = {:.1}x; iptables / limiter drop = {:.1}x\n",
             med(Filter::LimiterDrop, c) / med(Filter::XdpDrop, c),
             med(Filter::Nftables, c) / med(Filter::LimiterDrop, c),
             med(Filter::Iptables, c) / med(Filter::LimiterDrop, c),
-        );
+        ));
     }
+    println!("\n{out}");
+    std::fs::create_dir_all(out_dir)?;
+    std::fs::write(out_dir.join("gateway.md"), &out)?;
+    let series: Vec<(&str, Vec<f64>)> = FILTERS
+        .iter()
+        .enumerate()
+        .map(|(f, filter)| {
+            (
+                filter.label(),
+                results[f].iter().map(|s| median_min_max(s).0).collect(),
+            )
+        })
+        .collect();
+    crate::plot::grouped_bars(
+        &out_dir.join("gateway.svg"),
+        "Gateway CPU per packet (median), by filter and sources",
+        "ns per packet",
+        &header,
+        &series,
+    )?;
     Ok(())
 }

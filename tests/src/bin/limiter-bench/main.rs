@@ -57,9 +57,14 @@ struct Args {
     /// Tracked sources in the "many sources" setup.
     #[arg(long, default_value_t = 1_000_000)]
     many_sources: u32,
-    /// A quick run that only proves the benchmark works (CI).
+    /// A quick run that only proves the benchmark works (CI); its tables
+    /// and plots go to a temporary directory.
     #[arg(long)]
     smoke: bool,
+    /// Where the gateway and accuracy suites write their tables (.md) and
+    /// plots (.svg).
+    #[arg(long, default_value = "docs/bench-results")]
+    out: std::path::PathBuf,
 }
 
 const SRC4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 7);
@@ -189,6 +194,7 @@ fn median_min_max(samples: &[f64]) -> (f64, f64, f64) {
 mod accuracy;
 mod control;
 mod gateway;
+mod plot;
 
 fn main() -> Result<()> {
     let mut args = Args::parse();
@@ -198,6 +204,7 @@ fn main() -> Result<()> {
         args.many_rules = 1_000;
         args.many_sources = 10_000;
         args.changes = 20;
+        args.out = std::env::temp_dir().join(format!("limiter-bench-smoke-{}", std::process::id()));
     }
     let all = args.suite == Suite::All;
     if all || args.suite == Suite::Packet {
@@ -212,10 +219,10 @@ fn main() -> Result<()> {
         } else {
             (5, 2_000_000)
         };
-        gateway::suite(reps, count)?;
+        gateway::suite(reps, count, &args.out)?;
     }
     if all || args.suite == Suite::Accuracy {
-        accuracy::suite(if args.smoke { 1.0 } else { 10.0 })?;
+        accuracy::suite(if args.smoke { 1.0 } else { 10.0 }, &args.out)?;
     }
     Ok(())
 }
