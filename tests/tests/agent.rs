@@ -69,6 +69,23 @@ fn assert_each(got: &HashMap<[u8; 16], u64>, expected: f64, tolerance: f64, what
     }
 }
 
+/// Whether the gateway veth has an XDP program attached (`ip -d link`).
+fn xdp_attached(env: &AgentEnv) -> bool {
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            &env.pair.gateway.name,
+            "-d",
+            "link",
+            "show",
+            "dev",
+            &env.pair.gw_if,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    String::from_utf8_lossy(&out.stdout).contains("xdp")
+}
+
 fn rule<'a>(rules: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     rules.as_array()?.iter().find(|r| r["name"] == name)
 }
@@ -263,6 +280,7 @@ fn detach_leaves_nothing_behind() {
     let xdp_id = status["programs"]["xdp"]
         .as_u64()
         .unwrap_or_else(|| panic!("{status}"));
+    assert!(xdp_attached(&env), "XDP attached before the detach");
     let out = env.cli_ok(&["detach"]);
     assert!(out.contains("detach"), "{out}");
     let exit = env
@@ -271,20 +289,7 @@ fn detach_leaves_nothing_behind() {
     assert!(exit.success(), "{exit}");
     assert!(!env.pin_path.exists(), "pins removed");
     assert!(!env.socket.exists(), "socket removed");
-    let link = Command::new("ip")
-        .args([
-            "-n",
-            &env.pair.gateway.name,
-            "-d",
-            "link",
-            "show",
-            "dev",
-            &env.pair.gw_if,
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let text = String::from_utf8_lossy(&link.stdout);
-    assert!(!text.contains("xdp"), "XDP still attached: {text}");
+    assert!(!xdp_attached(&env), "XDP still attached");
     let prog = Command::new("bpftool")
         .args(["prog", "show", "id", &xdp_id.to_string()])
         .output()
@@ -305,22 +310,7 @@ fn a_failing_interface_leaves_nothing_half_attached() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     let err = env.start().expect_err("must fail");
     assert!(format!("{err:#}").contains("nosuch0"), "{err:#}");
-    let link = Command::new("ip")
-        .args([
-            "-n",
-            &env.pair.gateway.name,
-            "-d",
-            "link",
-            "show",
-            "dev",
-            &env.pair.gw_if,
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
-        "first interface was detached again"
-    );
+    assert!(!xdp_attached(&env), "first interface was detached again");
     let links = std::fs::read_dir(env.pin_path.join("links"))
         .map(|d| d.count())
         .unwrap_or(0);
