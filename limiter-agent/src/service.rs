@@ -6,7 +6,7 @@
 //! A change that fails at any step leaves the previous state in force.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
@@ -127,6 +127,102 @@ fn compose(config: &Config, state: &State) -> Result<Vec<InForce>> {
         .collect())
 }
 
+/// One change of a batch (`POST /v1/batch`).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Change {
+    Add(RuleConfig),
+    Replace(RuleConfig),
+    Patch { name: String, patch: RulePatch },
+    Delete(String),
+}
+
+/// A rule by name as `state` (over the config) has it: the rule and where it
+/// comes from.
+fn lookup(
+    configured: &HashMap<&str, &RuleConfig>,
+    state: &State,
+    name: &str,
+) -> Option<(RuleConfig, Origin)> {
+    if let Some(p) = state.penalties.get(name) {
+        return Some((p.rule.clone(), Origin::Penalty));
+    }
+    match state.overrides.get(name) {
+        Some(Some(rule)) => Some((rule.clone(), Origin::Live)),
+        Some(None) => None,
+        None => configured.get(name).map(|r| ((*r).clone(), Origin::Config)),
+    }
+}
+
+/// Applies one change to a working `state` (checks that need the whole rule
+/// set are done by `commit`).
+fn stage(
+    configured: &HashMap<&str, &RuleConfig>,
+    state: &mut State,
+    change: &Change,
+) -> Result<()> {
+    let not_found = |name: &str| ServiceError::NotFound(format!("no rule named {name:?}"));
+    let validate = |rule: &RuleConfig| {
+        rule.validate()
+            .map_err(|e| ServiceError::Invalid(format!("rule {:?}: {e}", rule.name)))
+    };
+    match change {
+        Change::Add(rule) => {
+            if lookup(configured, state, &rule.name).is_some() {
+                return Err(ServiceError::Conflict(format!(
+                    "a rule named {:?} exists; change it instead",
+                    rule.name
+                )));
+            }
+            if rule.name.starts_with(PENALTY_PREFIX) {
+                return Err(ServiceError::Invalid(format!(
+                    "names starting with {PENALTY_PREFIX:?} are for penalties"
+                )));
+            }
+            validate(rule)?;
+            state
+                .overrides
+                .insert(rule.name.clone(), Some(rule.clone()));
+        }
+        Change::Replace(rule) => {
+            let (_, origin) =
+                lookup(configured, state, &rule.name).ok_or_else(|| not_found(&rule.name))?;
+            if origin == Origin::Penalty {
+                return Err(ServiceError::Invalid(
+                    "penalties are changed with `penalize`".into(),
+                ));
+            }
+            validate(rule)?;
+            state
+                .overrides
+                .insert(rule.name.clone(), Some(rule.clone()));
+        }
+        Change::Patch { name, patch } => {
+            let (mut rule, origin) =
+                lookup(configured, state, name).ok_or_else(|| not_found(name))?;
+            if origin == Origin::Penalty {
+                return Err(ServiceError::Invalid(
+                    "penalties are changed with `penalize`".into(),
+                ));
+            }
+            patch.apply_to(&mut rule);
+            validate(&rule)?;
+            state.overrides.insert(name.clone(), Some(rule));
+        }
+        Change::Delete(name) => {
+            let (_, origin) = lookup(configured, state, name).ok_or_else(|| not_found(name))?;
+            if origin == Origin::Penalty {
+                state.penalties.remove(name);
+            } else if configured.contains_key(name.as_str()) {
+                state.overrides.insert(name.clone(), None);
+            } else {
+                state.overrides.remove(name);
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Service {
     /// Puts `config` plus the live changes of `state` in force on a freshly
     /// loaded (or adopted) datapath.
@@ -233,22 +329,7 @@ impl Service {
     }
 
     pub fn add_rule(&mut self, rule: RuleConfig) -> Result<()> {
-        if self.in_force.iter().any(|r| r.def.name == rule.name) {
-            return Err(ServiceError::Conflict(format!(
-                "a rule named {:?} exists; change it instead",
-                rule.name
-            )));
-        }
-        if rule.name.starts_with(PENALTY_PREFIX) {
-            return Err(ServiceError::Invalid(format!(
-                "names starting with {PENALTY_PREFIX:?} are for penalties"
-            )));
-        }
-        rule.validate()
-            .map_err(|e| ServiceError::Invalid(format!("rule {:?}: {e}", rule.name)))?;
-        let (config, mut state) = self.current();
-        state.overrides.insert(rule.name.clone(), Some(rule));
-        self.commit(&config, state)
+        self.apply_batch(&[Change::Add(rule)]).map(|_| ())
     }
 
     pub fn replace_rule(&mut self, name: &str, rule: RuleConfig) -> Result<()> {
@@ -258,36 +339,43 @@ impl Service {
                 rule.name
             )));
         }
-        let existing = self.find(name)?;
-        if existing.origin == Origin::Penalty {
-            return Err(ServiceError::Invalid(
-                "penalties are changed with `penalize`".into(),
-            ));
-        }
-        rule.validate()
-            .map_err(|e| ServiceError::Invalid(format!("rule {name:?}: {e}")))?;
-        let (config, mut state) = self.current();
-        state.overrides.insert(name.to_owned(), Some(rule));
-        self.commit(&config, state)
+        self.apply_batch(&[Change::Replace(rule)]).map(|_| ())
     }
 
     pub fn patch_rule(&mut self, name: &str, patch: &RulePatch) -> Result<()> {
-        let mut rule = self.find(name)?.config.clone();
-        patch.apply_to(&mut rule);
-        self.replace_rule(name, rule)
+        self.apply_batch(&[Change::Patch {
+            name: name.to_owned(),
+            patch: patch.clone(),
+        }])
+        .map(|_| ())
     }
 
     pub fn delete_rule(&mut self, name: &str) -> Result<()> {
-        let existing = self.find(name)?;
+        self.apply_batch(&[Change::Delete(name.to_owned())])
+            .map(|_| ())
+    }
+
+    /// Applies `changes` in order as one change of the rule set: one
+    /// validation, one flip in the kernel, one save. If any change is
+    /// refused, none is applied.
+    pub fn apply_batch(&mut self, changes: &[Change]) -> Result<usize> {
         let (config, mut state) = self.current();
-        if existing.origin == Origin::Penalty {
-            state.penalties.remove(name);
-        } else if config.file.rules.iter().any(|r| r.name == name) {
-            state.overrides.insert(name.to_owned(), None);
-        } else {
-            state.overrides.remove(name);
+        let configured: HashMap<&str, &RuleConfig> = config
+            .file
+            .rules
+            .iter()
+            .map(|r| (r.name.as_str(), r))
+            .collect();
+        for (i, change) in changes.iter().enumerate() {
+            stage(&configured, &mut state, change).map_err(|e| match e {
+                ServiceError::Invalid(m) if changes.len() > 1 => {
+                    ServiceError::Invalid(format!("change {}: {m}", i + 1))
+                }
+                e => e,
+            })?;
         }
-        self.commit(&config, state)
+        self.commit(&config, state)?;
+        Ok(changes.len())
     }
 
     pub fn penalize(&mut self, request: &PenaltyRequest) -> Result<String> {

@@ -437,3 +437,60 @@ fn top_watch_refreshes_like_top() {
         "{last}"
     );
 }
+
+#[test]
+fn a_batch_applies_all_its_changes_or_none() {
+    use hyper::Method;
+    use limiter_agent::api::{client::Client, types::Applied};
+    let env = env_with(RULES);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = Client::new(&env.socket);
+    let call = |body: serde_json::Value| -> Result<Applied, String> {
+        runtime
+            .block_on(client.call(Method::POST, "/v1/batch", Some(&body)))
+            .map_err(|e| e.to_string())
+    };
+    // The third change is invalid: nothing of the batch may be applied.
+    let refused = call(serde_json::json!([
+        {"add": {"name": "a", "prefixes": ["198.18.7.0/24"], "action": "deny"}},
+        {"patch": {"name": "clients", "patch": {"packets": "99/s"}}},
+        {"add": {"name": "b", "prefixes": ["198.18.8.0/24"], "action": "drop"}},
+    ]))
+    .expect_err("must be refused");
+    assert!(
+        refused.contains("change 3") && refused.contains("needs a budget"),
+        "{refused}"
+    );
+    let rules = env.cli_json(&["rules", "list"]);
+    assert!(rule(&rules, "a").is_none(), "{rules}");
+    assert_eq!(
+        rule(&rules, "clients").map(|r| r["rule"]["packets"].clone()),
+        Some("40/s".into())
+    );
+    // A valid batch: all at once, one generation step.
+    let before = env.cli_json(&["status"])["config_generation"]
+        .as_u64()
+        .unwrap_or(0);
+    call(serde_json::json!([
+        {"add": {"name": "a", "prefixes": ["198.18.7.0/24"], "action": "deny"}},
+        {"patch": {"name": "clients", "patch": {"packets": "99/s"}}},
+        {"delete": "default"},
+    ]))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let rules = env.cli_json(&["rules", "list"]);
+    assert!(
+        rule(&rules, "a").is_some() && rule(&rules, "default").is_none(),
+        "{rules}"
+    );
+    assert_eq!(
+        rule(&rules, "clients").map(|r| r["rule"]["packets"].clone()),
+        Some("99/s".into())
+    );
+    let after = env.cli_json(&["status"])["config_generation"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(after, before + 1, "one flip for the whole batch");
+}

@@ -23,11 +23,13 @@ use super::types::{Applied, ErrorBody, Offender, PenaltyRequest, RulePatch};
 use crate::{
     config::RuleConfig,
     events::Offenders,
-    service::{Service, ServiceError},
+    service::{Change, Service, ServiceError},
 };
 
 /// Requests larger than this are refused (a rule is a few hundred bytes).
-const MAX_BODY: usize = 64 * 1024;
+const MAX_BODY: usize = 4 * 1024 * 1024;
+/// Changes in one `POST /v1/batch`.
+const MAX_BATCH: usize = 10_000;
 
 #[derive(Clone)]
 pub struct Shared {
@@ -94,6 +96,7 @@ pub fn router(shared: Shared) -> Router {
                 .patch(patch_rule)
                 .delete(delete_rule),
         )
+        .route("/v1/batch", post(batch))
         .route("/v1/penalties", post(penalize))
         .route("/v1/sources/{address}", get(inspect))
         .route("/v1/top", get(top))
@@ -161,6 +164,24 @@ async fn delete_rule(
     with_service(&s, move |svc| {
         svc.delete_rule(&name)?;
         Ok(applied(svc, format!("rule {name:?} deleted")))
+    })
+    .await
+    .map(Json)
+}
+
+async fn batch(State(s): State<Shared>, Json(changes): Json<Vec<Change>>) -> ApiResult<Applied> {
+    if changes.len() > MAX_BATCH {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} changes in one batch; at most {MAX_BATCH}",
+                changes.len()
+            ),
+        ));
+    }
+    with_service(&s, move |svc| {
+        let n = svc.apply_batch(&changes)?;
+        Ok(applied(svc, format!("{n} changes applied together")))
     })
     .await
     .map(Json)

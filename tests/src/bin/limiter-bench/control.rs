@@ -110,6 +110,7 @@ pub fn suite(changes: usize) -> Result<()> {
         &client,
         if changes < 100 { 1.0 } else { 5.0 },
     )?;
+    let batch = batch_rate(&runtime, &client, if changes < 100 { 100 } else { 5_000 })?;
     env.cli_ok(&["detach"]);
     drop(env);
     println!();
@@ -125,8 +126,44 @@ pub fn suite(changes: usize) -> Result<()> {
         "| changes at up to 100/s | {:.0} | {:.1} | {:.2} |",
         usage.rate, usage.busy_rss_mib, usage.busy_cpu
     );
+    println!();
+    println!("Batch changes (POST /v1/batch: one validation, one flip, one save)");
+    println!();
+    println!("| batch | rules | time ms | rules per second |");
+    println!("|---|---|---|---|");
+    for (what, n, ms) in batch {
+        println!("| {what} | {n} | {ms:.0} | {:.0} |", n as f64 / (ms / 1e3));
+    }
     scrapes(if changes < 100 { 1_000 } else { 10_000 })?;
     scale(if changes < 100 { 2_000 } else { 100_000 })
+}
+
+/// Adds `n` rules in one batch, then changes all of them in one batch.
+fn batch_rate(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    n: usize,
+) -> Result<Vec<(&'static str, usize, f64)>> {
+    let adds: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            serde_json::json!({"add": {
+                "name": format!("b{i}"),
+                "prefixes": [format!("198.19.{}.{}/32", i / 256, i % 256)],
+                "action": "drop",
+                "packets": "100/s",
+            }})
+        })
+        .collect();
+    let patches: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"patch": {"name": format!("b{i}"), "patch": {"packets": "200/s"}}}))
+        .collect();
+    let mut out = Vec::new();
+    for (what, body) in [("add", adds), ("change budgets", patches)] {
+        let started = Instant::now();
+        let _: Applied = runtime.block_on(client.call(Method::POST, "/v1/batch", Some(&body)))?;
+        out.push((what, n, started.elapsed().as_secs_f64() * 1e3));
+    }
+    Ok(out)
 }
 
 struct Usage {
