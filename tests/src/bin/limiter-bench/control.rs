@@ -31,6 +31,8 @@ fn percentiles(mut samples: Vec<f64>) -> (f64, f64, f64) {
 
 pub fn suite(changes: usize) -> Result<()> {
     let mut env = AgentEnv::new()?;
+    // Room for the batch measurement's rules.
+    env.max_rules = 8_192;
     env.write_config(RULES)?;
     env.start()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
