@@ -11,7 +11,8 @@ use crate::cmd;
 /// iproute2, ethtool, nftables, iptables: the tests and the demo set up
 /// namespaces, veths and competing filters with them; bpftool: tests check
 /// what is loaded; prometheus: the end-to-end metrics test scrapes the agent
-/// with a real Prometheus server, and promtool checks the exposition.
+/// with a real Prometheus server, and promtool checks the exposition;
+/// procps: sysctl, for the gateway benchmark's forwarding settings.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -20,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "bpftool",
     "prometheus",
+    "procps",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
