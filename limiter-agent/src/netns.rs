@@ -2,9 +2,25 @@
 
 use std::{fs::File, os::fd::AsRawFd as _};
 
-/// Runs `f` in the network namespace `name` (`/var/run/netns/<name>`), or
-/// right here with `None`. setns only moves the calling thread, so `f` runs
-/// on a thread of its own and the caller's namespace never changes.
+/// Moves the calling thread into the network namespace `name`
+/// (`/var/run/netns/<name>`); the rest of the process stays where it is.
+pub fn enter(name: &str) -> anyhow::Result<()> {
+    let path = format!("/var/run/netns/{name}");
+    let file = File::open(&path)
+        .map_err(|e| anyhow::anyhow!("network namespace {name:?} ({path}): {e}"))?;
+    // SAFETY: setns on a valid namespace fd; only this thread moves.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        anyhow::bail!(
+            "entering network namespace {name:?}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f` in the network namespace `name`, or right here with `None`.
+/// setns only moves the calling thread, so `f` runs on a thread of its own
+/// and the caller's namespace never changes.
 pub fn run_in<T: Send>(
     name: Option<&str>,
     f: impl FnOnce() -> anyhow::Result<T> + Send,
@@ -12,19 +28,10 @@ pub fn run_in<T: Send>(
     let Some(name) = name else {
         return f();
     };
-    let path = format!("/var/run/netns/{name}");
-    let file = File::open(&path)
-        .map_err(|e| anyhow::anyhow!("network namespace {name:?} ({path}): {e}"))?;
     std::thread::scope(|scope| {
         scope
             .spawn(move || {
-                // SAFETY: setns on a valid namespace fd; only this thread moves.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    anyhow::bail!(
-                        "entering network namespace {name:?}: {}",
-                        std::io::Error::last_os_error()
-                    );
-                }
+                enter(name)?;
                 f()
             })
             .join()

@@ -18,7 +18,7 @@ use limiter_common::{
 };
 
 use crate::{
-    netns::{Namespace, ip, unique_tag},
+    netns::{Namespace, unique_tag, veth},
     traffic::if_index,
 };
 
@@ -68,34 +68,8 @@ impl Gateway {
             format!("bo{tag}"),
             format!("bk{tag}"),
         );
-        ip(&[
-            "link",
-            "add",
-            &src_if,
-            "netns",
-            &source.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &gw_in,
-            "netns",
-            &gateway.name,
-        ])?;
-        ip(&[
-            "link",
-            "add",
-            &gw_out,
-            "netns",
-            &gateway.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &sink_if,
-            "netns",
-            &sink.name,
-        ])?;
+        veth((&source, &src_if), (&gateway, &gw_in))?;
+        veth((&gateway, &gw_out), (&sink, &sink_if))?;
         gateway.exec(&["ip", "addr", "add", "198.18.0.1/24", "dev", &gw_in])?;
         gateway.exec(&["ip", "addr", "add", "198.19.200.2/24", "dev", &gw_out])?;
         gateway.exec(&[
@@ -317,13 +291,7 @@ impl Gateway {
 
     /// Moves the calling thread into the source namespace, for [`fire`].
     pub fn enter_source(&self) -> Result<()> {
-        let path = format!("/var/run/netns/{}", self.source.name);
-        let file = std::fs::File::open(&path)?;
-        // SAFETY: setns on a valid namespace fd; moves only this thread.
-        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {path}: {}", std::io::Error::last_os_error());
-        }
-        Ok(())
+        limiter_agent::netns::enter(&self.source.name)
     }
 
     /// Configures and sends `count` frames from `sources` sources.

@@ -5,8 +5,6 @@
 //! 2001:db8::/32 only.
 
 use std::{
-    fs::File,
-    os::fd::AsRawFd as _,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -56,21 +54,7 @@ impl Namespace {
     /// Runs `f` on a thread that has joined this namespace (setns only
     /// affects the calling thread; the test's own thread stays where it is).
     pub fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    // SAFETY: setns on a valid namespace fd; only this thread moves.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    if rc != 0 {
-                        bail!("setns into {path}: {}", std::io::Error::last_os_error());
-                    }
-                    f()
-                })
-                .join()
-                .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
-        })
+        limiter_agent::netns::run_in(Some(&self.name), f)
     }
 }
 
@@ -79,6 +63,14 @@ impl Drop for Namespace {
         // Deleting the namespace also deletes the veth ends inside it.
         let _ = ip(&["netns", "del", &self.name]);
     }
+}
+
+/// Creates a veth pair with one end (`namespace`, `name`) in each namespace.
+pub fn veth(a: (&Namespace, &str), b: (&Namespace, &str)) -> Result<()> {
+    ip(&[
+        "link", "add", a.1, "netns", &a.0.name, "type", "veth", "peer", "name", b.1, "netns",
+        &b.0.name,
+    ])
 }
 
 /// Two namespaces, `source` and `gateway`, joined by a veth pair
@@ -105,20 +97,7 @@ impl Pair {
         let gateway = Namespace::create(&format!("lim-gw-{tag}"))?;
         let src_if = format!("ls{tag}");
         let gw_if = format!("lg{tag}");
-        ip(&[
-            "link",
-            "add",
-            &src_if,
-            "netns",
-            &source.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &gw_if,
-            "netns",
-            &gateway.name,
-        ])?;
+        veth((&source, &src_if), (&gateway, &gw_if))?;
         source.exec(&["ip", "addr", "add", "198.18.0.1/24", "dev", &src_if])?;
         source.exec(&[
             "ip",

@@ -133,16 +133,7 @@ impl PacketSocket {
     }
 }
 
-/// The index of `interface` in the calling thread's namespace.
-pub fn if_index(interface: &str) -> Result<u32> {
-    let name = std::ffi::CString::new(interface).context("interface name")?;
-    // SAFETY: name is a valid C string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        return Err(io::Error::last_os_error()).context(format!("no interface {interface}"));
-    }
-    Ok(index)
-}
+pub use limiter_agent::netns::if_index;
 
 /// The source address of an IPv4 or IPv6 frame (no VLAN tags), as 16 bytes
 /// (IPv4 in the first 4), or `None` for anything else.
