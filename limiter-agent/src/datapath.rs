@@ -455,8 +455,8 @@ pub struct MapMemory {
     pub prefixes_v6: u64,
 }
 
-/// The `memlock:` figure the kernel reports for a map fd.
-fn memlock(map: &MapData) -> u64 {
+/// The `memlock:` figure (bytes) the kernel reports for a map.
+pub fn memlock(map: &MapData) -> u64 {
     let fd = map.fd().as_fd().as_raw_fd();
     std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
         .ok()

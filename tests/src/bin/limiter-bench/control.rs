@@ -23,6 +23,20 @@ action = "drop"
 packets = "100/s"
 "#;
 
+/// Alternates the `clients` rule between 100/s and 200/s through the API;
+/// returns the call's round trip in microseconds.
+async fn change_budget(client: &Client, i: usize) -> Result<f64> {
+    let patch = RulePatch {
+        packets: Some(format!("{}/s", 100 + i % 2 * 100)),
+        ..RulePatch::default()
+    };
+    let started = Instant::now();
+    let _: Applied = client
+        .call(Method::PATCH, "/v1/rules/clients", Some(&patch))
+        .await?;
+    Ok(started.elapsed().as_secs_f64() * 1e6)
+}
+
 fn percentiles(mut samples: Vec<f64>) -> (f64, f64, f64) {
     samples.sort_by(f64::total_cmp);
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
@@ -46,15 +60,7 @@ pub fn suite(changes: usize) -> Result<()> {
             let started = Instant::now();
             let _: RuleView = client.get("/v1/rules/clients").await?;
             read.push(started.elapsed().as_secs_f64() * 1e6);
-            let patch = RulePatch {
-                packets: Some(format!("{}/s", 100 + i % 2 * 100)),
-                ..RulePatch::default()
-            };
-            let started = Instant::now();
-            let _: Applied = client
-                .call(Method::PATCH, "/v1/rules/clients", Some(&patch))
-                .await?;
-            api.push(started.elapsed().as_secs_f64() * 1e6);
+            api.push(change_budget(&client, i).await?);
         }
         anyhow::Ok(())
     })?;
@@ -65,15 +71,7 @@ pub fn suite(changes: usize) -> Result<()> {
     runtime.block_on(async {
         for i in 0..paced_runs {
             tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-            let patch = RulePatch {
-                packets: Some(format!("{}/s", 100 + i % 2 * 100)),
-                ..RulePatch::default()
-            };
-            let started = Instant::now();
-            let _: Applied = client
-                .call(Method::PATCH, "/v1/rules/clients", Some(&patch))
-                .await?;
-            paced.push(started.elapsed().as_secs_f64() * 1e6);
+            paced.push(change_budget(&client, i).await?);
         }
         anyhow::Ok(())
     })?;
@@ -217,13 +215,7 @@ fn resources(
     runtime.block_on(async {
         let mut next = Instant::now();
         while started.elapsed().as_secs_f64() < seconds {
-            let patch = RulePatch {
-                packets: Some(format!("{}/s", 100 + done % 2 * 100)),
-                ..RulePatch::default()
-            };
-            let _: Applied = client
-                .call(Method::PATCH, "/v1/rules/clients", Some(&patch))
-                .await?;
+            change_budget(client, done as usize).await?;
             done += 1;
             next += std::time::Duration::from_millis(10);
             if let Some(wait) = next.checked_duration_since(Instant::now()) {
@@ -280,14 +272,7 @@ fn scale(rules: usize) -> Result<()> {
 fn map_memory(pins: &std::path::Path) -> Result<u64> {
     let mut total = 0;
     for entry in std::fs::read_dir(pins.join("maps"))?.filter_map(std::result::Result::ok) {
-        let data = aya::maps::MapData::from_pin(entry.path())?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(data.fd()));
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
-        total += info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        total += limiter_agent::datapath::memlock(&aya::maps::MapData::from_pin(entry.path())?);
     }
     Ok(total)
 }

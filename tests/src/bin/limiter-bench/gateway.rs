@@ -20,6 +20,8 @@ use limiter_tests::{
     traffic::if_index,
 };
 
+use crate::median_min_max;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Filter {
     None,
@@ -184,12 +186,6 @@ impl Bench {
         let rx = rx1.saturating_sub(rx0).max(1);
         Ok(cpu1.saturating_sub(cpu0) as f64 / rx as f64)
     }
-}
-
-fn median_min_max(samples: &[f64]) -> (f64, f64, f64) {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    (s[s.len() / 2], s[0], s[s.len() - 1])
 }
 
 pub fn suite(reps: usize, count: u32, out_dir: &std::path::Path) -> Result<()> {
