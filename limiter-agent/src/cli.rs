@@ -60,21 +60,61 @@ impl Output {
 type Result = std::result::Result<(), ClientError>;
 
 /// Rule fields from the command line; `None` means "not given".
+#[derive(clap::Args)]
 pub struct RuleFields {
     pub name: String,
+    /// Source prefix (repeatable)
+    #[arg(long = "prefix")]
     pub prefixes: Vec<String>,
+    #[arg(long, value_enum)]
     pub action: Option<ActionConfig>,
+    #[arg(long, value_enum)]
     pub scope: Option<ScopeConfig>,
+    #[arg(long)]
     pub source_prefix_v4: Option<u32>,
+    #[arg(long)]
     pub source_prefix_v6: Option<u32>,
+    /// e.g. 10k/s
+    #[arg(long)]
     pub packets: Option<String>,
+    #[arg(long)]
     pub packet_burst: Option<String>,
+    /// e.g. 100Mbit/s
+    #[arg(long)]
     pub bytes: Option<String>,
+    #[arg(long)]
     pub byte_burst: Option<String>,
+    /// TCP SYNs per time, e.g. 100/s
+    #[arg(long)]
     pub new_connections: Option<String>,
+    #[arg(long)]
     pub connection_burst: Option<String>,
+    #[arg(long)]
     pub dscp: Option<u8>,
+    #[arg(long)]
     pub skb_mark: Option<u32>,
+}
+
+impl RuleFields {
+    /// The fields given, as a change to a rule.
+    fn patch(self) -> (String, RulePatch) {
+        let patch = RulePatch {
+            prefixes: (!self.prefixes.is_empty()).then_some(self.prefixes),
+            action: self.action,
+            scope: self.scope,
+            source_prefix_v4: self.source_prefix_v4,
+            source_prefix_v6: self.source_prefix_v6,
+            packets: self.packets,
+            packet_burst: self.packet_burst.map(Quantity::Text),
+            bytes: self.bytes,
+            byte_burst: self.byte_burst.map(Quantity::Text),
+            new_connections: self.new_connections,
+            connection_burst: self.connection_burst.map(Quantity::Text),
+            dscp: self.dscp,
+            skb_mark: self.skb_mark,
+        };
+        (self.name, patch)
+    }
 }
 
 fn applied(out: &Output, a: &Applied) {
@@ -89,49 +129,37 @@ pub async fn add(client: &Client, out: &Output, f: RuleFields) -> Result {
             "--action is required to add a rule".into(),
         ));
     };
-    let rule = RuleConfig {
-        name: f.name,
-        prefixes: f.prefixes,
+    let (name, patch) = f.patch();
+    let mut rule = RuleConfig {
+        name,
+        prefixes: Vec::new(),
         action,
-        scope: f.scope.unwrap_or_default(),
-        source_prefix_v4: f.source_prefix_v4,
-        source_prefix_v6: f.source_prefix_v6,
-        packets: f.packets,
-        packet_burst: f.packet_burst.map(Quantity::Text),
-        bytes: f.bytes,
-        byte_burst: f.byte_burst.map(Quantity::Text),
-        new_connections: f.new_connections,
-        connection_burst: f.connection_burst.map(Quantity::Text),
-        dscp: f.dscp,
-        skb_mark: f.skb_mark,
+        scope: ScopeConfig::default(),
+        source_prefix_v4: None,
+        source_prefix_v6: None,
+        packets: None,
+        packet_burst: None,
+        bytes: None,
+        byte_burst: None,
+        new_connections: None,
+        connection_burst: None,
+        dscp: None,
+        skb_mark: None,
     };
+    patch.apply_to(&mut rule);
     let a: Applied = client.call(Method::POST, "/v1/rules", Some(&rule)).await?;
     applied(out, &a);
     Ok(())
 }
 
 pub async fn change(client: &Client, out: &Output, f: RuleFields) -> Result {
-    let patch = RulePatch {
-        prefixes: (!f.prefixes.is_empty()).then_some(f.prefixes),
-        action: f.action,
-        scope: f.scope,
-        source_prefix_v4: f.source_prefix_v4,
-        source_prefix_v6: f.source_prefix_v6,
-        packets: f.packets,
-        packet_burst: f.packet_burst.map(Quantity::Text),
-        bytes: f.bytes,
-        byte_burst: f.byte_burst.map(Quantity::Text),
-        new_connections: f.new_connections,
-        connection_burst: f.connection_burst.map(Quantity::Text),
-        dscp: f.dscp,
-        skb_mark: f.skb_mark,
-    };
+    let (name, patch) = f.patch();
     if patch == RulePatch::default() {
         return Err(ClientError::Rejected(
             "nothing to change: give at least one field".into(),
         ));
     }
-    let path = format!("/v1/rules/{}", segment(&f.name));
+    let path = format!("/v1/rules/{}", segment(&name));
     let a: Applied = client.call(Method::PATCH, &path, Some(&patch)).await?;
     applied(out, &a);
     Ok(())

@@ -5,10 +5,10 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use limiter_agent::{
     cli,
-    config::{ActionConfig, Config, ScopeConfig, defaults},
+    config::{Config, defaults},
     daemon,
 };
 
@@ -99,67 +99,11 @@ enum RulesCommand {
     /// One rule
     Show { name: String },
     /// Add a rule
-    Add(RuleArgs),
+    Add(cli::RuleFields),
     /// Change fields of a rule (only those given)
-    Change(RuleArgs),
+    Change(cli::RuleFields),
     /// Delete a rule
     Delete { name: String },
-}
-
-#[derive(Args)]
-pub struct RuleArgs {
-    name: String,
-    /// Source prefix (repeatable)
-    #[arg(long = "prefix")]
-    prefixes: Vec<String>,
-    #[arg(long, value_enum)]
-    action: Option<ActionConfig>,
-    #[arg(long, value_enum)]
-    scope: Option<ScopeConfig>,
-    #[arg(long)]
-    source_prefix_v4: Option<u32>,
-    #[arg(long)]
-    source_prefix_v6: Option<u32>,
-    /// e.g. 10k/s
-    #[arg(long)]
-    packets: Option<String>,
-    #[arg(long)]
-    packet_burst: Option<String>,
-    /// e.g. 100Mbit/s
-    #[arg(long)]
-    bytes: Option<String>,
-    #[arg(long)]
-    byte_burst: Option<String>,
-    /// TCP SYNs per time, e.g. 100/s
-    #[arg(long)]
-    new_connections: Option<String>,
-    #[arg(long)]
-    connection_burst: Option<String>,
-    #[arg(long)]
-    dscp: Option<u8>,
-    #[arg(long)]
-    skb_mark: Option<u32>,
-}
-
-impl From<RuleArgs> for cli::RuleFields {
-    fn from(a: RuleArgs) -> Self {
-        Self {
-            name: a.name,
-            prefixes: a.prefixes,
-            action: a.action,
-            scope: a.scope,
-            source_prefix_v4: a.source_prefix_v4,
-            source_prefix_v6: a.source_prefix_v6,
-            packets: a.packets,
-            packet_burst: a.packet_burst,
-            bytes: a.bytes,
-            byte_burst: a.byte_burst,
-            new_connections: a.new_connections,
-            connection_burst: a.connection_burst,
-            dscp: a.dscp,
-            skb_mark: a.skb_mark,
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -212,8 +156,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Status => cli::status(&client, &out).await,
         Command::Rules(RulesCommand::List) => cli::list(&client, &out).await,
         Command::Rules(RulesCommand::Show { name }) => cli::show(&client, &out, &name).await,
-        Command::Rules(RulesCommand::Add(args)) => cli::add(&client, &out, args.into()).await,
-        Command::Rules(RulesCommand::Change(args)) => cli::change(&client, &out, args.into()).await,
+        Command::Rules(RulesCommand::Add(args)) => cli::add(&client, &out, args).await,
+        Command::Rules(RulesCommand::Change(args)) => cli::change(&client, &out, args).await,
         Command::Rules(RulesCommand::Delete { name }) => cli::delete(&client, &out, &name).await,
         Command::Penalize {
             prefix,
