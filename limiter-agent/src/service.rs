@@ -491,29 +491,25 @@ impl Service {
         }
     }
 
-    pub fn rules(&self) -> Vec<RuleView> {
-        self.in_force
-            .iter()
-            .map(|r| {
-                let id = self.state.ids.get(&r.def.name).copied().unwrap_or(0);
-                RuleView {
-                    name: r.def.name.clone(),
-                    id,
-                    origin: r.origin,
-                    rule: r.config.clone(),
-                    expires_at: r.expires_at,
-                    counters: self.counters(id),
-                }
-            })
-            .collect()
+    fn view(&self, r: &InForce) -> RuleView {
+        let id = self.state.ids.get(&r.def.name).copied().unwrap_or(0);
+        RuleView {
+            name: r.def.name.clone(),
+            id,
+            origin: r.origin,
+            rule: r.config.clone(),
+            expires_at: r.expires_at,
+            counters: self.counters(id),
+        }
     }
 
+    pub fn rules(&self) -> Vec<RuleView> {
+        self.in_force.iter().map(|r| self.view(r)).collect()
+    }
+
+    /// One rule: reads only its own counters.
     pub fn rule(&self, name: &str) -> Result<RuleView> {
-        self.find(name)?;
-        self.rules()
-            .into_iter()
-            .find(|r| r.name == name)
-            .ok_or_else(|| ServiceError::NotFound(format!("no rule named {name:?}")))
+        Ok(self.view(self.find(name)?))
     }
 
     /// (name, kernel id) of every rule in force.
