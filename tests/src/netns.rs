@@ -40,6 +40,7 @@ impl Namespace {
         let ns = Self {
             name: name.to_owned(),
         };
+        // The new namespace's own loopback, never the host's.
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
     }
