@@ -47,9 +47,19 @@ pub enum StateError {
         source: std::io::Error,
     },
     #[error(
-        "state file {path} is corrupt ({message}); it was left as it is. Move it away to start without live changes, or restore a backup"
+        "state file {path} is corrupt ({message}); it was left as it is and nothing attached was touched. \
+         Restore the previous good copy ({}) over it, or move it away to start without live changes",
+        previous_copy(path).display()
     )]
     Corrupt { path: PathBuf, message: String },
+}
+
+/// Where [`State::save`] keeps the file it replaces: the last good state
+/// before the newest change, for an operator to restore by hand.
+pub fn previous_copy(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".prev");
+    path.with_file_name(name)
 }
 
 impl State {
@@ -84,7 +94,8 @@ impl State {
     }
 
     /// Writes atomically: a temporary file, fsync, rename over the old one,
-    /// fsync of the directory. A crash leaves the old or the new file.
+    /// fsync of the directory. A crash leaves the old or the new file. The
+    /// old file stays reachable as [`previous_copy`] (a hard link: no copy).
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: path.to_owned(),
@@ -99,6 +110,7 @@ impl State {
             file.write_all(&text)?;
             file.write_all(b"\n")?;
             file.sync_all()?;
+            keep_previous(path);
             std::fs::rename(&tmp, path)?;
             std::fs::File::open(dir)?.sync_all()
         };
@@ -106,6 +118,22 @@ impl State {
             let _ = std::fs::remove_file(&tmp);
             io(e)
         })
+    }
+}
+
+/// Links the current file as [`previous_copy`]. Best effort: a missing
+/// backup must not stop a change from being saved.
+fn keep_previous(path: &Path) {
+    let prev = previous_copy(path);
+    match std::fs::remove_file(&prev) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %prev.display(), "removing the old previous copy: {e}"),
+    }
+    match std::fs::hard_link(path, &prev) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %prev.display(), "keeping the previous state file: {e}"),
     }
 }
 
@@ -126,9 +154,17 @@ mod tests {
         state.overrides.insert("gone".into(), None);
         state.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), state);
+        let first = state.clone();
+        state.ids.insert("b".into(), 4);
+        state.save(&path).unwrap();
+        assert_eq!(State::load(&path).unwrap(), state);
+        assert_eq!(State::load(&previous_copy(&path)).unwrap(), first);
         std::fs::write(&path, "{\"version\": 1, \"ids\": ").unwrap();
         let err = State::load(&path).unwrap_err().to_string();
-        assert!(err.contains("is corrupt"), "{err}");
+        assert!(
+            err.contains("is corrupt") && err.contains("state.json.prev"),
+            "{err}"
+        );
         std::fs::write(&path, "{\"version\": 9}").unwrap();
         assert!(
             State::load(&path)
