@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::{InterfaceConfig, XdpModeConfig},
     datapath::Datapath,
-    netns,
+    kernel, netns,
     pins::Pins,
 };
 
@@ -32,11 +32,18 @@ pub struct Attached {
     /// "native" or "generic", or `None` without XDP.
     pub xdp_mode: Option<String>,
     pub tc: bool,
+    /// Why TC was configured but not attached (the kernel lacks TCX).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tc_refused: Option<String>,
     /// Whether the links were taken over from a previous agent.
     pub adopted: bool,
+    /// The interface disappeared: nothing is enforced on it until it comes
+    /// back, when the agent attaches again by itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gone: bool,
 }
 
-const KINDS: [(&str, Option<XdpMode>); 3] = [
+pub(crate) const KINDS: [(&str, Option<XdpMode>); 3] = [
     ("xdp-native", Some(XdpMode::Driver)),
     ("xdp-generic", Some(XdpMode::Skb)),
     ("tc", None),
@@ -79,7 +86,7 @@ pub fn attach_all(
     Ok(out)
 }
 
-fn attach_one(
+pub(crate) fn attach_one(
     dp: &mut Datapath,
     pins: &Pins,
     iface: &InterfaceConfig,
@@ -92,7 +99,9 @@ fn attach_one(
         netns: iface.netns.clone(),
         xdp_mode: None,
         tc: false,
+        tc_refused: None,
         adopted: false,
+        gone: false,
     };
     let wanted: &[&str] = match iface.xdp {
         XdpModeConfig::Auto => &["xdp-native", "xdp-generic"],
@@ -177,7 +186,15 @@ fn attach_one(
         }
     }
     let tc_pin = pins.link(ns, name, "tc");
-    if iface.tc {
+    let tc_supported = if iface.tc {
+        kernel::check_tc(kernel::running(), name).map_err(|refused| {
+            tracing::error!(interface = name, "{refused}");
+            attached.tc_refused = Some(refused);
+        })
+    } else {
+        Ok(())
+    };
+    if iface.tc && tc_supported.is_ok() {
         if tc_pin.exists() {
             let link = SchedClassifierLink::try_from(adopt(&tc_pin)?)
                 .map_err(|e| anyhow!("{}: not a TC link: {e}", tc_pin.display()))?;

@@ -352,6 +352,14 @@ pub async fn status(client: &Client, out: &Output) -> Result {
                 i.tc,
                 if i.adopted { " (adopted)" } else { "" }
             );
+            if i.gone {
+                println!(
+                    "                GONE: the interface disappeared; re-attached when it returns"
+                );
+            }
+            if let Some(refused) = &i.tc_refused {
+                println!("                TC refused: {refused}");
+            }
         }
     });
     Ok(())
