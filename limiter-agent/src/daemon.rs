@@ -21,10 +21,11 @@ use crate::{
     datapath::{Capacities, Datapath, DatapathError},
     enforcer::Enforcer,
     events::{Offenders, parse_event},
-    metrics,
+    kernel, metrics,
     pins::Pins,
     service::{Service, now_unix},
     state::State,
+    supervise::{Supervisor, supervise},
 };
 
 pub struct RunOptions {
@@ -36,10 +37,15 @@ pub struct RunOptions {
 /// Offenders remembered, and for how long an event counts in `top`.
 const OFFENDER_CAPACITY: usize = 100_000;
 const OFFENDER_WINDOW: Duration = Duration::from_secs(60);
+/// How often interfaces and pins are checked (and repaired).
+const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
 /// At most this many "went over budget" log lines per second.
 const OFFENDER_LOG_PER_SEC: u32 = 10;
 
 pub async fn run(options: RunOptions) -> Result<()> {
+    if let Some(version) = kernel::running() {
+        kernel::check_supported(version).map_err(|e| anyhow!(e))?;
+    }
     let mut config = match &options.config {
         Some(path) => Config::load(path)?,
         None => {
@@ -94,6 +100,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     )
     .map_err(|e| anyhow!("applying the rules: {e}"))?;
     service.attached = attach::attach_all(service.datapath_mut(), &pins, &config.file.interfaces)?;
+    service.supervisor = Some(Supervisor::new(pins.clone(), &config.file.interfaces));
     for a in &service.attached {
         tracing::info!(
             interface = %a.interface,
@@ -157,6 +164,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let log_task =
         kernel_logger.map(|logger| tokio::spawn(forward_kernel_logs(logger, stop_rx.clone())));
     let expiry = tokio::spawn(expire_penalties(shared.clone(), stop_rx.clone()));
+    let supervision = tokio::spawn(supervise_attachments(shared.clone(), stop_rx.clone()));
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -191,6 +199,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         let _ = task.await;
     }
     let _ = expiry.await;
+    let _ = supervision.await;
     let _ = std::fs::remove_file(&agent.control_socket);
     if detach {
         drop(shared);
@@ -321,6 +330,27 @@ async fn expire_penalties(shared: Shared, mut stop: watch::Receiver<bool>) {
                     }
                     Ok(Err(e)) => tracing::error!("removing expired penalties: {e}"),
                     Err(e) => tracing::error!("removing expired penalties: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Re-attaches to interfaces that came back and re-pins removed pins.
+async fn supervise_attachments(shared: Shared, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tick.tick() => {
+                let svc = shared.service.clone();
+                let round = tokio::task::spawn_blocking(move || {
+                    if let Ok(mut guard) = svc.lock() {
+                        supervise(&mut guard);
+                    }
+                });
+                if let Err(e) = round.await {
+                    tracing::error!("supervising the attachments: {e}");
                 }
             }
         }

@@ -63,6 +63,12 @@ pub enum DatapathError {
     SlotOutOfRange { slot: u32, capacity: u32 },
     #[error("counting CPUs: {0}")]
     Cpus(#[source] std::io::Error),
+    #[error("pinning map {name}: {source}")]
+    Pin {
+        name: &'static str,
+        #[source]
+        source: aya::pin::PinError,
+    },
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
@@ -162,6 +168,24 @@ impl Datapath {
     /// The kernel's id of a loaded program.
     pub fn program_id(&self, name: &str) -> Option<u32> {
         self.ebpf.program(name)?.info().ok().map(|info| info.id())
+    }
+
+    /// Pins again, from this agent's own handles, every map whose pin in
+    /// `maps_dir` was removed (the map lives on while a handle is open).
+    /// Returns the names re-pinned.
+    pub fn repin_missing_maps(&self, maps_dir: &std::path::Path) -> Result<Vec<&'static str>> {
+        let mut repinned = Vec::new();
+        for name in map_names::ALL {
+            let path = maps_dir.join(name);
+            if path.exists() {
+                continue;
+            }
+            self.map(name)?
+                .pin(&path)
+                .map_err(|source| DatapathError::Pin { name, source })?;
+            repinned.push(name);
+        }
+        Ok(repinned)
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {

@@ -106,6 +106,7 @@ struct Snapshot {
     last_ok: Option<u64>,
     last_failed: Option<u64>,
     interfaces: Vec<crate::attach::Attached>,
+    repairs: crate::supervise::Repairs,
     top_k: usize,
 }
 
@@ -121,6 +122,11 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
             last_ok: s.last_reload_ok,
             last_failed: s.last_reload_failed,
             interfaces: s.attached.clone(),
+            repairs: s
+                .supervisor
+                .as_ref()
+                .map(|sup| sup.repairs)
+                .unwrap_or_default(),
             top_k: s.config().file.metrics.top_k,
         },
         Err(_) => return Vec::new(),
@@ -261,11 +267,12 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
 
     let mut attached = Family::new(
         "limiter_interface_attached",
-        "Programs attached, by interface, hook (xdp, tc) and mode.",
+        "Programs attached, by interface, hook (xdp, tc) and mode; 0 while the interface is gone.",
         MetricType::GAUGE,
     );
     for i in &snapshot.interfaces {
         let netns = i.netns.as_deref().unwrap_or("");
+        let up = if i.gone { 0.0 } else { 1.0 };
         if let Some(mode) = &i.xdp_mode {
             attached.add(
                 &[
@@ -274,7 +281,7 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
                     ("hook", "xdp"),
                     ("mode", mode),
                 ],
-                1.0,
+                up,
             );
         }
         if i.tc {
@@ -285,11 +292,22 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
                     ("hook", "tc"),
                     ("mode", "tcx"),
                 ],
-                1.0,
+                up,
             );
         }
     }
     out.push(attached.0);
+    let mut repairs = Family::new(
+        "limiter_repairs_total",
+        "What the agent put back by itself: interfaces re-attached after they came back, \
+         pins re-created after they were removed, interfaces lost.",
+        MetricType::COUNTER,
+    );
+    let r = snapshot.repairs;
+    repairs.add(&[("kind", "reattached")], r.reattached as f64);
+    repairs.add(&[("kind", "repinned")], r.repinned as f64);
+    repairs.add(&[("kind", "interface_lost")], r.interfaces_lost as f64);
+    out.push(repairs.0);
 
     let mut build = Family::new(
         "limiter_build_info",

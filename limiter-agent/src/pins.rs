@@ -63,6 +63,11 @@ impl Pins {
             mount_bpffs(mount_point)?;
             tracing::info!("mounted bpffs at {}", mount_point.display());
         }
+        self.create_dirs()
+    }
+
+    /// Creates the pin directories that are missing.
+    pub fn create_dirs(&self) -> Result<()> {
         for dir in [self.maps_dir(), self.links_dir()] {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("creating pin directory {}", dir.display()))?;

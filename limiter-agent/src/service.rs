@@ -81,6 +81,8 @@ pub struct Service {
     enforcer: Enforcer,
     in_force: Vec<InForce>,
     pub attached: Vec<Attached>,
+    /// Re-attaches and re-pins what changes under the agent (set by `run`).
+    pub supervisor: Option<crate::supervise::Supervisor>,
     pub pin_path: PathBuf,
     /// Bumped on every rule-set change that reached the kernel.
     pub config_generation: u64,
@@ -243,6 +245,7 @@ impl Service {
             enforcer,
             in_force: Vec::new(),
             attached: Vec::new(),
+            supervisor: None,
             pin_path,
             config_generation: 0,
             last_reload_ok: None,
@@ -290,6 +293,9 @@ impl Service {
         self.enforcer
             .apply(&kernel)
             .map_err(|e| ServiceError::Internal(format!("updating the kernel maps: {e}")))?;
+        // A crash here leaves the kernel ahead of the state file; the next
+        // agent puts the state file's rules back in force.
+        crate::faults::crash_point("after-kernel-update");
         if let Err(e) = state.save(&self.state_path) {
             // Persisting failed: put the previous rule set back so the kernel
             // and the state file agree, and report the error.
@@ -688,6 +694,10 @@ impl Service {
                 .then(|| dp.program_id(limiter_common::program_names::TC))
                 .flatten(),
         }
+    }
+
+    pub fn datapath(&self) -> &crate::datapath::Datapath {
+        self.enforcer.datapath()
     }
 
     pub fn datapath_mut(&mut self) -> &mut crate::datapath::Datapath {

@@ -9,6 +9,9 @@ use crate::cmd::{self, cargo};
 /// so host-side cargo commands leave it out; it gets its own clippy run.
 const EBPF: &str = "limiter-ebpf";
 
+/// The agent's test-only feature: crash points for the fault-injection tests.
+const AGENT_TEST_FEATURES: &str = "fault-injection";
+
 /// `args` go to `cargo test`, except those after a `--`, which join
 /// `binary_args` for the test binaries.
 pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
@@ -37,8 +40,16 @@ pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
             .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"]),
     )?;
 
-    // The agent tests run the real binary.
-    cmd::run(cargo(root).args(["build", "-p", "limiter-agent"]))?;
+    // The agent tests run the real binary, with its crash points compiled
+    // in (src/faults.rs). `cargo test` below builds the same binary again,
+    // so it gets the same feature: otherwise it would overwrite this one.
+    cmd::run(cargo(root).args([
+        "build",
+        "-p",
+        "limiter-agent",
+        "--features",
+        AGENT_TEST_FEATURES,
+    ]))?;
 
     // The benchmark is not a test, but its smoke mode must keep working.
     cmd::run(
@@ -54,6 +65,10 @@ pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
     let result = cmd::run_watching(
         cargo(root)
             .args(["test", "--workspace", "--exclude", EBPF, "--all-targets"])
+            .args([
+                "--features",
+                &format!("limiter-agent/{AGENT_TEST_FEATURES}"),
+            ])
             .args(cargo_args)
             .args(["--", "--test-threads=1"])
             .args(test_args),
