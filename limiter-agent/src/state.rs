@@ -48,17 +48,17 @@ pub enum StateError {
     },
     #[error(
         "state file {path} is corrupt ({message}); it was left as it is and nothing attached was touched. \
-         Restore the previous good copy ({}) over it, or move it away to start without live changes",
-        previous_copy(path).display()
+         Restore the last good copy ({}) over it, or move it away to start without live changes",
+        backup_path(path).display()
     )]
     Corrupt { path: PathBuf, message: String },
 }
 
-/// Where [`State::save`] keeps the file it replaces: the last good state
-/// before the newest change, for an operator to restore by hand.
-pub fn previous_copy(path: &Path) -> PathBuf {
+/// Where [`State::save`] keeps a copy of the last state it saved, for an
+/// operator to restore by hand if the file itself is damaged.
+pub fn backup_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".prev");
+    name.push(".bak");
     path.with_file_name(name)
 }
 
@@ -94,8 +94,8 @@ impl State {
     }
 
     /// Writes atomically: a temporary file, fsync, rename over the old one,
-    /// fsync of the directory. A crash leaves the old or the new file. The
-    /// old file stays reachable as [`previous_copy`] (a hard link: no copy).
+    /// fsync of the directory. A crash leaves the old or the new file. Then
+    /// a copy goes to [`backup_path`], for when the file is damaged later.
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: path.to_owned(),
@@ -110,30 +110,27 @@ impl State {
             file.write_all(&text)?;
             file.write_all(b"\n")?;
             file.sync_all()?;
-            keep_previous(path);
             std::fs::rename(&tmp, path)?;
             std::fs::File::open(dir)?.sync_all()
         };
         write().map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             io(e)
-        })
+        })?;
+        keep_copy(path);
+        Ok(())
     }
 }
 
-/// Links the current file as [`previous_copy`]. Best effort: a missing
-/// backup must not stop a change from being saved.
-fn keep_previous(path: &Path) {
-    let prev = previous_copy(path);
-    match std::fs::remove_file(&prev) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(path = %prev.display(), "removing the old previous copy: {e}"),
-    }
-    match std::fs::hard_link(path, &prev) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(path = %prev.display(), "keeping the previous state file: {e}"),
+/// Copies the file just saved to [`backup_path`] (through a temporary
+/// file, so the copy is whole or absent). Best effort: a missing backup must
+/// not fail a change that is already saved.
+fn keep_copy(path: &Path) {
+    let backup = backup_path(path);
+    let tmp = backup.with_extension("bak.tmp");
+    if let Err(e) = std::fs::copy(path, &tmp).and_then(|_| std::fs::rename(&tmp, &backup)) {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(path = %backup.display(), "keeping a copy of the state file: {e}");
     }
 }
 
@@ -154,15 +151,14 @@ mod tests {
         state.overrides.insert("gone".into(), None);
         state.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), state);
-        let first = state.clone();
         state.ids.insert("b".into(), 4);
         state.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), state);
-        assert_eq!(State::load(&previous_copy(&path)).unwrap(), first);
+        assert_eq!(State::load(&backup_path(&path)).unwrap(), state);
         std::fs::write(&path, "{\"version\": 1, \"ids\": ").unwrap();
         let err = State::load(&path).unwrap_err().to_string();
         assert!(
-            err.contains("is corrupt") && err.contains("state.json.prev"),
+            err.contains("is corrupt") && err.contains("state.json.bak"),
             "{err}"
         );
         std::fs::write(&path, "{\"version\": 9}").unwrap();

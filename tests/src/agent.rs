@@ -99,12 +99,19 @@ impl AgentEnv {
 
     /// Starts the agent on the config file and waits for its socket.
     pub fn start(&mut self) -> Result<()> {
+        self.start_with(&[])
+    }
+
+    /// [`AgentEnv::start`] with extra environment variables for the agent
+    /// (e.g. `LIMITER_CRASH_AT` for a fault-injection build).
+    pub fn start_with(&mut self, vars: &[(&str, &str)]) -> Result<()> {
         let runs = std::fs::read_dir(&self.dir)?.count();
         let log = std::fs::File::create(self.dir.join(format!("agent-{runs}.log")))?;
         let child = Command::new(agent_binary())
             .args(["run", "--log-format", "text", "--config"])
             .arg(&self.config)
             .env("LIMITER_LOG", "info")
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -239,7 +246,71 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
     Ok(body.to_owned())
 }
 
+/// One HTTP/1.0 request on the agent's control socket: the status code
+/// and the body.
+pub fn api_call(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: limiter\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    // A refused oversized body may close the socket before all of it is
+    // written: the answer still counts.
+    let _ = stream.write_all(body.as_bytes());
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("no HTTP header in the answer")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status code in {head:?}"))?;
+    Ok((code, body.to_owned()))
+}
+
 impl AgentEnv {
+    /// A request on this environment's control socket.
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+        api_call(&self.socket, method, path, body)
+    }
+
+    /// The rules in force in the kernel, read from the pinned maps (not
+    /// through the agent): the active generation's slots in use.
+    pub fn kernel_rules(&self) -> Result<Vec<limiter_common::Rule>> {
+        use aya::maps::{Array, Map, MapData};
+        use limiter_common::map_names;
+        let open = |name: &str| -> Result<Map> {
+            let data = MapData::from_pin(self.pin_path.join("maps").join(name))
+                .with_context(|| format!("opening pinned map {name}"))?;
+            Ok(Map::Array(data))
+        };
+        let active: Array<_, u32> = open(map_names::ACTIVE)?.try_into()?;
+        let rules: Array<_, limiter_common::Rule> = open(map_names::RULES)?.try_into()?;
+        let generation = active.get(&0, 0)?;
+        let mut out = Vec::new();
+        for id in 0..self.max_rules {
+            let rule = rules.get(&(generation * self.max_rules + id), 0)?;
+            if rule.in_use != 0 {
+                out.push(rule);
+            }
+        }
+        Ok(out)
+    }
+
     /// The agent's current `/metrics` text.
     pub fn scrape(&self) -> Result<String> {
         http_get(self.metrics_port, "/metrics")

@@ -4,5 +4,7 @@ pub mod agent;
 pub mod frame;
 pub mod gateway;
 pub mod harness;
+pub mod model;
 pub mod netns;
+pub mod scenario;
 pub mod traffic;

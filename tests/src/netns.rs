@@ -98,8 +98,23 @@ impl Pair {
         let gateway = Namespace::create(&format!("lim-gw-{tag}"))?;
         let src_if = format!("ls{tag}");
         let gw_if = format!("lg{tag}");
-        veth((&source, &src_if), (&gateway, &gw_if))?;
-        source.exec(&["ip", "addr", "add", "198.18.0.1/24", "dev", &src_if])?;
+        let pair = Self {
+            source,
+            gateway,
+            src_if,
+            gw_if,
+        };
+        pair.connect()?;
+        Ok(pair)
+    }
+
+    /// Creates the veth between the two namespaces, with its addresses, up
+    /// (again, after a test deleted it).
+    pub fn connect(&self) -> Result<()> {
+        let (source, gateway, src_if, gw_if) =
+            (&self.source, &self.gateway, &self.src_if, &self.gw_if);
+        veth((source, src_if), (gateway, gw_if))?;
+        source.exec(&["ip", "addr", "add", "198.18.0.1/24", "dev", src_if])?;
         source.exec(&[
             "ip",
             "-6",
@@ -107,10 +122,10 @@ impl Pair {
             "add",
             "2001:db8::1/64",
             "dev",
-            &src_if,
+            src_if,
             "nodad",
         ])?;
-        gateway.exec(&["ip", "addr", "add", "198.18.0.2/24", "dev", &gw_if])?;
+        gateway.exec(&["ip", "addr", "add", "198.18.0.2/24", "dev", gw_if])?;
         gateway.exec(&[
             "ip",
             "-6",
@@ -118,16 +133,11 @@ impl Pair {
             "add",
             "2001:db8::2/64",
             "dev",
-            &gw_if,
+            gw_if,
             "nodad",
         ])?;
-        source.exec(&["ip", "link", "set", &src_if, "up"])?;
-        gateway.exec(&["ip", "link", "set", &gw_if, "up"])?;
-        Ok(Self {
-            source,
-            gateway,
-            src_if,
-            gw_if,
-        })
+        source.exec(&["ip", "link", "set", src_if, "up"])?;
+        gateway.exec(&["ip", "link", "set", gw_if, "up"])?;
+        Ok(())
     }
 }

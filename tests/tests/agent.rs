@@ -1,8 +1,7 @@
 //! The real agent binary in network namespaces, driven by its own CLI.
 
 use std::{
-    collections::HashMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::Ipv4Addr,
     os::unix::process::CommandExt as _,
     process::Command,
     time::{Duration, Instant},
@@ -11,84 +10,8 @@ use std::{
 use limiter_tests::{
     agent::{AgentEnv, agent_binary},
     frame::{Frame, L4},
-    traffic::measure,
+    scenario::{RULES, assert_each, blast, env_with, rule, sources, xdp_attached},
 };
-
-const RULES: &str = r#"
-[[rule]]
-name = "default"
-prefixes = ["0.0.0.0/0", "::/0"]
-action = "monitor"
-packets = "100k/s"
-
-[[rule]]
-name = "clients"
-prefixes = ["198.18.1.0/24", "2001:db8:1::/48"]
-action = "drop"
-packets = "40/s"
-packet_burst = 10
-"#;
-
-fn sources() -> Vec<([u8; 16], Vec<u8>)> {
-    let mut out = Vec::new();
-    for i in 1..=8u8 {
-        let src = Ipv4Addr::new(198, 18, 1, i);
-        let mut addr = [0u8; 16];
-        addr[..4].copy_from_slice(&src.octets());
-        out.push((addr, Frame::v4(src, L4::Udp).build()));
-    }
-    // IPv6 sources are budgeted per /64 by default: one source per /64.
-    for i in 1..=4u16 {
-        let src = Ipv6Addr::new(0x2001, 0xdb8, 1, i, 0, 0, 0, 1);
-        out.push((src.octets(), Frame::v6(src, L4::Udp).build()));
-    }
-    out
-}
-
-fn env_with(rules: &str) -> AgentEnv {
-    let mut env = AgentEnv::new().unwrap_or_else(|e| panic!("environment: {e:#}"));
-    env.write_config(rules).unwrap_or_else(|e| panic!("{e:#}"));
-    env.start().unwrap_or_else(|e| panic!("{e:#}"));
-    env
-}
-
-fn blast(env: &AgentEnv, rate: u64, seconds: f64) -> HashMap<[u8; 16], u64> {
-    let frames: Vec<Vec<u8>> = sources().into_iter().map(|(_, f)| f).collect();
-    measure(&env.pair, &frames, rate, Duration::from_secs_f64(seconds))
-        .unwrap_or_else(|e| panic!("traffic: {e:#}"))
-}
-
-/// Asserts every source got `expected` packets, within `tolerance`.
-fn assert_each(got: &HashMap<[u8; 16], u64>, expected: f64, tolerance: f64, what: &str) {
-    for (addr, _) in sources() {
-        let n = got.get(&addr).copied().unwrap_or(0) as f64;
-        assert!(
-            (n - expected).abs() <= tolerance,
-            "{what}: source {addr:?} got {n}, expected {expected} +- {tolerance}; all: {got:?}"
-        );
-    }
-}
-
-/// Whether the gateway veth has an XDP program attached (`ip -d link`).
-fn xdp_attached(env: &AgentEnv) -> bool {
-    let out = Command::new("ip")
-        .args([
-            "-n",
-            &env.pair.gateway.name,
-            "-d",
-            "link",
-            "show",
-            "dev",
-            &env.pair.gw_if,
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    String::from_utf8_lossy(&out.stdout).contains("xdp")
-}
-
-fn rule<'a>(rules: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
-    rules.as_array()?.iter().find(|r| r["name"] == name)
-}
 
 #[test]
 fn budgets_follow_a_live_cli_change_while_traffic_flows() {

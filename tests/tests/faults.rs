@@ -1,0 +1,267 @@
+//! Faults the agent must come through with nothing lost: a crash between
+//! the kernel update and the state write, a full disk, corrupt files, an
+//! interface deleted and re-created, pins removed under it. Each test says
+//! what must hold (docs/reliability.md lists them).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use limiter_common::{Limit, dimension};
+use limiter_tests::{
+    agent::AgentEnv,
+    scenario::{RULES, assert_each, blast, env_with, rule, xdp_attached},
+};
+
+/// The packet interval the kernel holds for rule `name`, read from the
+/// pinned maps, not through the agent.
+fn kernel_packet_interval(env: &AgentEnv, name: &str) -> Option<u64> {
+    let rules = env.cli_json(&["rules", "list"]);
+    let id = rule(&rules, name)?["id"].as_u64()?;
+    let kernel = env.kernel_rules().unwrap_or_else(|e| panic!("{e:#}"));
+    let found = kernel.iter().find(|r| u64::from(r.id) == id)?;
+    Some(found.limits[dimension::PACKETS].interval)
+}
+
+/// The interval of a budget of `rate` packets per second.
+fn interval(rate: u64) -> Option<u64> {
+    Limit::new(rate, 10).ok().map(|l| l.interval)
+}
+
+/// The `packets` budget the state file holds for `name` (`None`: no live
+/// change, the config's budget applies).
+fn state_file_packets(env: &AgentEnv, name: &str) -> Option<String> {
+    let text = std::fs::read_to_string(&env.state_file).unwrap_or_default();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    state["overrides"][name]["packets"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_crash_between_the_kernel_update_and_the_state_write_is_undone_by_the_restart() {
+    let mut env = AgentEnv::new().unwrap_or_else(|e| panic!("{e:#}"));
+    env.write_config(RULES).unwrap_or_else(|e| panic!("{e:#}"));
+    // Pass 1 is the start-up commit; pass 2 the change below.
+    env.start_with(&[("LIMITER_CRASH_AT", "after-kernel-update:2")])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(kernel_packet_interval(&env, "clients"), interval(40));
+    let out = env
+        .cli(&["rules", "change", "clients", "--packets", "120/s"])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!out.status.success(), "the change was not acknowledged");
+    let exit = env
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!exit.success(), "the agent crashed: {exit}");
+    assert!(env.logs().contains("crashing at after-kernel-update"));
+    // The crash hit the window: the kernel has the change, the file not.
+    let kernel = env.kernel_rules().unwrap_or_else(|e| panic!("{e:#}"));
+    let intervals: Vec<u64> = kernel
+        .iter()
+        .map(|r| r.limits[dimension::PACKETS].interval)
+        .collect();
+    assert!(
+        intervals.contains(&interval(120).unwrap_or(0)),
+        "kernel ahead of the file"
+    );
+    assert_eq!(state_file_packets(&env, "clients"), None);
+    // The next agent puts the state file's rules back: they agree again.
+    env.start().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(kernel_packet_interval(&env, "clients"), interval(40));
+    let clients = env.cli_json(&["rules", "show", "clients"]);
+    assert_eq!(clients["rule"]["packets"], "40/s", "{clients}");
+    assert_eq!(clients["origin"], "config", "{clients}");
+    assert_each(&blast(&env, 200, 1.0), 10.0 + 40.0, 8.0, "at 40/s");
+}
+
+/// A small tmpfs, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap_or_else(|e| panic!("{e}"));
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "limiter-test"])
+            .arg(at)
+            .status()
+            .unwrap_or_else(|e| panic!("mount: {e}"));
+        assert!(status.success(), "mounting a tmpfs at {}", at.display());
+        Self(at.to_owned())
+    }
+
+    /// Writes a filler file until the disk is full.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write as _;
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap_or_else(|e| panic!("{e}"));
+        let block = [0u8; 4096];
+        while file.write_all(&block).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_the_change_and_leaves_kernel_and_file_agreeing() {
+    let mut env = AgentEnv::new().unwrap_or_else(|e| panic!("{e:#}"));
+    let disk = SmallDisk::mount(&env.dir.join("disk"), "64k");
+    env.state_file = disk.0.join("state.json");
+    env.write_config(RULES).unwrap_or_else(|e| panic!("{e:#}"));
+    env.start().unwrap_or_else(|e| panic!("{e:#}"));
+    let filler = disk.fill();
+    let out = env
+        .cli(&["rules", "change", "clients", "--packets", "120/s"])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains("not applied"),
+        "{err}"
+    );
+    // Nothing changed anywhere: kernel, agent, file.
+    assert_eq!(kernel_packet_interval(&env, "clients"), interval(40));
+    assert_eq!(
+        env.cli_json(&["rules", "show", "clients"])["rule"]["packets"],
+        "40/s"
+    );
+    assert_eq!(state_file_packets(&env, "clients"), None);
+    assert_each(&blast(&env, 200, 1.0), 10.0 + 40.0, 8.0, "still at 40/s");
+    // With room again the same change goes through, and survives a restart.
+    std::fs::remove_file(filler).unwrap_or_else(|e| panic!("{e}"));
+    env.cli_ok(&["rules", "change", "clients", "--packets", "120/s"]);
+    assert_eq!(kernel_packet_interval(&env, "clients"), interval(120));
+    assert_eq!(
+        state_file_packets(&env, "clients").as_deref(),
+        Some("120/s")
+    );
+    env.kill9().unwrap_or_else(|e| panic!("{e:#}"));
+    env.start().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(kernel_packet_interval(&env, "clients"), interval(120));
+}
+
+#[test]
+fn a_corrupt_state_file_or_config_is_refused_while_enforcement_goes_on() {
+    let mut env = env_with(RULES);
+    env.cli_ok(&[
+        "rules",
+        "change",
+        "clients",
+        "--packets",
+        "20/s",
+        "--packet-burst",
+        "5",
+    ]);
+    env.kill9().unwrap_or_else(|e| panic!("{e:#}"));
+    let good = std::fs::read(&env.state_file).unwrap_or_else(|e| panic!("{e}"));
+    let truncated = &good[..good.len() / 2];
+    std::fs::write(&env.state_file, truncated).unwrap_or_else(|e| panic!("{e}"));
+
+    let err = format!("{:#}", env.start().expect_err("a corrupt state file"));
+    assert!(
+        err.contains("is corrupt") && err.contains("state.json.bak"),
+        "{err}"
+    );
+    // Still attached, still at the live budget; the file left as it was.
+    assert!(xdp_attached(&env));
+    assert_each(&blast(&env, 200, 1.0), 20.0, 6.0, "enforcing at 20/s");
+    assert_eq!(
+        std::fs::read(&env.state_file).unwrap_or_default(),
+        truncated
+    );
+
+    // The same for a damaged config file.
+    std::fs::copy(env.dir.join("state.json.bak"), &env.state_file)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let config = std::fs::read_to_string(&env.config).unwrap_or_default();
+    std::fs::write(&env.config, &config[..config.len() - 30]).unwrap_or_else(|e| panic!("{e}"));
+    let err = format!("{:#}", env.start().expect_err("a truncated config"));
+    assert!(err.contains("limiter.toml"), "{err}");
+    assert!(xdp_attached(&env));
+    assert_each(&blast(&env, 200, 1.0), 20.0, 6.0, "still enforcing");
+
+    // Both restored (the state from its backup): every live change is back.
+    std::fs::write(&env.config, config).unwrap_or_else(|e| panic!("{e}"));
+    env.start().unwrap_or_else(|e| panic!("{e:#}"));
+    let clients = env.cli_json(&["rules", "show", "clients"]);
+    assert_eq!(clients["rule"]["packets"], "20/s", "{clients}");
+    assert_eq!(kernel_packet_interval(&env, "clients"), interval(20));
+}
+
+fn interface_gone(env: &AgentEnv) -> bool {
+    env.cli_json(&["status"])["interfaces"][0]["gone"] == true
+}
+
+#[test]
+fn an_interface_deleted_and_created_again_is_attached_again() {
+    let env = env_with(RULES);
+    env.pair
+        .gateway
+        .exec(&["ip", "link", "del", &env.pair.gw_if])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    wait_for("the agent noticed", Duration::from_secs(10), || {
+        interface_gone(&env)
+    });
+    let metrics = env.scrape().unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        metrics.contains("limiter_repairs_total{kind=\"interface_lost\"} 1"),
+        "{metrics}"
+    );
+    env.pair.connect().unwrap_or_else(|e| panic!("{e:#}"));
+    wait_for("attached again", Duration::from_secs(10), || {
+        !interface_gone(&env) && xdp_attached(&env)
+    });
+    assert_each(&blast(&env, 200, 1.0), 10.0 + 40.0, 8.0, "limited again");
+    let metrics = env.scrape().unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        metrics.contains("limiter_repairs_total{kind=\"reattached\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn pins_removed_under_the_agent_are_pinned_again() {
+    let mut env = env_with(RULES);
+    std::fs::remove_dir_all(&env.pin_path).unwrap_or_else(|e| panic!("{e}"));
+    // The agent's own handles keep the link: enforcement never stops.
+    assert!(xdp_attached(&env));
+    let rules_pin = env
+        .pin_path
+        .join("maps")
+        .join(limiter_common::map_names::RULES);
+    let links = env.pin_path.join("links");
+    wait_for("pins back", Duration::from_secs(10), || {
+        rules_pin.exists() && std::fs::read_dir(&links).is_ok_and(|d| d.count() == 1)
+    });
+    assert_each(&blast(&env, 200, 1.0), 10.0 + 40.0, 8.0, "limited");
+    let metrics = env.scrape().unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        !metrics.contains("limiter_repairs_total{kind=\"repinned\"} 0"),
+        "{metrics}"
+    );
+    // They are real pins: without the agent the link stays, and the next
+    // agent adopts it with the maps.
+    env.kill9().unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(xdp_attached(&env), "the re-made link pin holds the link");
+    env.start().unwrap_or_else(|e| panic!("{e:#}"));
+    let status = env.cli_json(&["status"]);
+    assert_eq!(status["interfaces"][0]["adopted"], true, "{status}");
+    // The re-made map pins are the live maps: per-source state carried over.
+    let inspect = env.cli_json(&["inspect", "198.18.1.3"]);
+    assert_eq!(inspect["tracked"], true, "{inspect}");
+}
