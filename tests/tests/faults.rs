@@ -265,3 +265,145 @@ fn pins_removed_under_the_agent_are_pinned_again() {
     let inspect = env.cli_json(&["inspect", "198.18.1.3"]);
     assert_eq!(inspect["tracked"], true, "{inspect}");
 }
+
+/// One API call of the concurrency test and what the agent answered.
+struct Call {
+    kind: CallKind,
+    code: u16,
+    generation: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+enum CallKind {
+    SetClients(u64),
+    Add(u8, u64),
+    Delete(u8),
+}
+
+impl CallKind {
+    fn nth(i: u64) -> Self {
+        let extra = (i % 7) as u8;
+        match i % 4 {
+            0 | 1 => Self::SetClients(100 + i),
+            2 => Self::Add(extra, 1000 + i),
+            _ => Self::Delete(extra),
+        }
+    }
+
+    fn send(&self, env: &AgentEnv) -> (u16, String) {
+        let result = match self {
+            Self::SetClients(rate) => env.api(
+                "PATCH",
+                "/v1/rules/clients",
+                Some(&format!(r#"{{"packets": "{rate}/s"}}"#)),
+            ),
+            Self::Add(k, rate) => env.api(
+                "POST",
+                "/v1/rules",
+                Some(&format!(
+                    r#"{{"name": "extra-{k}", "prefixes": ["198.18.200.{k}/32"],
+                        "action": "drop", "packets": "{rate}/s"}}"#
+                )),
+            ),
+            Self::Delete(k) => env.api("DELETE", &format!("/v1/rules/extra-{k}"), None),
+        };
+        result.unwrap_or_else(|e| panic!("{self:?}: {e:#}"))
+    }
+}
+
+#[test]
+fn a_thousand_concurrent_api_calls_end_in_one_serial_order() {
+    const THREADS: u64 = 25;
+    const CALLS_PER_THREAD: u64 = 40;
+    let env = env_with(RULES);
+    let start = env.cli_json(&["status"])["config_generation"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no config_generation in status"));
+    let calls: Vec<Call> = std::thread::scope(|scope| {
+        let env = &env;
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                scope.spawn(move || {
+                    (0..CALLS_PER_THREAD)
+                        .map(|n| {
+                            let kind = CallKind::nth(t * CALLS_PER_THREAD + n);
+                            let (code, body) = kind.send(env);
+                            let answer: serde_json::Value =
+                                serde_json::from_str(&body).unwrap_or_default();
+                            Call {
+                                kind,
+                                code,
+                                generation: answer["config_generation"].as_u64(),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|_| panic!("worker panicked")))
+            .collect()
+    });
+    assert_eq!(calls.len() as u64, THREADS * CALLS_PER_THREAD);
+    // Refusals are the expected conflicts only, never a server error.
+    for call in &calls {
+        assert!(
+            matches!(call.code, 200 | 404 | 409),
+            "{:?} answered {}",
+            call.kind,
+            call.code
+        );
+    }
+    // Every acknowledged call got its own generation, with none skipped:
+    // together they are one serial order.
+    let mut acked: Vec<(u64, &CallKind)> = calls
+        .iter()
+        .filter(|c| c.code == 200)
+        .map(|c| (c.generation.unwrap_or(0), &c.kind))
+        .collect();
+    acked.sort_by_key(|(g, _)| *g);
+    let generations: Vec<u64> = acked.iter().map(|(g, _)| *g).collect();
+    let expected: Vec<u64> = (start + 1..=start + acked.len() as u64).collect();
+    assert_eq!(
+        generations, expected,
+        "one generation per acknowledged call"
+    );
+    // Replayed in that order, each call was valid where it stood, and the
+    // result is what the agent, the kernel and the state file hold.
+    let mut model: std::collections::BTreeMap<String, u64> = [("clients".to_owned(), 40)].into();
+    for (generation, kind) in &acked {
+        match kind {
+            CallKind::SetClients(rate) => {
+                model.insert("clients".into(), *rate);
+            }
+            CallKind::Add(k, rate) => {
+                let old = model.insert(format!("extra-{k}"), *rate);
+                assert!(old.is_none(), "generation {generation}: added twice");
+            }
+            CallKind::Delete(k) => {
+                let old = model.remove(&format!("extra-{k}"));
+                assert!(old.is_some(), "generation {generation}: deleted absent");
+            }
+        }
+    }
+    for (name, rate) in &model {
+        let shown = env.cli_json(&["rules", "show", name]);
+        assert_eq!(shown["rule"]["packets"], format!("{rate}/s"), "{name}");
+        assert_eq!(
+            kernel_packet_interval(&env, name),
+            interval(*rate),
+            "{name} in the kernel"
+        );
+        assert_eq!(
+            state_file_packets(&env, name),
+            Some(format!("{rate}/s")),
+            "{name} in the state file"
+        );
+    }
+    // No rule beyond the model's (and the configured default).
+    let kernel = env.kernel_rules().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(kernel.len(), model.len() + 1, "rules in the kernel");
+    let listed = env.cli_json(&["rules", "list"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(model.len() + 1));
+}

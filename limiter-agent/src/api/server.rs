@@ -11,12 +11,12 @@ use std::{
 use anyhow::{Context as _, Result};
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, Path as UrlPath, Query, State},
+    extract::{DefaultBodyLimit, FromRequest, Path as UrlPath, Query, Request, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use serde::Deserialize;
+use serde::{Deserialize, de::DeserializeOwned};
 use tokio::{net::UnixListener, sync::watch};
 
 use super::types::{Applied, ErrorBody, Offender, PenaltyRequest, RulePatch};
@@ -60,6 +60,23 @@ impl From<ServiceError> for ApiError {
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// A JSON request body. Unlike axum's `Json`, a body that cannot be read
+/// (too large, not JSON, the wrong shape) is refused with the same JSON
+/// error body as every other refusal, and the status axum chose (400, 413,
+/// 415 or 422).
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError(rejection.status(), rejection.body_text())),
+        }
+    }
+}
 
 /// Runs `f` on the service off the async runtime (map work is blocking).
 async fn with_service<T: Send + 'static>(
@@ -121,7 +138,7 @@ async fn show_rule(
     with_service(&s, move |svc| svc.rule(&name)).await.map(Json)
 }
 
-async fn add_rule(State(s): State<Shared>, Json(rule): Json<RuleConfig>) -> ApiResult<Applied> {
+async fn add_rule(State(s): State<Shared>, Body(rule): Body<RuleConfig>) -> ApiResult<Applied> {
     with_service(&s, move |svc| {
         let name = rule.name.clone();
         svc.add_rule(rule)?;
@@ -134,7 +151,7 @@ async fn add_rule(State(s): State<Shared>, Json(rule): Json<RuleConfig>) -> ApiR
 async fn replace_rule(
     State(s): State<Shared>,
     UrlPath(name): UrlPath<String>,
-    Json(rule): Json<RuleConfig>,
+    Body(rule): Body<RuleConfig>,
 ) -> ApiResult<Applied> {
     with_service(&s, move |svc| {
         svc.replace_rule(&name, rule)?;
@@ -147,7 +164,7 @@ async fn replace_rule(
 async fn patch_rule(
     State(s): State<Shared>,
     UrlPath(name): UrlPath<String>,
-    Json(patch): Json<RulePatch>,
+    Body(patch): Body<RulePatch>,
 ) -> ApiResult<Applied> {
     with_service(&s, move |svc| {
         svc.patch_rule(&name, &patch)?;
@@ -169,7 +186,7 @@ async fn delete_rule(
     .map(Json)
 }
 
-async fn batch(State(s): State<Shared>, Json(changes): Json<Vec<Change>>) -> ApiResult<Applied> {
+async fn batch(State(s): State<Shared>, Body(changes): Body<Vec<Change>>) -> ApiResult<Applied> {
     if changes.len() > MAX_BATCH {
         return Err(ApiError(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -189,7 +206,7 @@ async fn batch(State(s): State<Shared>, Json(changes): Json<Vec<Change>>) -> Api
 
 async fn penalize(
     State(s): State<Shared>,
-    Json(request): Json<PenaltyRequest>,
+    Body(request): Body<PenaltyRequest>,
 ) -> ApiResult<Applied> {
     with_service(&s, move |svc| {
         let name = svc.penalize(&request)?;
