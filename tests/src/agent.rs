@@ -50,6 +50,10 @@ pub struct AgentEnv {
     pub top_k: usize,
     /// `[capacity] rules` written by `header`.
     pub max_rules: u32,
+    /// The interface the agent attaches to and its namespace: the pair's
+    /// gateway side unless a test points it elsewhere.
+    pub interface: String,
+    pub interface_netns: String,
     agent: Option<Child>,
 }
 
@@ -60,6 +64,8 @@ impl AgentEnv {
         let dir = std::env::temp_dir().join(format!("limiter-test-{tag}"));
         std::fs::create_dir_all(&dir)?;
         Ok(Self {
+            interface: pair.gw_if.clone(),
+            interface_netns: pair.gateway.name.clone(),
             pin_path: PathBuf::from(format!("/sys/fs/bpf/limiter-test-{tag}")),
             socket: dir.join("control.sock"),
             state_file: dir.join("state.json"),
@@ -87,8 +93,8 @@ impl AgentEnv {
             self.metrics_port,
             self.top_k,
             self.max_rules,
-            self.pair.gw_if,
-            self.pair.gateway.name
+            self.interface,
+            self.interface_netns
         )
     }
 
