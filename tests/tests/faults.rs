@@ -12,7 +12,7 @@ use std::{
 use limiter_common::{Limit, dimension};
 use limiter_tests::{
     agent::AgentEnv,
-    scenario::{RULES, assert_each, blast, env_with, rule, xdp_attached},
+    scenario::{RULES, assert_each, blast, env_with, rule, sources, xdp_attached},
 };
 
 /// The packet interval the kernel holds for rule `name`, read from the
@@ -406,4 +406,58 @@ fn a_thousand_concurrent_api_calls_end_in_one_serial_order() {
     assert_eq!(kernel.len(), model.len() + 1, "rules in the kernel");
     let listed = env.cli_json(&["rules", "list"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(model.len() + 1));
+}
+
+#[test]
+fn kill_9_while_traffic_flows_admits_nothing_beyond_the_budget_and_loses_no_change() {
+    let mut env = env_with(RULES);
+    // Acknowledged live changes of every kind.
+    env.cli_ok(&[
+        "rules",
+        "change",
+        "clients",
+        "--packets",
+        "20/s",
+        "--packet-burst",
+        "5",
+    ]);
+    env.cli_ok(&[
+        "rules",
+        "add",
+        "extra",
+        "--prefix",
+        "198.18.2.0/24",
+        "--action",
+        "deny",
+    ]);
+    env.cli_ok(&["penalize", "198.18.1.8", "--for", "10m", "--deny"]);
+    // The agent dies one second into three seconds of traffic.
+    let got = std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| blast(&env, 200, 3.0));
+        std::thread::sleep(Duration::from_secs(1));
+        env.signal(libc::SIGKILL)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        traffic
+            .join()
+            .unwrap_or_else(|_| panic!("traffic thread panicked"))
+    });
+    for (addr, _) in sources() {
+        let n = got.get(&addr).copied().unwrap_or(0);
+        if addr[..4] == [198, 18, 1, 8] {
+            assert_eq!(n, 0, "the penalized source: {got:?}");
+        } else {
+            // One burst and three seconds at the budget, agent or not.
+            assert!(n <= 5 + 20 * 3 + 6, "source {addr:?} got {n}: {got:?}");
+        }
+    }
+    env.kill9().unwrap_or_else(|e| panic!("{e:#}"));
+    env.start().unwrap_or_else(|e| panic!("{e:#}"));
+    let rules = env.cli_json(&["rules", "list"]);
+    assert!(rule(&rules, "extra").is_some(), "{rules}");
+    assert!(rule(&rules, "penalty:198.18.1.8/32").is_some(), "{rules}");
+    assert_eq!(kernel_packet_interval(&env, "clients"), interval(20));
+    let inspect = env.cli_json(&["inspect", "198.18.2.1"]);
+    assert_eq!(inspect["rule"], "extra", "{inspect}");
+    let inspect = env.cli_json(&["inspect", "198.18.1.8"]);
+    assert_eq!(inspect["rule"], "penalty:198.18.1.8/32", "{inspect}");
 }
