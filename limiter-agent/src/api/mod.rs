@@ -1,4 +1,5 @@
 //! The control API (server, client, bodies).
 pub mod client;
+pub mod decode;
 pub mod server;
 pub mod types;
