@@ -1,0 +1,116 @@
+//! What the fuzz targets share: the configuration that API changes and state
+//! files apply to, and the agent's steps after decoding, up to (not
+//! including) the kernel maps.
+//!
+//! Besides "never panics", the targets check what the kernel is promised:
+//! every rule that validates becomes a kernel rule whose numbers are in
+//! range and whose budgets are real (a budget that turned into "unlimited"
+//! on the way would silently stop limiting), and it survives the state
+//! file's JSON unchanged.
+
+use std::{collections::BTreeMap, path::Path, sync::LazyLock};
+
+use limiter_agent::{
+    config::{Budget, Config, RuleConfig, RuleDef, validate_rules},
+    enforcer::kernel_rule,
+};
+use limiter_common::{Limit, dimension};
+
+/// The documented example configuration: rules of every action and scope
+/// for patches, batches and state files to change.
+pub static EXAMPLE: LazyLock<Config> = LazyLock::new(|| {
+    let text = include_str!("../../docs/limiter.example.toml");
+    match Config::parse(text, Path::new("docs/limiter.example.toml")) {
+        Ok(config) => config,
+        // A constant input: failing here is a broken checkout, not a finding.
+        Err(e) => panic!("the documented example no longer parses: {e}"),
+    }
+});
+
+/// Validates `rules` as one rule set (as the service does before every
+/// change) and, when valid, turns each into its kernel form with the id
+/// `id_of` gives it.
+pub fn apply_rule_set(rules: &[RuleConfig], max_rules: u32, id_of: impl Fn(&str) -> u32) {
+    let Ok(defs) = validate_rules(rules, max_rules) else {
+        return;
+    };
+    for (config, def) in rules.iter().zip(&defs) {
+        check_kernel_form(def, id_of(&def.name));
+        check_round_trip(config, def);
+    }
+}
+
+/// One rule on its own, as a single API change is checked first.
+pub fn apply_rule(rule: &RuleConfig) {
+    if let Ok(def) = rule.validate() {
+        check_kernel_form(&def, 1);
+        check_round_trip(rule, &def);
+    }
+}
+
+/// The example's rules with `overrides` (a rule, or `None` for deleted)
+/// laid over them and `extra` rules added, as the service composes them.
+pub fn compose(
+    overrides: &BTreeMap<String, Option<RuleConfig>>,
+    extra: impl IntoIterator<Item = RuleConfig>,
+) -> Vec<RuleConfig> {
+    let configured = &EXAMPLE.file.rules;
+    let mut rules: Vec<RuleConfig> = configured
+        .iter()
+        .filter_map(|rule| match overrides.get(&rule.name) {
+            None => Some(rule.clone()),
+            Some(changed) => changed.clone(),
+        })
+        .collect();
+    for (name, rule) in overrides {
+        if let Some(rule) = rule
+            && !configured.iter().any(|r| &r.name == name)
+        {
+            rules.push(rule.clone());
+        }
+    }
+    rules.extend(extra);
+    rules
+}
+
+fn check_kernel_form(def: &RuleDef, id: u32) {
+    let kernel = kernel_rule(def, id).rule;
+    assert!(kernel.source_prefix_v4 <= 32, "{def:?}");
+    assert!(kernel.source_prefix_v6 <= 128, "{def:?}");
+    assert!(kernel.dscp <= 63, "{def:?}");
+    for (dim, budget) in [
+        (dimension::PACKETS, def.packets),
+        (dimension::BYTES, def.bytes),
+        (dimension::SYNS, def.new_connections),
+    ] {
+        let limit = kernel.limits[dim];
+        match budget {
+            None => assert_eq!(limit, Limit::UNLIMITED, "{def:?}"),
+            Some(Budget {
+                rate_per_sec,
+                burst,
+            }) => {
+                assert!(
+                    !limit.is_unlimited(),
+                    "validated budget {rate_per_sec}/s burst {burst} reached the kernel as unlimited: {def:?}"
+                );
+                assert_eq!(Limit::new(rate_per_sec, burst), Ok(limit), "{def:?}");
+            }
+        }
+    }
+}
+
+/// Live rules are kept in the state file as JSON: what validated before a
+/// restart must validate to the same rule after it.
+fn check_round_trip(config: &RuleConfig, def: &RuleDef) {
+    let json = match serde_json::to_string(config) {
+        Ok(json) => json,
+        Err(e) => panic!("a valid rule does not serialize: {e}: {config:?}"),
+    };
+    let back: RuleConfig = match serde_json::from_str(&json) {
+        Ok(back) => back,
+        Err(e) => panic!("a valid rule does not read back ({e}): {json}"),
+    };
+    assert_eq!(&back, config, "{json}");
+    assert_eq!(back.validate().as_ref(), Ok(def), "{json}");
+}
