@@ -1,6 +1,7 @@
 //! `cargo xtask`: setup, checks and runners for limiter. Start it through
 //! `./x`, which first installs the pinned Rust toolchain.
 mod cmd;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -44,6 +45,15 @@ enum Task {
         /// Passed to `limiter-demo`
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run setup, then each fuzz target (fuzz/) for a bounded time
+    Fuzz {
+        /// Seconds per target
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// Targets to run (default: all)
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS))]
+        targets: Vec<String>,
     },
     /// Run setup, then the benchmarks (packet cost, control-plane latency)
     Bench {
@@ -94,6 +104,12 @@ fn run() -> Result<()> {
                     .args(["run", "--release", "-p", "limiter-agent", "--", "run"])
                     .args(args),
             )
+        }
+        Task::Fuzz { seconds, targets } => {
+            // The targets link the agent, whose build script builds the
+            // eBPF programs (bpf-linker).
+            setup::run(&root)?;
+            fuzz::run(&root, seconds, &targets)
         }
         Task::Bench { args } => {
             setup::run(&root)?;

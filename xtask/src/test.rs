@@ -58,6 +58,9 @@ pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
             .args(["--", "--smoke"]),
     )?;
 
+    // Bounded fuzzing of the agent's parsers; past crashes are replayed first.
+    crate::fuzz::run(root, crate::fuzz::DEFAULT_SECONDS, &[])?;
+
     // The integration tests attach programs inside network namespaces and
     // share kernel state: one at a time. `--all-targets`: there are no doc
     // tests, whose empty run would otherwise be the last word.

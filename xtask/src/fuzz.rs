@@ -1,0 +1,157 @@
+//! `cargo xtask fuzz`: runs the fuzz targets in fuzz/ (cargo-fuzz, libFuzzer
+//! with AddressSanitizer) for a bounded time each. `./x test` runs it with
+//! the default time, so CI fuzzes every run.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd;
+
+/// The targets in fuzz/Cargo.toml, in the order they run.
+pub const TARGETS: &[&str] = &["config", "api_request", "state"];
+
+/// Seconds per target when none are given: what CI spends.
+pub const DEFAULT_SECONDS: u64 = 30;
+
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// libFuzzer's limits for one input: a parser that needs more than this is
+/// a finding (a hang or a memory blow-up), not a slow machine.
+const INPUT_TIMEOUT_SECS: u32 = 10;
+const RSS_LIMIT_MB: u32 = 2048;
+
+pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
+    let targets: Vec<&str> = if targets.is_empty() {
+        TARGETS.to_vec()
+    } else {
+        targets.iter().map(String::as_str).collect()
+    };
+    if let Some(unknown) = targets.iter().find(|t| !TARGETS.contains(t)) {
+        bail!(
+            "no fuzz target {unknown:?}; the targets are {}",
+            TARGETS.join(", ")
+        );
+    }
+    cargo_fuzz(root)?;
+    // All targets in one build: they share every dependency.
+    cmd::run(fuzz_command(root).arg("build"))
+        .context("building the fuzz targets failed: see the compiler's message above")?;
+    for target in targets {
+        fuzz(root, target, seconds)?;
+    }
+    Ok(())
+}
+
+/// `cargo fuzz` in the workspace root. RUSTC_BOOTSTRAP: cargo-fuzz passes
+/// `-Z sanitizer=...`, which the pinned stable toolchain otherwise refuses.
+fn fuzz_command(root: &Path) -> Command {
+    let mut cargo = cmd::cargo(root);
+    cargo.env("RUSTC_BOOTSTRAP", "1").arg("fuzz");
+    cargo
+}
+
+fn cargo_fuzz(root: &Path) -> Result<()> {
+    let found = cargo_fuzz_version(root);
+    if found.as_deref() == Some(CARGO_FUZZ_VERSION) {
+        println!("ok: cargo-fuzz {CARGO_FUZZ_VERSION} already installed");
+        return Ok(());
+    }
+    cmd::run(
+        cmd::cargo(root)
+            .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION])
+            .arg("--locked"),
+    )
+    .context("installing cargo-fuzz failed: see cargo's message above")?;
+    match cargo_fuzz_version(root) {
+        Some(version) if version == CARGO_FUZZ_VERSION => {
+            println!("installed: cargo-fuzz {version}");
+            Ok(())
+        }
+        other => bail!(
+            "cargo-fuzz {CARGO_FUZZ_VERSION} was installed, but `cargo fuzz --version` \
+             now reports {other:?}: put ~/.cargo/bin first on PATH"
+        ),
+    }
+}
+
+/// The version `cargo fuzz --version` reports ("cargo-fuzz 0.13.2").
+fn cargo_fuzz_version(root: &Path) -> Option<String> {
+    let out = cmd::cargo(root).args(["fuzz", "--version"]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.split_whitespace().last()?;
+    out.status.success().then(|| version.to_owned())
+}
+
+/// Fuzzes `target` for `seconds`. New inputs go to a working corpus under
+/// fuzz/target (kept between local runs); the committed seeds in
+/// fuzz/corpus/TARGET and every past crash in fuzz/regressions/TARGET are
+/// read only, and all of them run first, so an old crash that came back
+/// fails at once.
+fn fuzz(root: &Path, target: &str, seconds: u64) -> Result<()> {
+    let fuzz_dir = root.join("fuzz");
+    let work = fuzz_dir.join("target/corpus").join(target);
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let mut inputs = vec![work];
+    for dir in ["corpus", "regressions"] {
+        let dir = fuzz_dir.join(dir).join(target);
+        if dir.is_dir() {
+            inputs.push(dir);
+        }
+    }
+    let dict = fuzz_dir.join("dict").join(format!("{target}.dict"));
+    let started = SystemTime::now();
+    let mut command = fuzz_command(root);
+    command
+        .args(["run", target])
+        .args(&inputs)
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .arg(format!("-timeout={INPUT_TIMEOUT_SECS}"))
+        .arg(format!("-rss_limit_mb={RSS_LIMIT_MB}"))
+        .arg("-print_final_stats=1");
+    if dict.is_file() {
+        command.arg(format!("-dict={}", dict.display()));
+    }
+    let Err(error) = cmd::run(&mut command) else {
+        return Ok(());
+    };
+    let artifacts = fuzz_dir.join("artifacts").join(target);
+    match new_files(&artifacts, started) {
+        found if found.is_empty() => Err(error.context(format!(
+            "fuzz target `{target}` failed without leaving an input in {}",
+            artifacts.display()
+        ))),
+        found => {
+            let list: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
+            bail!(
+                "fuzz target `{target}` found an input that crashes, hangs or runs out of memory: {}\n\
+                 Reproduce: RUSTC_BOOTSTRAP=1 cargo fuzz run {target} {}\n\
+                 Then fix it, copy the input to fuzz/regressions/{target}/ and add a #[test] \
+                 feeding it (docs/testing.md, \"Fuzzing\").",
+                list.join(", "),
+                list[0],
+            )
+        }
+    }
+}
+
+/// Files in `dir` changed since `since`, oldest first.
+fn new_files(dir: &Path, since: SystemTime) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(SystemTime, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let modified = entry.metadata().ok()?.modified().ok()?;
+            (modified >= since).then(|| (modified, entry.path()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, path)| path).collect()
+}
