@@ -26,6 +26,11 @@ pub enum L4 {
     Icmpv6 {
         kind: u8,
     },
+    /// Any other protocol number, with a `len`-byte header of 0x5a bytes.
+    Other {
+        proto: u8,
+        len: usize,
+    },
 }
 
 impl L4 {
@@ -34,6 +39,7 @@ impl L4 {
             L4::Tcp { .. } | L4::TruncatedTcp { .. } => 6,
             L4::Udp => 17,
             L4::Icmpv6 { .. } => 58,
+            L4::Other { proto, .. } => *proto,
         }
     }
 
@@ -56,6 +62,7 @@ impl L4 {
                 h
             }
             L4::Icmpv6 { kind } => vec![*kind, 0, 0, 0, 0, 0, 0, 0],
+            L4::Other { len, .. } => vec![0x5a; *len],
         };
         out.extend(std::iter::repeat_n(0xab, payload));
         out
@@ -68,9 +75,25 @@ impl L4 {
 pub enum Ext {
     HopByHop,
     Routing,
-    DestOpts { len_units: u8 },
-    Fragment { offset: u16 },
+    DestOpts {
+        len_units: u8,
+    },
+    Fragment {
+        offset: u16,
+    },
     Auth,
+    /// Hop-by-hop (0), routing (43), destination options (60) or
+    /// authentication (51) with its length field set to `len_field`:
+    /// (len + 1) * 8 bytes, or (len + 2) * 4 for authentication.
+    Sized {
+        code: u8,
+        len_field: u8,
+    },
+    /// A fragment header with its more-fragments flag.
+    FragmentWithFlags {
+        offset: u16,
+        more: bool,
+    },
 }
 
 impl Ext {
@@ -81,7 +104,14 @@ impl Ext {
             Ext::DestOpts { .. } => 60,
             Ext::Fragment { .. } => 44,
             Ext::Auth => 51,
+            Ext::Sized { code, .. } => *code,
+            Ext::FragmentWithFlags { .. } => 44,
         }
+    }
+
+    /// Length in bytes of this header.
+    pub fn byte_len(&self) -> usize {
+        self.bytes(0).len()
     }
 
     fn bytes(&self, next: u8) -> Vec<u8> {
@@ -108,6 +138,24 @@ impl Ext {
                 let mut h = vec![0u8; 16];
                 h[0] = next;
                 h[1] = 2;
+                h
+            }
+            Ext::Sized { code, len_field } => {
+                let len = if *code == 51 {
+                    (usize::from(*len_field) + 2) * 4
+                } else {
+                    (usize::from(*len_field) + 1) * 8
+                };
+                let mut h = vec![0u8; len];
+                h[0] = next;
+                h[1] = *len_field;
+                h
+            }
+            Ext::FragmentWithFlags { offset, more } => {
+                let mut h = vec![0u8; 8];
+                h[0] = next;
+                let flags = (offset << 3) | u16::from(*more);
+                h[2..4].copy_from_slice(&flags.to_be_bytes());
                 h
             }
         }

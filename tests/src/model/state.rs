@@ -1,0 +1,323 @@
+//! The model's state across packets: buckets (GCRA), per-rule counters,
+//! reason counters and over-budget events.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use limiter_common::{
+    Action, EVENT_INTERVAL_NS, OverBudgetEvent, Reason, Rule, RuleCounters, dimension, family,
+    rate::{clamp_debt, conform, fine_time},
+    verdict,
+};
+
+use super::{
+    classify::{BucketKey, RuleTable, Target, with_dscp},
+    parse::{IpInfo, Parsed, parse},
+};
+
+/// What the data path must do with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    /// Rewrite the DSCP, set `skb->mark` (TC, when non-zero), pass.
+    Mark {
+        dscp: u32,
+        skb_mark: u32,
+    },
+}
+
+/// The time-independent part of a frame's fate.
+#[derive(Clone, Copy, Debug)]
+pub struct Classified {
+    pub parsed: Parsed,
+    pub target: Option<Target>,
+    /// The bucket to charge: set for `drop`, `mark` and `monitor` rules.
+    pub bucket: Option<BucketKey>,
+}
+
+/// What the model expects for one frame.
+#[derive(Clone, Debug)]
+pub struct Expected {
+    pub verdict: Verdict,
+    pub output: Vec<u8>,
+    /// The rule the packet was counted under, and in which [`verdict`] slot.
+    pub counted: Option<(u32, usize)>,
+}
+
+impl Expected {
+    pub fn xdp_action(&self) -> u32 {
+        match self.verdict {
+            Verdict::Drop => crate::harness::XDP_DROP,
+            Verdict::Pass | Verdict::Mark { .. } => crate::harness::XDP_PASS,
+        }
+    }
+
+    pub fn tc_action(&self) -> u32 {
+        match self.verdict {
+            Verdict::Drop => crate::harness::TC_ACT_SHOT,
+            Verdict::Pass | Verdict::Mark { .. } => crate::harness::TC_ACT_OK,
+        }
+    }
+
+    /// `skb->mark` after the TC program (it starts at 0).
+    pub fn skb_mark(&self) -> u32 {
+        match self.verdict {
+            Verdict::Mark { skb_mark, .. } => skb_mark,
+            Verdict::Pass | Verdict::Drop => 0,
+        }
+    }
+}
+
+/// One bucket: a theoretical arrival time per budget dimension, in the
+/// fine units of `limiter_common::rate`, and when it last reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BucketState {
+    pub tat: [u64; dimension::COUNT],
+    /// 0: never reported.
+    pub last_event_ns: u64,
+}
+
+impl BucketState {
+    /// How far each dimension's TAT runs ahead of `now_ns` (0 if it lies in
+    /// the past: the bucket is full), in fine units.
+    pub fn debt(tat: &[u64; dimension::COUNT], now_ns: u64) -> [u64; dimension::COUNT] {
+        let now = fine_time(now_ns);
+        tat.map(|t| (t.wrapping_sub(now) as i64).max(0) as u64)
+    }
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub table: RuleTable,
+    pub buckets: HashMap<BucketKey, BucketState>,
+    /// By rule id.
+    pub counters: HashMap<u32, RuleCounters>,
+    pub reasons: [u64; Reason::COUNT as usize],
+    pub events: Vec<OverBudgetEvent>,
+}
+
+impl Model {
+    /// A fresh data path with `table` installed: no buckets, zero counters.
+    pub fn new(table: RuleTable) -> Self {
+        let counters = table
+            .rules
+            .iter()
+            .map(|r| (r.id, RuleCounters::default()))
+            .collect();
+        Self {
+            table,
+            buckets: HashMap::new(),
+            counters,
+            reasons: [0; Reason::COUNT as usize],
+            events: Vec::new(),
+        }
+    }
+
+    /// Everything about `frame` that does not depend on time.
+    pub fn classify(&self, frame: &[u8]) -> Classified {
+        let parsed = parse(frame);
+        let Parsed::Ip(ip) = parsed else {
+            return Classified {
+                parsed,
+                target: None,
+                bucket: None,
+            };
+        };
+        let target = self.table.lookup(ip.source);
+        let bucket = match target {
+            Some(Target::Rule(i)) if is_rate_limited(&self.table.rules[i]) => {
+                Some(BucketKey::of(&self.table.rules[i], ip.source))
+            }
+            _ => None,
+        };
+        Classified {
+            parsed,
+            target,
+            bucket,
+        }
+    }
+
+    /// Runs `frame` through the model. `now_ns` is the kernel's clock for
+    /// this packet; it is needed only when `classified.bucket` is set.
+    pub fn apply(&mut self, frame: &[u8], classified: &Classified, now_ns: u64) -> Expected {
+        let pass = Expected {
+            verdict: Verdict::Pass,
+            output: frame.to_vec(),
+            counted: None,
+        };
+        let ip = match classified.parsed {
+            Parsed::Pass(reason) => {
+                self.count(reason);
+                return pass;
+            }
+            Parsed::Drop(reason) => {
+                self.count(reason);
+                return Expected {
+                    verdict: Verdict::Drop,
+                    ..pass
+                };
+            }
+            Parsed::Ip(ip) => ip,
+        };
+        if let Some(note) = ip.note {
+            self.count(note);
+        }
+        let rule = match classified.target {
+            None => {
+                self.count(Reason::NoRule);
+                return pass;
+            }
+            Some(Target::EmptySlot) => {
+                self.count(Reason::InvalidRule);
+                return pass;
+            }
+            Some(Target::Rule(i)) => self.table.rules[i],
+        };
+        let Some(action) = Action::from_u32(rule.action).filter(|_| rule.in_use != 0) else {
+            self.count(Reason::InvalidRule);
+            return pass;
+        };
+        let (slot, verdict) = match action {
+            Action::Allow => (verdict::PASSED, Verdict::Pass),
+            Action::Deny => (verdict::DROPPED, Verdict::Drop),
+            limited => {
+                let Some(key) = classified.bucket else {
+                    panic!("classify gives every rate-limited rule a bucket")
+                };
+                if self.charge(&rule, &ip, key, frame.len(), now_ns) {
+                    (verdict::PASSED, Verdict::Pass)
+                } else {
+                    over_budget(limited, &rule)
+                }
+            }
+        };
+        let counters = self.counters.entry(rule.id).or_default();
+        counters.packets[slot] += 1;
+        counters.bytes[slot] += frame.len() as u64;
+        let output = match verdict {
+            Verdict::Mark { dscp, .. } => with_dscp(frame, &ip, dscp).unwrap_or_else(|| {
+                self.count(Reason::MarkFailed);
+                frame.to_vec()
+            }),
+            Verdict::Pass | Verdict::Drop => frame.to_vec(),
+        };
+        Expected {
+            verdict,
+            output,
+            counted: Some((rule.id, slot)),
+        }
+    }
+
+    /// GCRA over every budget of the rule: the packet passes only if each
+    /// budget admits it, and is charged to all of them or to none.
+    fn charge(
+        &mut self,
+        rule: &Rule,
+        ip: &IpInfo,
+        key: BucketKey,
+        wire_len: usize,
+        now_ns: u64,
+    ) -> bool {
+        let now = fine_time(now_ns);
+        if matches!(key, BucketKey::PerSource(_)) && !self.buckets.contains_key(&key) {
+            self.count(Reason::SourceTracked);
+        }
+        let bucket = self.buckets.entry(key).or_insert(BucketState {
+            // A new bucket is full.
+            tat: [now; dimension::COUNT],
+            last_event_ns: 0,
+        });
+        let units = [1, wire_len as u64, 1];
+        let mut charged = bucket.tat;
+        let mut exceeded = 0u32;
+        for dim in 0..dimension::COUNT {
+            let limit = rule.limits[dim];
+            if limit.is_unlimited() || (dim == dimension::SYNS && !ip.new_connection) {
+                continue;
+            }
+            match conform(
+                bucket.tat[dim],
+                now,
+                limit.cost(units[dim]),
+                limit.tolerance,
+            ) {
+                Some(tat) => charged[dim] = tat,
+                None => exceeded |= 1 << dim,
+            }
+        }
+        if exceeded == 0 {
+            bucket.tat = charged;
+            return true;
+        }
+        // Debt from an older, slower budget is forgiven (never happens with
+        // budgets that do not change, as here, but it is the documented rule).
+        for dim in 0..dimension::COUNT {
+            if exceeded & (1 << dim) != 0
+                && let Some(tat) = clamp_debt(bucket.tat[dim], now, rule.limits[dim].tolerance)
+            {
+                bucket.tat[dim] = tat;
+            }
+        }
+        let last = bucket.last_event_ns;
+        if last == 0 || now_ns.wrapping_sub(last) >= EVENT_INTERVAL_NS {
+            bucket.last_event_ns = now_ns;
+            self.events
+                .push(event(rule, ip.source, key, now_ns, exceeded));
+        }
+        false
+    }
+
+    fn count(&mut self, reason: Reason) {
+        self.reasons[reason as usize] += 1;
+    }
+}
+
+/// What `drop`, `mark` and `monitor` do with a packet over budget.
+fn over_budget(action: Action, rule: &Rule) -> (usize, Verdict) {
+    match action {
+        Action::Mark => (
+            verdict::MARKED,
+            Verdict::Mark {
+                dscp: rule.dscp,
+                skb_mark: rule.skb_mark,
+            },
+        ),
+        Action::Monitor => (verdict::WOULD_DROP, Verdict::Pass),
+        Action::Drop | Action::Allow | Action::Deny => (verdict::DROPPED, Verdict::Drop),
+    }
+}
+
+fn is_rate_limited(rule: &Rule) -> bool {
+    rule.in_use != 0
+        && matches!(
+            Action::from_u32(rule.action),
+            Some(Action::Drop | Action::Mark | Action::Monitor)
+        )
+}
+
+fn event(
+    rule: &Rule,
+    source: IpAddr,
+    key: BucketKey,
+    now_ns: u64,
+    exceeded: u32,
+) -> OverBudgetEvent {
+    let (family, source_prefix) = match source {
+        IpAddr::V4(_) => (family::IPV4, rule.source_prefix_v4),
+        IpAddr::V6(_) => (family::IPV6, rule.source_prefix_v6),
+    };
+    let (addr, prefix_len) = match key {
+        BucketKey::Shared { .. } => ([0; 16], 0),
+        BucketKey::PerSource(k) => (k.addr, source_prefix),
+    };
+    OverBudgetEvent {
+        timestamp_ns: now_ns,
+        rule_id: rule.id,
+        family,
+        addr,
+        prefix_len,
+        action: rule.action,
+        exceeded,
+        _pad: 0,
+    }
+}
