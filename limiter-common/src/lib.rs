@@ -44,6 +44,8 @@ pub mod program_names {
     pub const REFERENCE_PASS: &str = "reference_pass";
     /// One clock read, then XDP_PASS: the floor of any time-based limiter.
     pub const REFERENCE_CLOCK: &str = "reference_clock";
+    /// A coarse clock read (the last tick's time) and XDP_PASS.
+    pub const REFERENCE_COARSE_CLOCK: &str = "reference_coarse_clock";
 }
 
 /// Default number of rules (rule ids); the rules array holds twice as many

@@ -205,3 +205,17 @@ pub fn reference_clock(_ctx: XdpContext) -> u32 {
         xdp_action::XDP_PASS
     }
 }
+
+/// The coarse clock (`bpf_ktime_get_coarse_ns`: the last tick's time, no
+/// clocksource read), for comparison with [`reference_clock`]. Never
+/// attached.
+#[xdp]
+pub fn reference_coarse_clock(_ctx: XdpContext) -> u32 {
+    // SAFETY: a helper call without arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+    if now == 0 {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}

@@ -252,6 +252,13 @@ fn packet_suite(args: &Args) -> Result<()> {
             reference: Some(program_names::REFERENCE_CLOCK),
             samples: Vec::new(),
         },
+        Variant {
+            setup: 0,
+            label: "one coarse clock read + XDP_PASS".into(),
+            frame: frame_for(PASS, false),
+            reference: Some(program_names::REFERENCE_COARSE_CLOCK),
+            samples: Vec::new(),
+        },
     ];
     for (i, s) in setups.iter().enumerate() {
         for (label, rule, v6) in [
