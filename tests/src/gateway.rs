@@ -243,6 +243,15 @@ impl Gateway {
         f
     }
 
+    /// The IPv4 frame the generator sends from its source number `index`
+    /// (the first source plus `index`), for senders outside the kernel.
+    pub fn frame_v4_from(&self, index: u32) -> [u8; FRAME_LEN] {
+        let mut f = self.frame(false);
+        let src = u32::from(FIRST_V4).wrapping_add(index);
+        f[26..30].copy_from_slice(&src.to_be_bytes());
+        f
+    }
+
     /// Sets what the generator sends: `sources` sources, IPv4 or IPv6.
     pub fn configure(&mut self, sources: u32, v6: bool) -> Result<()> {
         let frame = self.frame(v6);
