@@ -95,3 +95,16 @@ pub fn xdp_attached(env: &AgentEnv) -> bool {
 pub fn rule<'a>(rules: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     rules.as_array()?.iter().find(|r| r["name"] == name)
 }
+
+/// A live change through the CLI: `clients` down to 20/s with a burst of 5.
+pub fn slow_clients_down(env: &AgentEnv) {
+    env.cli_ok(&[
+        "rules",
+        "change",
+        "clients",
+        "--packets",
+        "20/s",
+        "--packet-burst",
+        "5",
+    ]);
+}

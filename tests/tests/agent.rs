@@ -10,7 +10,9 @@ use std::{
 use limiter_tests::{
     agent::{AgentEnv, agent_binary},
     frame::{Frame, L4},
-    scenario::{RULES, assert_each, blast, env_with, rule, sources, xdp_attached},
+    scenario::{
+        RULES, assert_each, blast, env_with, rule, slow_clients_down, sources, xdp_attached,
+    },
 };
 
 #[test]
@@ -135,15 +137,7 @@ fn sighup_applies_a_good_file_and_refuses_a_bad_one() {
 #[test]
 fn kill_9_keeps_enforcing_and_a_new_agent_adopts_state_and_live_changes() {
     let mut env = env_with(RULES);
-    env.cli_ok(&[
-        "rules",
-        "change",
-        "clients",
-        "--packets",
-        "20/s",
-        "--packet-burst",
-        "5",
-    ]);
+    slow_clients_down(&env);
     let first = blast(&env, 200, 1.0);
     assert_each(&first, 5.0 + 20.0, 6.0, "before the kill");
     let passed_before = rule(&env.cli_json(&["rules", "list"]), "clients")

@@ -12,7 +12,9 @@ use std::{
 use limiter_common::{Limit, dimension};
 use limiter_tests::{
     agent::AgentEnv,
-    scenario::{RULES, assert_each, blast, env_with, rule, sources, xdp_attached},
+    scenario::{
+        RULES, assert_each, blast, env_with, rule, slow_clients_down, sources, xdp_attached,
+    },
 };
 
 /// The packet interval the kernel holds for rule `name`, read from the
@@ -158,15 +160,7 @@ fn a_full_disk_refuses_the_change_and_leaves_kernel_and_file_agreeing() {
 #[test]
 fn a_corrupt_state_file_or_config_is_refused_while_enforcement_goes_on() {
     let mut env = env_with(RULES);
-    env.cli_ok(&[
-        "rules",
-        "change",
-        "clients",
-        "--packets",
-        "20/s",
-        "--packet-burst",
-        "5",
-    ]);
+    slow_clients_down(&env);
     env.kill9().unwrap_or_else(|e| panic!("{e:#}"));
     let good = std::fs::read(&env.state_file).unwrap_or_else(|e| panic!("{e}"));
     let truncated = &good[..good.len() / 2];
@@ -412,15 +406,7 @@ fn a_thousand_concurrent_api_calls_end_in_one_serial_order() {
 fn kill_9_while_traffic_flows_admits_nothing_beyond_the_budget_and_loses_no_change() {
     let mut env = env_with(RULES);
     // Acknowledged live changes of every kind.
-    env.cli_ok(&[
-        "rules",
-        "change",
-        "clients",
-        "--packets",
-        "20/s",
-        "--packet-burst",
-        "5",
-    ]);
+    slow_clients_down(&env);
     env.cli_ok(&[
         "rules",
         "add",
