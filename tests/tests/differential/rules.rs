@@ -1,0 +1,238 @@
+//! Random but valid rule tables: every action, both scopes, v4 and v6
+//! prefixes of every length over a small pool of sources so that prefixes
+//! overlap and per-source masks put several sources in one bucket.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::IpNet;
+use limiter_common::{Action, Limit, Rule, Scope, dimension};
+use limiter_tests::model::{RuleTable, Target};
+use proptest::{prelude::*, sample::Index};
+
+/// A rule table before the kernel ids are known.
+#[derive(Clone)]
+pub struct TableSpec {
+    /// The sources frames are sent from (198.18.0.0/15, 2001:db8::/32).
+    pub sources: Vec<IpAddr>,
+    pub rules: Vec<Rule>,
+    pub prefixes: Vec<(IpNet, PrefixTarget)>,
+}
+
+/// What a prefix points at: `rules[i]`, or a slot with no rule in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefixTarget {
+    Rule(usize),
+    EmptySlot,
+}
+
+impl TableSpec {
+    /// The model's view, with rule `i` given kernel id `ids[i]`.
+    pub fn with_ids(&self, ids: &[u32]) -> RuleTable {
+        let rules = self
+            .rules
+            .iter()
+            .zip(ids)
+            .map(|(rule, id)| Rule { id: *id, ..*rule })
+            .collect();
+        let prefixes = self
+            .prefixes
+            .iter()
+            .map(|(net, target)| {
+                let target = match target {
+                    PrefixTarget::Rule(i) => Target::Rule(*i),
+                    PrefixTarget::EmptySlot => Target::EmptySlot,
+                };
+                (*net, target)
+            })
+            .collect();
+        RuleTable::new(rules, prefixes)
+    }
+}
+
+impl fmt::Debug for TableSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "rules (index: action scope v4/v6 len, budgets, dscp, mark):"
+        )?;
+        for (i, r) in self.rules.iter().enumerate() {
+            let action = Action::from_u32(r.action).map_or("?".into(), |a| format!("{a:?}"));
+            let scope = if r.scope == Scope::Shared as u32 {
+                "shared".to_string()
+            } else {
+                format!("per-source /{} /{}", r.source_prefix_v4, r.source_prefix_v6)
+            };
+            write!(f, "  {i}: {action} {scope},")?;
+            for (name, dim) in [
+                ("packets", dimension::PACKETS),
+                ("bytes", dimension::BYTES),
+                ("syns", dimension::SYNS),
+            ] {
+                let l = r.limits[dim];
+                if !l.is_unlimited() {
+                    write!(f, " {name} {}/s burst {}", l.rate_per_sec(), l.burst())?;
+                }
+            }
+            writeln!(f, ", dscp {} mark {:#x}", r.dscp, r.skb_mark)?;
+        }
+        writeln!(f, "prefixes:")?;
+        for (net, target) in &self.prefixes {
+            writeln!(f, "  {net} -> {target:?}")?;
+        }
+        write!(f, "sources: {:?}", self.sources)
+    }
+}
+
+pub fn table() -> impl Strategy<Value = TableSpec> {
+    (
+        prop::collection::vec(v4_source(), 4..12),
+        prop::collection::vec(v6_source(), 4..12),
+        prop::collection::vec(rule(), 1..=8),
+        prop::collection::vec((0..8usize, prefix_choice()), 1..=16),
+        prop::option::weighted(0.1, prefix_choice()),
+    )
+        .prop_map(|(v4, v6, rules, prefix_choices, empty_slot)| {
+            let sources: Vec<IpAddr> = v4.into_iter().chain(v6).collect();
+            let mut prefixes: Vec<(IpNet, PrefixTarget)> = Vec::new();
+            let targets = prefix_choices
+                .into_iter()
+                .map(|(rule, choice)| (PrefixTarget::Rule(rule % rules.len()), choice))
+                .chain(empty_slot.map(|choice| (PrefixTarget::EmptySlot, choice)));
+            for (target, choice) in targets {
+                let net = choice.resolve(&sources);
+                // A prefix maps to one slot: the first wins, as in a trie.
+                if prefixes.iter().all(|(n, _)| *n != net) {
+                    prefixes.push((net, target));
+                }
+            }
+            TableSpec {
+                sources,
+                rules,
+                prefixes,
+            }
+        })
+}
+
+/// Sources in a few /24s and /64s of the test ranges, so masks collide.
+fn v4_source() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        4 => (0u8..4, any::<u8>()).prop_map(|(c, d)| IpAddr::V4(Ipv4Addr::new(198, 18, c, d))),
+        1 => any::<(u8, u8)>().prop_map(|(c, d)| IpAddr::V4(Ipv4Addr::new(198, 19, c, d))),
+    ]
+}
+
+fn v6_source() -> impl Strategy<Value = IpAddr> {
+    (0u16..3, 0u16..3, 0u16..3, any::<u16>())
+        .prop_map(|(a, b, c, d)| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, a, b, 0, 0, c, d)))
+}
+
+/// A prefix: a family default, or a source of the pool cut to some length.
+#[derive(Clone, Copy, Debug)]
+enum PrefixChoice {
+    DefaultV4,
+    DefaultV6,
+    Around { source: Index, len: u8 },
+}
+
+impl PrefixChoice {
+    fn resolve(self, sources: &[IpAddr]) -> IpNet {
+        let (addr, len) = match self {
+            Self::DefaultV4 => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            Self::DefaultV6 => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+            Self::Around { source, len } => {
+                let addr = *source.get(sources);
+                let max = if addr.is_ipv4() { 32 } else { 128 };
+                (addr, len % (max + 1))
+            }
+        };
+        match IpNet::new(addr, len) {
+            Ok(net) => net.trunc(),
+            Err(e) => panic!("prefix {addr}/{len}: {e}"),
+        }
+    }
+}
+
+fn prefix_choice() -> impl Strategy<Value = PrefixChoice> {
+    // Lengths are taken modulo the family's maximum + 1, so the same draws
+    // make /15-/32 v4 and /32-/128 v6 prefixes, short ones sometimes.
+    let len = prop_oneof![
+        3 => 15u8..=32,
+        3 => 32u8..=128,
+        1 => 1u8..15,
+        1 => 40u8..=64,
+    ];
+    prop_oneof![
+        1 => Just(PrefixChoice::DefaultV4),
+        1 => Just(PrefixChoice::DefaultV6),
+        8 => (any::<Index>(), len).prop_map(|(source, len)| PrefixChoice::Around { source, len }),
+    ]
+}
+
+fn rule() -> impl Strategy<Value = Rule> {
+    let action = prop_oneof![
+        1 => Just(Action::Allow),
+        1 => Just(Action::Deny),
+        3 => Just(Action::Drop),
+        3 => Just(Action::Mark),
+        2 => Just(Action::Monitor),
+    ];
+    let scope = prop_oneof![
+        3 => (v4_mask(), v6_mask()).prop_map(|(v4, v6)| (Scope::PerSource, v4, v6)),
+        1 => Just((Scope::Shared, 32, 128)),
+    ];
+    (
+        action,
+        scope,
+        budgets(),
+        0u32..64,
+        prop_oneof![Just(0u32), any::<u32>()],
+    )
+        .prop_map(|(action, (scope, v4, v6), limits, dscp, skb_mark)| Rule {
+            id: 0,
+            action: action as u32,
+            scope: scope as u32,
+            source_prefix_v4: v4,
+            source_prefix_v6: v6,
+            dscp,
+            skb_mark,
+            in_use: 1,
+            limits,
+        })
+}
+
+fn v4_mask() -> impl Strategy<Value = u32> {
+    prop_oneof![Just(32u32), Just(24), Just(16), 0u32..=32]
+}
+
+fn v6_mask() -> impl Strategy<Value = u32> {
+    prop_oneof![Just(128u32), Just(64), Just(48), 0u32..=128]
+}
+
+/// At least one budget. Slow rates (a few per second) make the budgets bite
+/// within a table's run; fast ones make time (refill) matter.
+fn budgets() -> impl Strategy<Value = [Limit; dimension::COUNT]> {
+    let packets =
+        prop_oneof![1u64..=3, 1_000u64..=200_000].prop_flat_map(|rate| (Just(rate), 1u64..=8));
+    let bytes = prop_oneof![1u64..=200, 100_000u64..=20_000_000]
+        .prop_flat_map(|rate| (Just(rate), 60u64..=3_000));
+    let syns =
+        prop_oneof![1u64..=3, 1_000u64..=100_000].prop_flat_map(|rate| (Just(rate), 1u64..=4));
+    (
+        prop::option::of(packets),
+        prop::option::of(bytes),
+        prop::option::weighted(0.4, syns),
+    )
+        .prop_filter("at least one budget", |(p, b, s)| {
+            p.is_some() || b.is_some() || s.is_some()
+        })
+        .prop_map(|(packets, bytes, syns)| {
+            [packets, bytes, syns].map(|budget| match budget {
+                None => Limit::UNLIMITED,
+                Some((rate, burst)) => Limit::new(rate, burst)
+                    .unwrap_or_else(|e| panic!("limit {rate}/s burst {burst}: {e:?}")),
+            })
+        })
+}
