@@ -3,12 +3,13 @@
 //! the default time, so CI fuzzes every run.
 use std::{
     fs,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::SystemTime,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::cmd;
 
@@ -117,7 +118,7 @@ fn fuzz(root: &Path, target: &str, seconds: u64) -> Result<()> {
     if dict.is_file() {
         command.arg(format!("-dict={}", dict.display()));
     }
-    let Err(error) = cmd::run(&mut command) else {
+    let Err(error) = run_quietly(&mut command) else {
         return Ok(());
     };
     let artifacts = fuzz_dir.join("artifacts").join(target);
@@ -140,6 +141,56 @@ fn fuzz(root: &Path, target: &str, seconds: u64) -> Result<()> {
     }
 }
 
+/// Runs `command` like [`cmd::run`], but leaves out libFuzzer's line for
+/// every input it keeps (thousands in 30 s): what remains are its
+/// milestones (start, pulses, done, final figures) and anything that goes
+/// wrong, which is enough for CI's log.
+fn run_quietly(command: &mut Command) -> Result<()> {
+    let shown = shown(command);
+    println!("$ {shown}");
+    let mut child = command
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("could not start `{shown}`: is it installed?"))?;
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines() {
+            let line = line.context("reading the fuzzer's output")?;
+            if !is_progress(&line) {
+                eprintln!("{line}");
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{shown}`"))?;
+    ensure!(status.success(), "`{shown}` failed ({status})");
+    Ok(())
+}
+
+/// libFuzzer's "#1234\tNEW    cov: ..." and "#1234\tREDUCE cov: ..." lines.
+fn is_progress(line: &str) -> bool {
+    line.strip_prefix('#')
+        .and_then(|rest| rest.split_once('\t'))
+        .is_some_and(|(_, event)| event.starts_with("NEW ") || event.starts_with("REDUCE "))
+}
+
+/// `env K=V program args...` for the log (the arguments here need no quoting).
+fn shown(command: &Command) -> String {
+    let envs = command
+        .get_envs()
+        .filter_map(|(key, value)| Some(format!("{}={}", key.display(), value?.display())));
+    let words: Vec<String> = std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|word| word.display().to_string())
+        .collect();
+    let envs: Vec<String> = envs.collect();
+    if envs.is_empty() {
+        words.join(" ")
+    } else {
+        format!("env {} {}", envs.join(" "), words.join(" "))
+    }
+}
+
 /// Files in `dir` changed since `since`, oldest first.
 fn new_files(dir: &Path, since: SystemTime) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(dir) else {
@@ -154,4 +205,23 @@ fn new_files(dir: &Path, since: SystemTime) -> Vec<PathBuf> {
         .collect();
     found.sort();
     found.into_iter().map(|(_, path)| path).collect()
+}
+
+#[cfg(test)]
+#[test]
+fn only_libfuzzer_progress_lines_are_left_out() {
+    assert!(is_progress(
+        "#95417\tREDUCE cov: 4550 ft: 18642 corp: 1639/1900Kb lim: 4329 exec/s: 5963"
+    ));
+    assert!(is_progress("#12\tNEW    cov: 2905 ft: 3476 corp: 3/970b"));
+    for kept in [
+        "#4\tINITED cov: 2905 ft: 3476 corp: 2/970b exec/s: 0 rss: 59Mb",
+        "#65536\tpulse  cov: 4424 ft: 17616 corp: 1864/2458Kb",
+        "#174444\tDONE   cov: 4424 ft: 17616 corp: 1864/2458Kb",
+        "stat::number_of_executed_units: 174444",
+        "thread '<unnamed>' panicked at fuzz_targets/state.rs:28:43:",
+        "#0 0x55d0 in __sanitizer_print_stack_trace",
+    ] {
+        assert!(!is_progress(kept), "{kept}");
+    }
 }
