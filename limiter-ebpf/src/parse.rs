@@ -76,6 +76,17 @@ fn bytes<const N: usize, P: Packet>(pkt: &P, off: usize) -> Option<[u8; N]> {
     Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
 }
 
+/// [`bytes`], also refusing bytes at or past `end`: the end of the IP
+/// packet, which comes before the frame's when Ethernet padding or a trailer
+/// follows it. Padding is not part of the packet and must not parse as L4.
+#[inline(always)]
+fn bytes_before<const N: usize, P: Packet>(pkt: &P, off: usize, end: usize) -> Option<[u8; N]> {
+    if off + N > end {
+        return None;
+    }
+    bytes::<N, P>(pkt, off)
+}
+
 #[inline(always)]
 fn be16<P: Packet>(pkt: &P, off: usize) -> Option<u16> {
     bytes::<2, P>(pkt, off).map(u16::from_be_bytes)
@@ -135,15 +146,16 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3: usize) -> Parsed {
     if fragment_offset != 0 {
         ip.note = Some(Reason::Fragment);
     } else if hdr[9] == IPPROTO_TCP {
-        tcp_flags(pkt, l3 + header_len, &mut ip);
+        tcp_flags(pkt, l3 + header_len, l3 + total_len, &mut ip);
     }
     Parsed::Ip(ip)
 }
 
 #[inline(always)]
-fn tcp_flags<P: Packet>(pkt: &P, l4: usize, ip: &mut IpPacket) {
-    // The whole 20-byte fixed header must be there for the flags to count.
-    match bytes::<20, P>(pkt, l4) {
+fn tcp_flags<P: Packet>(pkt: &P, l4: usize, end: usize, ip: &mut IpPacket) {
+    // The whole 20-byte fixed header must be in the packet for the flags to
+    // count.
+    match bytes_before::<20, P>(pkt, l4, end) {
         Some(tcp) => ip.syn = tcp[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN,
         None => ip.note = Some(Reason::TruncatedTcp),
     }
@@ -160,6 +172,14 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
     if hdr[0] >> 4 != 6 || payload_len > on_wire {
         return Parsed::Drop(Reason::MalformedIpv6);
     }
+    // Where the packet ends: a jumbogram's end is the frame's.
+    let end = l3
+        + IPV6_HLEN
+        + if payload_len == 0 {
+            on_wire
+        } else {
+            payload_len
+        };
     let mut src = [0u8; 16];
     src.copy_from_slice(&hdr[8..24]);
     let mut ip = IpPacket {
@@ -176,7 +196,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
         match next {
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
             0 | 43 | 60 => {
-                let Some(ext) = bytes::<2, P>(pkt, off) else {
+                let Some(ext) = bytes_before::<2, P>(pkt, off, end) else {
                     return Parsed::Drop(Reason::MalformedIpv6Ext);
                 };
                 next = ext[0];
@@ -184,7 +204,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
             }
             // Fragment header: 8 bytes; only the first fragment has L4.
             44 => {
-                let Some(ext) = bytes::<4, P>(pkt, off) else {
+                let Some(ext) = bytes_before::<8, P>(pkt, off, end) else {
                     return Parsed::Drop(Reason::MalformedIpv6Ext);
                 };
                 if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
@@ -196,13 +216,17 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
             }
             // Authentication header: (len + 2) * 4 bytes.
             51 => {
-                let Some(ext) = bytes::<2, P>(pkt, off) else {
+                let Some(ext) = bytes_before::<2, P>(pkt, off, end) else {
                     return Parsed::Drop(Reason::MalformedIpv6Ext);
                 };
                 next = ext[0];
                 off += (usize::from(ext[1]) + 2) * 4;
             }
-            _ => return l4_ipv6(pkt, next, off, hop_limit, ip),
+            _ => return l4_ipv6(pkt, next, off, end, hop_limit, ip),
+        }
+        // The whole header must be in the packet, not only its first bytes.
+        if off > end {
+            return Parsed::Drop(Reason::MalformedIpv6Ext);
         }
         if off > MAX_OFFSET {
             ip.note = Some(Reason::Ipv6ExtChainTooLong);
@@ -214,20 +238,27 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
             ip.note = Some(Reason::Ipv6ExtChainTooLong);
             Parsed::Ip(ip)
         }
-        _ => l4_ipv6(pkt, next, off, hop_limit, ip),
+        _ => l4_ipv6(pkt, next, off, end, hop_limit, ip),
     }
 }
 
 #[inline(always)]
-fn l4_ipv6<P: Packet>(pkt: &P, proto: u8, l4: usize, hop_limit: u8, mut ip: IpPacket) -> Parsed {
+fn l4_ipv6<P: Packet>(
+    pkt: &P,
+    proto: u8,
+    l4: usize,
+    end: usize,
+    hop_limit: u8,
+    mut ip: IpPacket,
+) -> Parsed {
     match proto {
-        IPPROTO_TCP => tcp_flags(pkt, l4, &mut ip),
+        IPPROTO_TCP => tcp_flags(pkt, l4, end, &mut ip),
         IPPROTO_ICMPV6 => {
             // Router/neighbour solicitation/advertisement, redirect: 133..=137.
             // Real ND always has hop limit 255 (RFC 4861 7.1.1), so it cannot
             // come from off-link; anything else is charged like other traffic.
             // Type, code, checksum: 4 bytes any ICMPv6 message has.
-            if let Some([icmp_type, ..]) = bytes::<4, P>(pkt, l4)
+            if let Some([icmp_type, ..]) = bytes_before::<4, P>(pkt, l4, end)
                 && (133..=137).contains(&icmp_type)
                 && hop_limit == 255
             {
