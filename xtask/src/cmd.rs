@@ -56,7 +56,7 @@ pub fn output(cmd: &mut Command) -> Result<Output> {
 }
 
 /// `env -u A B=1 prog args...`, quoting only what a shell would split.
-fn show(cmd: &Command) -> String {
+pub fn show(cmd: &Command) -> String {
     let mut line = String::new();
     let mut envs = cmd.get_envs().peekable();
     if envs.peek().is_some() {

@@ -4,6 +4,7 @@ mod cmd;
 mod fuzz;
 mod setup;
 mod test;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -45,6 +46,17 @@ enum Task {
         /// Passed to `limiter-demo`
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run setup, then the packet-level and namespace tests on other Linux
+    /// kernels, each booted in QEMU (docs/testing.md)
+    VmTest {
+        /// Kernels to boot, comma-separated: Debian series such as 6.1 or
+        /// 6.12, or `newest` (the newest Debian serves)
+        #[arg(long, value_delimiter = ',', default_values = vm::DEFAULT_KERNELS)]
+        kernels: Vec<String>,
+        /// Wall-clock limit, in seconds, for each kernel's boot and tests
+        #[arg(long, default_value_t = vm::DEFAULT_TIMEOUT_SECS)]
+        timeout: u64,
     },
     /// Run setup, then each fuzz target (fuzz/) for a bounded time
     Fuzz {
@@ -103,6 +115,16 @@ fn run() -> Result<()> {
                 cmd::cargo(&root)
                     .args(["run", "--release", "-p", "limiter-agent", "--", "run"])
                     .args(args),
+            )
+        }
+        Task::VmTest { kernels, timeout } => {
+            setup::run(&root)?;
+            vm::run(
+                &root,
+                &vm::Options {
+                    kernels,
+                    timeout: std::time::Duration::from_secs(timeout),
+                },
             )
         }
         Task::Fuzz { seconds, targets } => {

@@ -36,7 +36,7 @@ pub fn run(root: &Path) -> Result<()> {
         "setup must run as root: it installs Debian packages and mounts bpffs \
          (and the tests attach eBPF programs). Re-run as root, e.g. `sudo ./x setup`."
     );
-    packages()?;
+    install_missing(PACKAGES)?;
     bpf_linker(root)?;
     bpffs()
 }
@@ -51,9 +51,10 @@ fn is_root() -> Result<bool> {
     Ok(euid == Some("0"))
 }
 
-fn packages() -> Result<()> {
+/// Installs those of the Debian packages `names` that are missing.
+pub(crate) fn install_missing(names: &[&str]) -> Result<()> {
     let mut missing = Vec::new();
-    for &name in PACKAGES {
+    for &name in names {
         if is_installed(name)? {
             println!("ok: {name} already installed");
         } else {
