@@ -79,7 +79,17 @@ pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
     );
     // One closing line over all test binaries, for people and CI alike.
     println!("{} passed, {} failed", totals.passed, totals.failed);
-    result
+    result?;
+
+    // The packet-level and namespace tests again, on other kernels in QEMU
+    // (docs/testing.md, "Kernel matrix"). Not when arguments narrow the run
+    // to some tests: the matrix would run all of them.
+    if args.is_empty() && binary_args.is_empty() {
+        crate::vm::run(root, &crate::vm::Options::default())
+    } else {
+        println!("kernel matrix skipped (test arguments given): run it with `./x vm-test`");
+        Ok(())
+    }
 }
 
 /// Sums cargo test's `test result: ... N passed; M failed; ...` lines.
