@@ -54,6 +54,8 @@ pub struct AgentEnv {
     /// gateway side unless a test points it elsewhere.
     pub interface: String,
     pub interface_netns: String,
+    /// Whether the interface also gets the TC program (`tc = true`).
+    pub tc: bool,
     agent: Option<Child>,
 }
 
@@ -66,6 +68,7 @@ impl AgentEnv {
         Ok(Self {
             interface: pair.gw_if.clone(),
             interface_netns: pair.gateway.name.clone(),
+            tc: false,
             pin_path: PathBuf::from(format!("/sys/fs/bpf/limiter-test-{tag}")),
             socket: dir.join("control.sock"),
             state_file: dir.join("state.json"),
@@ -86,7 +89,7 @@ impl AgentEnv {
             "[agent]\npin_path = {:?}\nstate_file = {:?}\ncontrol_socket = {:?}\n\
              [metrics]\naddress = \"127.0.0.1:{}\"\ntop_k = {}\n\
              [capacity]\nrules = {}\nsources = 65536\n\
-             [[interface]]\nname = {:?}\nnetns = {:?}\nxdp = \"native\"\n",
+             [[interface]]\nname = {:?}\nnetns = {:?}\nxdp = \"native\"\ntc = {}\n",
             self.pin_path,
             self.state_file,
             self.socket,
@@ -94,7 +97,8 @@ impl AgentEnv {
             self.top_k,
             self.max_rules,
             self.interface,
-            self.interface_netns
+            self.interface_netns,
+            self.tc
         )
     }
 

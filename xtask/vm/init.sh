@@ -13,6 +13,8 @@ exec </dev/console >/dev/console 2>&1
 # netns or veth support.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
+# The tests that run the real agent find it here.
+export LIMITER_AGENT_BIN=/usr/bin/limiter-agent
 
 # Markers start on a line of their own: kernel messages may end without one.
 marker() { printf '\n@@vm-test %s\n' "$*"; }

@@ -84,6 +84,28 @@ pub fn build_tests(root: &Path, names: &[&str]) -> Result<Vec<TestBinary>> {
     Ok(binaries)
 }
 
+/// Builds the agent binary the same way (static, no debug info), for the
+/// tests that run the real agent (`LIMITER_AGENT_BIN` in the guest).
+pub fn build_agent(root: &Path) -> Result<PathBuf> {
+    let mut build = cmd::cargo(root);
+    build
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_PROFILE_DEV_DEBUG", "0")
+        .args(["build", "-p", "limiter-agent", "--bin", "limiter-agent"])
+        .args(["--target", TARGET, "--target-dir", TARGET_DIR]);
+    cmd::run(&mut build).context("building the static agent binary")?;
+    let binary = root
+        .join(TARGET_DIR)
+        .join(TARGET)
+        .join("debug/limiter-agent");
+    ensure!(
+        binary.exists(),
+        "cargo built no agent at {}",
+        binary.display()
+    );
+    Ok(binary)
+}
+
 /// The executable of a `compiler-artifact` message for one of the test
 /// targets `names`.
 fn test_executable(line: &str, names: &[&str]) -> Option<TestBinary> {
@@ -160,13 +182,14 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Builds `<vm_dir>/initramfs/<upstream>.cpio.gz` for `kernel`: busybox,
-/// `ip`, the test binaries (each with its extra arguments), the order to
-/// run them in (`plan`: steps of binaries run side by side), the veth
-/// module and /init.
+/// `ip`, the agent, the test binaries (each with its extra arguments), the
+/// order to run them in (`plan`: steps of binaries run side by side), the
+/// veth module and /init.
 pub fn initramfs(
     vm_dir: &Path,
     kernel: &Kernel,
     tools: &HostTools,
+    agent: &Path,
     tests: &[(&TestBinary, Vec<String>)],
     plan: &[&[&str]],
 ) -> Result<PathBuf> {
@@ -187,6 +210,7 @@ pub fn initramfs(
     for (host, guest) in &tools.files {
         copy(host, &staging.join(guest))?;
     }
+    copy(agent, &staging.join("usr/bin/limiter-agent"))?;
     for (index, module) in kernel.module_with_dependencies("veth")?.iter().enumerate() {
         let name = module
             .file_name()

@@ -41,10 +41,16 @@ const PACKAGES: &[&str] = &[
 /// namespaces. In steps: the binaries of a step run side by side (one vCPU
 /// each; the verifier dominates their time), steps one after another.
 /// parsing and actions only test-run programs and maps of their own;
-/// netns_xdp sends timed traffic, so it runs alone. Each binary runs one
-/// test at a time. netns_tc is left out (TCX needs 6.6), as are agent and
-/// metrics (they need the agent binary, nftables and Prometheus).
-const PLAN: &[&[&str]] = &[&["parsing", "actions"], &["netns_xdp"]];
+/// netns_xdp sends timed traffic, so it runs alone, as does
+/// kernel_features (the real agent with TC asked for: attached with TCX,
+/// refused alone before 6.6). Each binary runs one test at a time.
+/// netns_tc is left out (TCX needs 6.6), as are agent and metrics (they
+/// need nftables and Prometheus).
+const PLAN: &[&[&str]] = &[
+    &["parsing", "actions"],
+    &["netns_xdp"],
+    &["kernel_features"],
+];
 
 /// A test not run on one kernel series, and why. Only for features that
 /// kernel lacks and the product refuses there with a message naming the
@@ -95,6 +101,7 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
 
     let step = Instant::now();
     let binaries = guest::build_tests(root, &PLAN.concat())?;
+    let agent = guest::build_agent(root)?;
     let tools = guest::HostTools::find()?;
     let built_in = step.elapsed();
 
@@ -104,7 +111,7 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
             .iter()
             .map(|binary| (binary, skip_args(&kernel.series(), &binary.name)))
             .collect();
-        let initrd = guest::initramfs(&vm_dir, &kernel, &tools, &tests, PLAN)?;
+        let initrd = guest::initramfs(&vm_dir, &kernel, &tools, &agent, &tests, PLAN)?;
         let log = vm_dir.join(format!("{}.log", kernel.upstream));
         let prefix = format!("[{}] ", kernel.upstream);
         let boot = qemu::boot(&kernel, &initrd, &log, &prefix, options.timeout)?;
