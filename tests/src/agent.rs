@@ -278,8 +278,21 @@ pub fn api_call(
     // A refused oversized body may close the socket before all of it is
     // written: the answer still counts.
     let _ = stream.write_all(body.as_bytes());
+    // A server that refused the body unread resets the connection after its
+    // answer (AF_UNIX reports ECONNRESET once the queued data is read):
+    // that ends the answer like EOF does.
     let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
+    let mut chunk = [0u8; 8192];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !response.is_empty() => {
+                break;
+            }
+            Err(e) => return Err(e).context("reading the answer"),
+        }
+    }
     let response = String::from_utf8_lossy(&response);
     let (head, body) = response
         .split_once("\r\n\r\n")

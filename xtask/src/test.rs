@@ -19,6 +19,9 @@ pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
 
     cmd::run(cargo(root).args(["fmt", "--all", "--", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
+    // fuzz/ is a workspace of its own, which `--all` does not reach.
+    cmd::run(cargo(root).args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"]))
+        .context("formatting differs: run `cargo fmt --manifest-path fuzz/Cargo.toml`")?;
 
     cmd::run(
         cargo(root)
@@ -68,6 +71,9 @@ pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
     let result = cmd::run_watching(
         cargo(root)
             .args(["test", "--workspace", "--exclude", EBPF, "--all-targets"])
+            // Every test binary runs even after one fails: the closing
+            // count then covers the whole suite.
+            .arg("--no-fail-fast")
             .args([
                 "--features",
                 &format!("limiter-agent/{AGENT_TEST_FEATURES}"),
