@@ -99,13 +99,30 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         return Err(format!("{text:?}: unexpected {rest:?} before '/'"));
     }
     let rate = value * factor * per_second(unit, text)?;
-    let rate = whole(rate.round(), "rate", text)?;
-    if rate == 0 {
+    whole_rate(rate, "", text)
+}
+
+/// Budgets are held in whole units per second (the kernel's interval is a
+/// second divided by the rate), so a rate in between is refused with the two
+/// nearest: never rounded up (a budget raised behind the user's back) nor
+/// down. `unit` is "" for packets, "B" for bytes.
+fn whole_rate(rate: f64, unit: &str, text: &str) -> Result<u64, String> {
+    let what = if unit.is_empty() { "" } else { " byte" };
+    if (0.0..1.0).contains(&rate) {
         return Err(format!(
-            "{text:?}: less than one per second; use at least 1/s"
+            "{text:?}: less than one{what} per second; use at least 1{unit}/s"
         ));
     }
-    Ok(rate)
+    let rounded = rate.round();
+    if rate.is_finite() && (rate - rounded).abs() > 1e-9 * rate.max(1.0) {
+        return Err(format!(
+            "{text:?} is {rate:.3}{unit}/s; budgets are whole{what} units per second: \
+             write {}{unit}/s or {}{unit}/s",
+            rate.floor(),
+            rate.ceil()
+        ));
+    }
+    whole(rounded, "rate", text)
 }
 
 /// A byte rate in bytes per second: `100Mbit/s`, `12.5MB/s`, `1Gbps`.
@@ -131,11 +148,7 @@ pub fn parse_byte_rate(text: &str) -> Result<u64, String> {
         }
     };
     let bytes = value * factor * bits_per_unit / 8.0 * per_second(unit, text)?;
-    let rate = whole(bytes.round(), "byte rate", text)?;
-    if rate == 0 {
-        return Err(format!("{text:?}: less than one byte per second"));
-    }
-    Ok(rate)
+    whole_rate(bytes, "B", text)
 }
 
 /// A duration: `30s`, `5m`, `1h30m`.
@@ -162,6 +175,13 @@ mod tests {
                 .contains("unknown time unit")
         );
         assert!(parse_rate("1/min").unwrap_err().contains("less than one"));
+        // Not rounded: 90/min would be 2/s, a third more than written.
+        let err = parse_rate("90/min").unwrap_err();
+        assert!(
+            err.contains("1.500/s") && err.contains("1/s or 2/s"),
+            "{err}"
+        );
+        assert!(parse_rate("30/min").is_err());
         assert!(parse_rate("fast/s").is_err());
         assert!(parse_rate("-5/s").is_err());
     }
@@ -183,6 +203,8 @@ mod tests {
                 .unwrap_err()
                 .contains("less than one byte")
         );
+        let err = parse_byte_rate("12bit/s").unwrap_err();
+        assert!(err.contains("1B/s or 2B/s"), "{err}");
     }
 
     #[test]
