@@ -65,30 +65,35 @@ pub fn backup_path(path: &Path) -> PathBuf {
 impl State {
     /// Reads the state file; a missing file is an empty state.
     pub fn load(path: &Path) -> Result<Self, StateError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Self {
-                    version: VERSION,
-                    ..Self::default()
-                });
-            }
-            Err(source) => {
-                return Err(StateError::Io {
-                    path: path.to_owned(),
-                    source,
-                });
-            }
-        };
-        let state: Self = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        if state.version != VERSION {
-            return Err(StateError::Corrupt {
+        match std::fs::read(path) {
+            Ok(bytes) => Self::parse(&bytes, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self {
+                version: VERSION,
+                ..Self::default()
+            }),
+            Err(source) => Err(StateError::Io {
                 path: path.to_owned(),
-                message: format!("version {} (this agent writes {VERSION})", state.version),
-            });
+                source,
+            }),
+        }
+    }
+
+    /// The state in `bytes` (read from `path`, named in errors). Anything
+    /// that is not a state file this agent writes, bytes that are not even
+    /// text included, is corrupt.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, StateError> {
+        let corrupt = |message: String| StateError::Corrupt {
+            path: path.to_owned(),
+            message,
+        };
+        let text =
+            std::str::from_utf8(bytes).map_err(|e| corrupt(format!("not UTF-8 text: {e}")))?;
+        let state: Self = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+        if state.version != VERSION {
+            return Err(corrupt(format!(
+                "version {} (this agent writes {VERSION})",
+                state.version
+            )));
         }
         Ok(state)
     }
@@ -161,6 +166,12 @@ mod tests {
             err.contains("is corrupt") && err.contains("state.json.bak"),
             "{err}"
         );
+        // Found by the fuzzer: bytes that are not text are corrupt too, not
+        // an I/O error (fuzz/regressions/state/not-utf8.json).
+        let err = State::parse(b"{\"version\": 1, \"ids\": {\"\xff\": 1}}", &path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is corrupt") && err.contains("UTF-8"), "{err}");
         std::fs::write(&path, "{\"version\": 9}").unwrap();
         assert!(
             State::load(&path)
