@@ -25,7 +25,7 @@ use crate::{
         Status, VerdictCounts,
     },
     attach::Attached,
-    config::{self, ActionConfig, Config, RuleConfig, RuleDef, ScopeConfig, units},
+    config::{self, ActionConfig, Config, RuleConfig, RuleDef, ScopeConfig},
     enforcer::{Enforcer, kernel_rule},
     state::{Penalty, State},
 };
@@ -385,40 +385,9 @@ impl Service {
     }
 
     pub fn penalize(&mut self, request: &PenaltyRequest) -> Result<String> {
-        let prefix = config::parse_prefix(&request.prefix).map_err(ServiceError::Invalid)?;
-        let duration = units::parse_duration(&request.duration).map_err(ServiceError::Invalid)?;
-        if duration.as_secs() == 0 {
-            return Err(ServiceError::Invalid("a penalty lasts at least 1s".into()));
-        }
-        let has_budget = request.packets.is_some() || request.bytes.is_some();
-        if request.deny == has_budget {
-            return Err(ServiceError::Invalid(
-                "give either --deny or a budget (packets and/or bytes), not both".into(),
-            ));
-        }
-        let name = format!("{PENALTY_PREFIX}{prefix}");
-        let rule = RuleConfig {
-            name: name.clone(),
-            prefixes: vec![prefix.to_string()],
-            action: if request.deny {
-                ActionConfig::Deny
-            } else {
-                ActionConfig::Drop
-            },
-            scope: ScopeConfig::PerSource,
-            source_prefix_v4: None,
-            source_prefix_v6: None,
-            packets: request.packets.clone(),
-            packet_burst: request.packet_burst.clone(),
-            bytes: request.bytes.clone(),
-            byte_burst: request.byte_burst.clone(),
-            new_connections: None,
-            connection_burst: None,
-            dscp: None,
-            skb_mark: None,
-        };
-        rule.validate()
-            .map_err(|e| ServiceError::Invalid(format!("penalty for {prefix}: {e}")))?;
+        let crate::api::decode::Penalty { rule, duration } =
+            crate::api::decode::penalty(request).map_err(ServiceError::Invalid)?;
+        let name = rule.name.clone();
         let (config, mut state) = self.current();
         let expires_at = now_unix().saturating_add(duration.as_secs());
         state
