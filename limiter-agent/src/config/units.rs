@@ -39,7 +39,8 @@ fn multiplier(text: &str) -> (f64, &str) {
 }
 
 fn whole(value: f64, what: &str, text: &str) -> Result<u64, String> {
-    if !value.is_finite() || value < 0.0 || value > u64::MAX as f64 {
+    // `u64::MAX as f64` is 2^64 itself, one past the largest u64.
+    if !value.is_finite() || value < 0.0 || value >= u64::MAX as f64 {
         return Err(format!("{text:?}: {what} out of range"));
     }
     let rounded = value.round();
@@ -217,6 +218,12 @@ mod tests {
         assert!(parse_bytes("3 apples").is_err());
         assert_eq!(parse_count("10k"), Ok(10_000));
         assert_eq!(parse_count("1_000"), Ok(1000));
+        // 2^64 is out of range, not clamped to u64::MAX.
+        assert!(
+            parse_count("18446744073709551616")
+                .unwrap_err()
+                .contains("out of range")
+        );
         assert!(parse_count("").is_err());
     }
 
