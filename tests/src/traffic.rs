@@ -84,19 +84,26 @@ impl PacketSocket {
     /// Sends one frame; a full queue (ENOBUFS) is retried a few times.
     pub fn send(&self, frame: &[u8]) -> Result<()> {
         for _ in 0..100 {
-            // SAFETY: frame is a valid buffer of its length.
-            let n =
-                unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-            if n >= 0 {
+            if self.try_send(frame)? {
                 return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ENOBUFS) {
-                return Err(err).context("send on AF_PACKET");
             }
             std::thread::sleep(Duration::from_micros(100));
         }
         anyhow::bail!("send on AF_PACKET: queue stayed full")
+    }
+
+    /// One attempt: `false` when the interface's queue is full (ENOBUFS).
+    pub fn try_send(&self, frame: &[u8]) -> Result<bool> {
+        // SAFETY: frame is a valid buffer of its length.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if n >= 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOBUFS) {
+            return Ok(false);
+        }
+        Err(err).context("send on AF_PACKET")
     }
 
     /// Receives one frame, or `None` on timeout. Only incoming frames count:
