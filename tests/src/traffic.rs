@@ -155,6 +155,27 @@ pub fn source_of(frame: &[u8]) -> Option<[u8; 16]> {
     Some(addr)
 }
 
+/// Counts the frames `receiver` gets, by source address, until `stop` is
+/// set and the socket has been quiet for one receive timeout.
+pub fn count_by_source(
+    receiver: &PacketSocket,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<std::collections::HashMap<[u8; 16], u64>> {
+    let mut counts = std::collections::HashMap::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        match receiver.recv(&mut buf)? {
+            Some(n) => {
+                if let Some(src) = source_of(&buf[..n]) {
+                    *counts.entry(src).or_insert(0u64) += 1;
+                }
+            }
+            None if stop.load(std::sync::atomic::Ordering::Relaxed) => return Ok(counts),
+            None => {}
+        }
+    }
+}
+
 /// Sends every frame of `frames` `rate` times a second (each) from the
 /// source namespace for `duration`, and returns how many frames of each
 /// source address reached the gateway's interface (after XDP).
@@ -173,19 +194,7 @@ pub fn measure(
                 let sock = PacketSocket::open(&pair.gw_if)?
                     .receiver(32 << 20, Duration::from_millis(50))?;
                 ready.store(true, Ordering::Relaxed);
-                let mut counts = std::collections::HashMap::new();
-                let mut buf = [0u8; 2048];
-                loop {
-                    match sock.recv(&mut buf)? {
-                        Some(n) => {
-                            if let Some(src) = source_of(&buf[..n]) {
-                                *counts.entry(src).or_insert(0u64) += 1;
-                            }
-                        }
-                        None if stop.load(Ordering::Relaxed) => return Ok(counts),
-                        None => {}
-                    }
-                }
+                count_by_source(&sock, &stop)
             })
         });
         while !ready.load(Ordering::Relaxed) && !receiver.is_finished() {

@@ -16,7 +16,7 @@ use limiter_tests::{
     frame::{Frame, L4},
     harness::{RuleSpec, net},
     netns::Pair,
-    traffic::{PacketSocket, if_index, source_of},
+    traffic::{PacketSocket, count_by_source, if_index},
 };
 
 const RATE: u64 = 40;
@@ -85,19 +85,7 @@ fn native_xdp_on_a_veth_holds_every_source_to_its_budget() {
             pair.gateway.run(|| {
                 let sock = PacketSocket::open(&pair.gw_if)?
                     .receiver(64 << 20, Duration::from_millis(50))?;
-                let mut counts = HashMap::new();
-                let mut buf = [0u8; 2048];
-                loop {
-                    match sock.recv(&mut buf)? {
-                        Some(n) => {
-                            if let Some(src) = source_of(&buf[..n]) {
-                                *counts.entry(src).or_insert(0u64) += 1;
-                            }
-                        }
-                        None if stop.load(Ordering::Relaxed) => return Ok(counts),
-                        None => {}
-                    }
-                }
+                count_by_source(&sock, &stop)
             })
         });
         // Let the receiver bind before anything is sent.
