@@ -11,6 +11,7 @@ use crate::{
         types::{Applied, Offender, PenaltyRequest, RulePatch, RuleView, SourceView, Status},
     },
     config::{ActionConfig, Config, Quantity, RuleConfig, ScopeConfig},
+    pins::PinScope,
 };
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -327,7 +328,19 @@ pub async fn status(client: &Client, out: &Output) -> Result {
         println!("limiter-agent {}", s.version);
         println!("  config        {}", s.config);
         println!("  state file    {}", s.state_file);
-        println!("  pins          {}", s.pin_path);
+        match s.pin_scope {
+            PinScope::Host => println!("  pins          {}", s.pin_path),
+            PinScope::Private => println!(
+                "  pins          {} (PRIVATE to the agent's mount namespace: they vanish when it exits, \
+                 detaching the programs; run it in the host's namespaces with the `netns` field)",
+                s.pin_path
+            ),
+            PinScope::Unknown => println!(
+                "  pins          {} (the agent runs in another mount namespace than the host's: \
+                 they may vanish when it exits)",
+                s.pin_path
+            ),
+        }
         println!(
             "  programs      xdp {:?}  tc {:?}",
             s.programs.xdp, s.programs.tc
@@ -419,21 +432,43 @@ pub async fn detach(client: &Client, out: &Output, pin_path: &Path) -> Result {
         }
         Err(ClientError::Unreachable { .. }) => {
             // No agent: remove what an earlier one pinned.
-            let pins = crate::pins::Pins::new(pin_path);
-            let links = crate::attach::detach_all(&pins)
-                .map_err(|e| ClientError::Failed(format!("{e:#}")))?;
-            let a = Applied {
-                config_generation: 0,
-                message: format!(
+            let message = if pin_path.exists() {
+                let pins = crate::pins::Pins::new(pin_path);
+                let links = crate::attach::detach_all(&pins)
+                    .map_err(|e| ClientError::Failed(format!("{e:#}")))?;
+                format!(
                     "no agent running; detached {links} pinned links and removed {}",
                     pin_path.display()
-                ),
+                )
+            } else {
+                nothing_pinned(pin_path, crate::pins::in_foreign_mount_namespace())
+            };
+            let a = Applied {
+                config_generation: 0,
+                message,
             };
             applied(out, &a);
             Ok(())
         }
         Err(e) => Err(e),
     }
+}
+
+/// What `detach` without an agent says when the pin directory is absent;
+/// `foreign_mount_ns`: whether this command runs outside the host's mount
+/// namespace (and so cannot see the host's pins).
+fn nothing_pinned(pin_path: &Path, foreign_mount_ns: Option<bool>) -> String {
+    let mut message = format!(
+        "no agent running; nothing was pinned at {}: nothing detached or removed",
+        pin_path.display()
+    );
+    if foreign_mount_ns == Some(true) {
+        message.push_str(
+            " (this command runs in a mount namespace other than the host's, as under \
+             `ip netns exec`, so it cannot see the host's pins: run it in the host's namespaces)",
+        );
+    }
+    message
 }
 
 pub fn print_check(config: &Config) {
@@ -448,6 +483,28 @@ pub fn print_check(config: &Config) {
             r.name,
             action_text(r.action),
             prefixes.join(",")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detach_without_pins_says_nothing_was_removed() {
+        let path = Path::new("/sys/fs/bpf/limiter");
+        let plain = nothing_pinned(path, Some(false));
+        assert!(
+            plain.contains("nothing was pinned at /sys/fs/bpf/limiter"),
+            "{plain}"
+        );
+        assert!(!plain.contains("removed /sys"), "{plain}");
+        assert_eq!(nothing_pinned(path, None), plain);
+        let foreign = nothing_pinned(path, Some(true));
+        assert!(
+            foreign.starts_with(&plain) && foreign.contains("cannot see the host's pins"),
+            "{foreign}"
         );
     }
 }

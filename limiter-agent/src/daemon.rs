@@ -22,7 +22,7 @@ use crate::{
     enforcer::Enforcer,
     events::{Offenders, parse_event},
     kernel, metrics,
-    pins::Pins,
+    pins::{PinScope, Pins},
     service::{Service, now_unix},
     state::State,
     supervise::{Supervisor, supervise},
@@ -68,7 +68,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let agent = config.file.agent.clone();
     let pins = Pins::new(&agent.pin_path);
-    pins.prepare()?;
+    let pin_scope = pins.prepare()?;
+    warn_unless_pins_persist(pin_scope, &pins);
     let adopted = pins.has_maps();
     let capacities = Capacities {
         max_rules: config.file.capacity.rules,
@@ -101,6 +102,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     .map_err(|e| anyhow!("applying the rules: {e}"))?;
     service.attached = attach::attach_all(service.datapath_mut(), &pins, &config.file.interfaces)?;
     service.supervisor = Some(Supervisor::new(pins.clone(), &config.file.interfaces));
+    service.pin_scope = pin_scope;
     for a in &service.attached {
         tracing::info!(
             interface = %a.interface,
@@ -206,9 +208,53 @@ pub async fn run(options: RunOptions) -> Result<()> {
         let links = attach::detach_all(&pins)?;
         tracing::info!(links, pins = %pins.root.display(), "detached and removed every pin");
     } else {
-        tracing::info!("stopping; the programs stay attached and enforcing (pinned)");
+        match pin_scope {
+            PinScope::Host => {
+                tracing::info!("stopping; the programs stay attached and enforcing (pinned)");
+            }
+            PinScope::Private => tracing::error!(
+                "stopping; the programs do NOT stay attached: their pins under {} are in this \
+                 agent's private mount namespace, which goes away when the agent exits (or the \
+                 last process sharing it does), and with it the kernel detaches the programs and \
+                 drops counters and per-source state. To keep enforcing across restarts, run the \
+                 agent in the host's namespaces and set each [[interface]]'s `netns` field instead \
+                 of `ip netns exec`",
+                pins.root.display()
+            ),
+            PinScope::Unknown => tracing::warn!(
+                "stopping; the programs stay attached only as long as the pins under {} exist: \
+                 this agent runs in a mount namespace other than the host's, and if that namespace \
+                 is private (as under `ip netns exec`) they go away with it",
+                pins.root.display()
+            ),
+        }
     }
     Ok(())
+}
+
+/// Says at start when the pins will not outlive this process: everything
+/// else about restarts (adoption, enforcement without an agent) then fails
+/// silently.
+fn warn_unless_pins_persist(scope: PinScope, pins: &Pins) {
+    match scope {
+        PinScope::Host => {}
+        PinScope::Private => tracing::error!(
+            "pins under {} are private to this agent and will not survive this process: it runs \
+             in a mount namespace other than the host's (as under `ip netns exec`, which gives it \
+             its own /sys) on a bpffs the host does not see. When it exits the programs are \
+             detached, counters and per-source state are lost, and a restart starts from zero. \
+             Run the agent in the host's namespaces instead and name each interface's network \
+             namespace with the `netns` field of its [[interface]] entry",
+            pins.root.display()
+        ),
+        PinScope::Unknown => tracing::warn!(
+            "this agent runs in a mount namespace other than the host's and could not check \
+             whether the host sees the pins under {}: if that namespace is private (as under \
+             `ip netns exec`), the pins will not survive this process. Run the agent in the \
+             host's namespaces and use the `netns` field of each [[interface]] entry instead",
+            pins.root.display()
+        ),
+    }
 }
 
 /// Resolves once `stop` is true (or its sender is gone).

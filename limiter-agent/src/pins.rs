@@ -48,8 +48,9 @@ impl Pins {
     }
 
     /// Mounts bpffs at the nearest `/sys/fs/bpf` if the pin directory is not
-    /// on bpffs yet, then creates the directories.
-    pub fn prepare(&self) -> Result<()> {
+    /// on bpffs yet, then creates the directories. Says whether the pins
+    /// will outlive this process.
+    pub fn prepare(&self) -> Result<PinScope> {
         let mount_point = Path::new("/sys/fs/bpf");
         if !self.root.starts_with(mount_point)
             && !is_bpffs(self.root.parent().unwrap_or(&self.root))
@@ -59,11 +60,26 @@ impl Pins {
                 self.root.display()
             );
         }
-        if !is_bpffs(mount_point) {
+        let mounted_here = !is_bpffs(mount_point);
+        if mounted_here {
             mount_bpffs(mount_point)?;
             tracing::info!("mounted bpffs at {}", mount_point.display());
         }
-        self.create_dirs()
+        self.create_dirs()?;
+        Ok(self.scope(mounted_here))
+    }
+
+    /// Whether the host sees the bpffs the pins are on (checked after the
+    /// pin directory exists).
+    fn scope(&self, mounted_here: bool) -> PinScope {
+        let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+        let host = host_mount_namespace();
+        pin_scope(
+            own.as_deref().and_then(Path::to_str),
+            host.as_deref(),
+            host_sees_same_bpffs(&self.root),
+            mounted_here,
+        )
     }
 
     /// Creates the pin directories that are missing.
@@ -83,6 +99,106 @@ impl Pins {
         }
         Ok(())
     }
+}
+
+/// Whether pins outlive the agent process that made them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinScope {
+    /// On the host's bpffs: pins keep programs attached after the agent
+    /// exits, and the next agent adopts them.
+    #[default]
+    Host,
+    /// On a bpffs only this process's mount namespace sees (`ip netns exec`
+    /// gives a process its own `/sys`): the pins vanish with that namespace,
+    /// detaching the programs and dropping their maps.
+    Private,
+    /// In a mount namespace other than the host's, on a bpffs this agent did
+    /// not mount, whose host view could not be checked.
+    Unknown,
+}
+
+/// The decision, from what could be read: our mount namespace link and the
+/// host's (`mnt:[4026531840]`), whether the host sees the pin directory on
+/// the same bpffs, and whether we had to mount bpffs ourselves.
+pub fn pin_scope(
+    own_ns: Option<&str>,
+    host_ns: Option<&str>,
+    host_sees_same_bpffs: Option<bool>,
+    mounted_here: bool,
+) -> PinScope {
+    let same_ns = match (own_ns, host_ns) {
+        (Some(own), Some(host)) => Some(own == host),
+        _ => None,
+    };
+    match (same_ns, host_sees_same_bpffs) {
+        (Some(true), _) => PinScope::Host,
+        // `unshare -m` without a new /sys keeps the host's bpffs: shared.
+        (_, Some(same)) => {
+            if same {
+                PinScope::Host
+            } else {
+                PinScope::Private
+            }
+        }
+        // A bpffs mounted inside another mount namespace is a new instance.
+        (Some(false), None) if mounted_here => PinScope::Private,
+        (Some(false), None) => PinScope::Unknown,
+        // Nothing readable under /proc: no grounds to say anything else.
+        (None, None) => PinScope::Host,
+    }
+}
+
+/// The host's mount namespace: PID 1's, or, where PID 1 cannot be read
+/// (some sandboxes), that of the kernel's threads (PID 2, kthreadd), which
+/// always live in the initial one.
+fn host_mount_namespace() -> Option<String> {
+    let link = |pid: u32| {
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+            .ok()
+            .and_then(|l| l.to_str().map(str::to_owned))
+    };
+    link(1).or_else(|| {
+        // In a PID namespace PID 2 is an ordinary process: only trust a
+        // kernel thread.
+        let stat = std::fs::read_to_string("/proc/2/stat").ok()?;
+        if is_kernel_thread(&stat) {
+            link(2)
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether a `/proc/<pid>/stat` line is a kernel thread's (`PF_KTHREAD` in
+/// the flags, the ninth field; the second, the name, may hold spaces).
+fn is_kernel_thread(stat: &str) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(6))
+        .and_then(|flags| flags.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
+/// Whether PID 1 sees `root` on the same bpffs instance as we do (each
+/// bpffs mount is its own instance with its own device number). `None`
+/// when PID 1's root cannot be read.
+fn host_sees_same_bpffs(root: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ours = std::fs::metadata(root).ok()?.dev();
+    let relative = root.strip_prefix("/").ok()?;
+    match std::fs::metadata(Path::new("/proc/1/root").join(relative)) {
+        Ok(theirs) => Some(theirs.dev() == ours),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(false),
+        Err(_) => None,
+    }
+}
+
+/// Whether this process runs in a mount namespace other than the host's
+/// (`None`: cannot tell).
+pub fn in_foreign_mount_namespace() -> Option<bool> {
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok()?;
+    Some(own.to_str()? != host_mount_namespace()?)
 }
 
 /// `.`, `:` and `%` as `%2E`, `%3A`, `%25`: no dots, and `:` only as our
@@ -143,5 +259,42 @@ mod tests {
         }
         assert_ne!(a, b);
         assert_ne!(pins.link(None, "a%2Eb", "tc"), pins.link(None, "a.b", "tc"));
+    }
+
+    #[test]
+    fn pins_are_private_only_when_the_host_cannot_see_them() {
+        let host = Some("mnt:[4026531840]");
+        let other = Some("mnt:[4026532246]");
+        // The host's own namespace: mounting bpffs there is the normal boot.
+        assert_eq!(pin_scope(host, host, None, true), PinScope::Host);
+        assert_eq!(pin_scope(host, host, Some(false), false), PinScope::Host);
+        // `ip netns exec`: a new namespace, a new /sys, our own bpffs.
+        assert_eq!(pin_scope(other, host, None, true), PinScope::Private);
+        assert_eq!(
+            pin_scope(other, host, Some(false), false),
+            PinScope::Private
+        );
+        // `unshare -m` keeps the host's bpffs mounted: the same instance.
+        assert_eq!(pin_scope(other, host, Some(true), false), PinScope::Host);
+        assert_eq!(pin_scope(other, host, None, false), PinScope::Unknown);
+        // Nothing readable: no claim either way beyond what we can check.
+        assert_eq!(pin_scope(None, None, None, true), PinScope::Host);
+        assert_eq!(
+            pin_scope(other, None, Some(false), false),
+            PinScope::Private
+        );
+    }
+
+    #[test]
+    fn kernel_threads_are_told_by_their_flags() {
+        assert!(is_kernel_thread(
+            "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 6 0 0"
+        ));
+        // A name with spaces and a parenthesis does not shift the fields.
+        assert!(!is_kernel_thread(
+            "2 (my (odd) name) S 1 2 2 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 9"
+        ));
+        assert!(!is_kernel_thread("2 (sh) S 1"));
+        assert!(!is_kernel_thread(""));
     }
 }

@@ -84,6 +84,8 @@ pub struct Service {
     /// Re-attaches and re-pins what changes under the agent (set by `run`).
     pub supervisor: Option<crate::supervise::Supervisor>,
     pub pin_path: PathBuf,
+    /// Whether the pins outlive this process (set by `run`).
+    pub pin_scope: crate::pins::PinScope,
     /// Bumped on every rule-set change that reached the kernel.
     pub config_generation: u64,
     pub last_reload_ok: Option<u64>,
@@ -247,6 +249,7 @@ impl Service {
             attached: Vec::new(),
             supervisor: None,
             pin_path,
+            pin_scope: crate::pins::PinScope::default(),
             config_generation: 0,
             last_reload_ok: None,
             last_reload_failed: None,
@@ -632,6 +635,7 @@ impl Service {
             config: self.config.source.display().to_string(),
             state_file: self.state_path.display().to_string(),
             pin_path: self.pin_path.display().to_string(),
+            pin_scope: self.pin_scope,
             interfaces: self.attached.clone(),
             programs: self.program_ids(),
             rules: self.in_force.len(),

@@ -115,9 +115,23 @@ impl AgentEnv {
     /// [`AgentEnv::start`] with extra environment variables for the agent
     /// (e.g. `LIMITER_CRASH_AT` for a fault-injection build).
     pub fn start_with(&mut self, vars: &[(&str, &str)]) -> Result<()> {
+        self.start_under(&[], vars)
+    }
+
+    /// [`AgentEnv::start_with`] with the agent run by `wrapper`, a command
+    /// that execs it (e.g. `ip netns exec <ns>`), so signals still reach it.
+    pub fn start_under(&mut self, wrapper: &[&str], vars: &[(&str, &str)]) -> Result<()> {
         let runs = std::fs::read_dir(&self.dir)?.count();
         let log = std::fs::File::create(self.dir.join(format!("agent-{runs}.log")))?;
-        let child = Command::new(agent_binary())
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_binary());
+                c
+            }
+            None => Command::new(agent_binary()),
+        };
+        let child = command
             .args(["run", "--log-format", "text", "--config"])
             .arg(&self.config)
             .env("LIMITER_LOG", "info")

@@ -411,3 +411,67 @@ fn a_batch_applies_all_its_changes_or_none() {
         .unwrap_or(0);
     assert_eq!(after, before + 1, "one flip for the whole batch");
 }
+
+#[test]
+fn under_ip_netns_exec_the_agent_says_its_pins_die_with_it() {
+    let mut env = AgentEnv::new().unwrap_or_else(|e| panic!("{e:#}"));
+    // What operators do instead of the `netns` field: no `netns`, the agent
+    // itself in the gateway namespace (with the private /sys `ip` gives it).
+    let header = env
+        .header()
+        .replace(&format!("netns = {:?}\n", env.interface_netns), "");
+    std::fs::write(&env.config, format!("{header}{RULES}")).unwrap_or_else(|e| panic!("{e}"));
+    let gateway = env.pair.gateway.name.clone();
+    env.start_under(&["ip", "netns", "exec", &gateway], &[])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let started = env.logs();
+    assert!(
+        started.lines().any(|l| l.contains("ERROR")
+            && l.contains("will not survive this process")
+            && l.contains("`netns` field")),
+        "no error about private pins at start:\n{started}"
+    );
+    let status = env.cli_json(&["status"]);
+    assert_eq!(status["pin_scope"], "private", "{status}");
+    assert!(env.cli_ok(&["status"]).contains("PRIVATE"));
+    assert!(xdp_attached(&env), "attached while the agent runs");
+    // The host never sees the agent's pins.
+    assert!(
+        !env.pin_path.exists(),
+        "{} on the host",
+        env.pin_path.display()
+    );
+
+    env.signal(libc::SIGTERM)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let exit = env
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(exit.success(), "{exit}");
+    let stopped = env.logs();
+    assert!(
+        !stopped.contains("stay attached and enforcing (pinned)"),
+        "claims persistence:\n{stopped}"
+    );
+    assert!(
+        stopped.contains("do NOT stay attached") && stopped.contains("detaches the programs"),
+        "stop does not say what happens:\n{stopped}"
+    );
+    // And that is what happens: the namespace went with the agent, and the
+    // kernel detaches the programs (asynchronously, so give it a moment).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while xdp_attached(&env) {
+        assert!(
+            Instant::now() < deadline,
+            "XDP still attached after the agent exited"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let pin_path = env.pin_path.display().to_string();
+    let out = env.cli_ok(&["detach", "--pin-path", &pin_path]);
+    assert!(
+        out.contains(&format!("nothing was pinned at {pin_path}")) && !out.contains("removed /"),
+        "{out}"
+    );
+}

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     attach::Attached,
     config::{ActionConfig, Quantity, RuleConfig, ScopeConfig},
+    pins::PinScope,
 };
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -159,6 +160,10 @@ pub struct Status {
     pub config: String,
     pub state_file: String,
     pub pin_path: String,
+    /// `private`: the pins vanish with this agent's mount namespace (it was
+    /// started under `ip netns exec`), so nothing outlives it.
+    #[serde(default)]
+    pub pin_scope: PinScope,
     pub interfaces: Vec<Attached>,
     pub programs: ProgramIds,
     pub rules: usize,
