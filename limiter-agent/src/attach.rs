@@ -194,18 +194,23 @@ pub(crate) fn attach_one(
     } else {
         Ok(())
     };
+    // Where XDP decides, TC only carries its mark: each packet is decided
+    // (counted, charged) once.
+    let behind_xdp = attached.xdp_mode.is_some();
     if iface.tc && tc_supported.is_ok() {
         if tc_pin.exists() {
             let link = SchedClassifierLink::try_from(adopt(&tc_pin)?)
                 .map_err(|e| anyhow!("{}: not a TC link: {e}", tc_pin.display()))?;
-            dp.tc()?
+            // Swapping the program also switches an adopted link between
+            // deciding and following XDP when the config's xdp setting changed.
+            dp.tc_for(behind_xdp)?
                 .attach_to_link(link)
                 .with_context(|| format!("replacing the program of the TC link on {name}"))?;
             attached.adopted = true;
         } else {
             let fd = netns::run_in(ns, || {
                 let ifindex = netns::if_index(name)?;
-                let prog = dp.tc()?;
+                let prog = dp.tc_for(behind_xdp)?;
                 let attach = TcAttach::Tcx {
                     attach_type: TcAttachType::Ingress,
                     order: LinkOrder::default(),

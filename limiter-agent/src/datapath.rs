@@ -134,11 +134,11 @@ impl Datapath {
             name: program_names::XDP,
             source,
         })?;
-        let tc: &mut SchedClassifier = program(&mut ebpf, program_names::TC)?;
-        tc.load().map_err(|source| DatapathError::Program {
-            name: program_names::TC,
-            source,
-        })?;
+        for name in [program_names::TC, program_names::TC_AFTER_XDP] {
+            let tc: &mut SchedClassifier = program(&mut ebpf, name)?;
+            tc.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
         Ok(Self { ebpf, capacities })
     }
 
@@ -150,8 +150,24 @@ impl Datapath {
         program(&mut self.ebpf, program_names::XDP)
     }
 
+    /// TC that decides every packet: for interfaces without XDP.
     pub fn tc(&mut self) -> Result<&mut SchedClassifier> {
         program(&mut self.ebpf, program_names::TC)
+    }
+
+    /// TC behind XDP on the same interface: only carries XDP's mark to
+    /// `skb->mark`, so no packet is decided twice.
+    pub fn tc_after_xdp(&mut self) -> Result<&mut SchedClassifier> {
+        program(&mut self.ebpf, program_names::TC_AFTER_XDP)
+    }
+
+    /// The TC program for an interface, by whether XDP decides there too.
+    pub fn tc_for(&mut self, behind_xdp: bool) -> Result<&mut SchedClassifier> {
+        if behind_xdp {
+            self.tc_after_xdp()
+        } else {
+            self.tc()
+        }
     }
 
     /// One of the reference programs benchmarks compare against

@@ -656,16 +656,16 @@ impl Service {
     }
 
     fn program_ids(&self) -> ProgramIds {
-        let attached_tc = self.attached.iter().any(|a| a.tc);
+        use limiter_common::program_names;
         let attached_xdp = self.attached.iter().any(|a| a.xdp_mode.is_some());
+        let tc_deciding = self.attached.iter().any(|a| a.tc && a.xdp_mode.is_none());
+        let tc_after_xdp = self.attached.iter().any(|a| a.tc && a.xdp_mode.is_some());
         let dp = self.enforcer.datapath();
+        let id_if = |attached: bool, name| attached.then(|| dp.program_id(name)).flatten();
         ProgramIds {
-            xdp: attached_xdp
-                .then(|| dp.program_id(limiter_common::program_names::XDP))
-                .flatten(),
-            tc: attached_tc
-                .then(|| dp.program_id(limiter_common::program_names::TC))
-                .flatten(),
+            xdp: id_if(attached_xdp, program_names::XDP),
+            tc: id_if(tc_deciding, program_names::TC),
+            tc_after_xdp: id_if(tc_after_xdp, program_names::TC_AFTER_XDP),
         }
     }
 

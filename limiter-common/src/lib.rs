@@ -20,7 +20,7 @@ pub mod map_names {
     pub const SOURCE_BUCKETS: &str = "LIM_SRC_V1";
     pub const SHARED_BUCKETS: &str = "LIM_SHARED_V1";
     pub const RULE_COUNTERS: &str = "LIM_RCNT_V1";
-    pub const REASON_COUNTERS: &str = "LIM_REASON_V1";
+    pub const REASON_COUNTERS: &str = "LIM_REASON_V2";
     pub const EVENTS: &str = "LIM_EVENTS_V1";
     pub const ACTIVE: &str = "LIM_ACTIVE_V1";
     pub const ALL: [&str; 9] = [
@@ -40,6 +40,9 @@ pub mod map_names {
 pub mod program_names {
     pub const XDP: &str = "limiter_xdp";
     pub const TC: &str = "limiter_tc";
+    /// TC where XDP has already decided: carries XDP's mark to `skb->mark`,
+    /// never classifies or charges again.
+    pub const TC_AFTER_XDP: &str = "limiter_tc_after_xdp";
     /// A bare XDP_PASS: the benchmarks' baseline.
     pub const REFERENCE_PASS: &str = "reference_pass";
     /// One clock read, then XDP_PASS: the floor of any time-based limiter.
@@ -250,7 +253,17 @@ pub enum Reason {
     /// A new per-source bucket was created (not an error: with the map's
     /// capacity this shows how full the LRU is and how fast it churns).
     SourceTracked = 15,
-    Count = 16,
+    /// TCP data offset below 5 (a header shorter than TCP's fixed 20
+    /// bytes): charged, not counted as a SYN.
+    MalformedTcp = 16,
+    /// A fragment that hides the TCP header (RFC 1858): a first fragment too
+    /// short for the 20-byte TCP header, or a TCP fragment at offset 8 bytes
+    /// that would overwrite the flags. Dropped.
+    TinyFragment = 17,
+    /// XDP marked a packet but could not leave the mark for the TC program
+    /// (the device gives XDP no metadata room): `skb->mark` is not set.
+    MarkNotCarried = 18,
+    Count = 19,
 }
 
 impl Reason {
@@ -272,6 +285,9 @@ impl Reason {
         Reason::EventLost,
         Reason::MarkFailed,
         Reason::SourceTracked,
+        Reason::MalformedTcp,
+        Reason::TinyFragment,
+        Reason::MarkNotCarried,
     ];
 
     /// Metric label value.
@@ -293,6 +309,9 @@ impl Reason {
             Reason::EventLost => "event_lost",
             Reason::MarkFailed => "mark_failed",
             Reason::SourceTracked => "source_tracked",
+            Reason::MalformedTcp => "malformed_tcp",
+            Reason::TinyFragment => "tiny_fragment",
+            Reason::MarkNotCarried => "mark_not_carried",
             Reason::Count => "count",
         }
     }
@@ -319,6 +338,25 @@ pub struct OverBudgetEvent {
 }
 
 const _: () = assert!(size_of::<OverBudgetEvent>() == 48);
+
+/// What the XDP program leaves in front of a marked packet (XDP metadata,
+/// `bpf_xdp_adjust_meta`) so the TC program behind it can set `skb->mark`
+/// without deciding the packet a second time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkMeta {
+    /// [`MarkMeta::MAGIC`]: tells our metadata from another program's.
+    pub magic: u32,
+    pub skb_mark: u32,
+}
+
+impl MarkMeta {
+    pub const MAGIC: u32 = 0x4c49_4d4b; // "LIMK"
+    pub const LEN: usize = size_of::<MarkMeta>();
+}
+
+// XDP metadata must be a multiple of 4 bytes.
+const _: () = assert!(MarkMeta::LEN == 8);
 
 /// Benchmark-only programs (`limiter-bench-progs`): never loaded by the
 /// agent.

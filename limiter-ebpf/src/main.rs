@@ -1,8 +1,12 @@
 //! limiter's kernel programs.
 //!
 //! - `limiter_xdp`: the drop path, at the driver (or generic XDP).
-//! - `limiter_tc`: the same decisions at TC ingress, for setups that need
-//!   `skb->mark` on marked packets.
+//! - `limiter_tc`: the same decisions at TC ingress, for interfaces where
+//!   TC decides alone (no XDP) and marked packets need `skb->mark`.
+//! - `limiter_tc_after_xdp`: TC ingress behind `limiter_xdp` on the same
+//!   interface. XDP has decided every packet already; this one only copies
+//!   the mark XDP left in the packet's metadata to `skb->mark`, so no packet
+//!   is counted or charged twice.
 //!
 //! Both fail open: anything that cannot be classified (non-IP, no rule, no
 //! state) passes; only malformed IP (which the stack would drop anyway),
@@ -23,11 +27,13 @@ mod mark;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    EbpfContext as _,
+    bindings::{__sk_buff, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::bpf_xdp_adjust_meta,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use limiter_common::{Reason, family};
+use limiter_common::{MarkMeta, Reason, family};
 
 use crate::{
     enforce::{Decision, count_reason, decide},
@@ -54,6 +60,12 @@ impl Packet for Xdp<'_> {
     fn wire_len(&self) -> u32 {
         (self.0.data_end() - self.0.data()) as u32
     }
+    #[inline(always)]
+    fn offloaded_vlan_tags(&self) -> usize {
+        // A tag the device strips is invisible here without the dev-bound
+        // kfunc bpf_xdp_metadata_rx_vlan_tag (docs/datapath.md, "VLAN").
+        0
+    }
 }
 
 struct Tc<'a>(&'a TcContext);
@@ -76,6 +88,12 @@ impl Packet for Tc<'_> {
     fn wire_len(&self) -> u32 {
         self.0.len()
     }
+    #[inline(always)]
+    fn offloaded_vlan_tags(&self) -> usize {
+        let skb = self.0.as_ptr() as *const __sk_buff;
+        // SAFETY: the context pointer the kernel passed to the program.
+        usize::from(unsafe { (*skb).vlan_present } != 0)
+    }
 }
 
 /// Reads the first 12 bytes of the IP header for the mark rewrite.
@@ -95,14 +113,39 @@ pub fn limiter_xdp(ctx: XdpContext) -> u32 {
     match decide(&pkt) {
         Decision::Pass => xdp_action::XDP_PASS,
         Decision::Drop => xdp_action::XDP_DROP,
-        Decision::Mark { ip, dscp, .. } => {
+        Decision::Mark { ip, dscp, skb_mark } => {
             if xdp_mark(&pkt, &ip, dscp).is_none() {
                 count_reason(Reason::MarkFailed);
                 aya_log_ebpf::warn!(&ctx, "mark rewrite failed (IP header at {})", ip.l3);
             }
+            if skb_mark != 0 && leave_mark_for_tc(&ctx, skb_mark).is_none() {
+                count_reason(Reason::MarkNotCarried);
+            }
             xdp_action::XDP_PASS
         }
     }
+}
+
+/// Puts [`MarkMeta`] in front of the packet, where `limiter_tc_after_xdp`
+/// finds it in the skb's metadata. Packet pointers are read again after the
+/// adjustment: the helper invalidates them.
+#[inline(always)]
+fn leave_mark_for_tc(ctx: &XdpContext, skb_mark: u32) -> Option<()> {
+    // SAFETY: the helper checks the room itself and fails without it.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(MarkMeta::LEN as i32)) } != 0 {
+        return None;
+    }
+    let meta = ctx.metadata();
+    if meta + MarkMeta::LEN > ctx.data() {
+        return None;
+    }
+    let value = MarkMeta {
+        magic: MarkMeta::MAGIC,
+        skb_mark,
+    };
+    // SAFETY: [meta, meta + LEN) was checked against data just above.
+    unsafe { core::ptr::write_unaligned(meta as *mut MarkMeta, value) };
+    Some(())
 }
 
 #[inline(always)]
@@ -151,6 +194,22 @@ pub fn limiter_tc(ctx: TcContext) -> i32 {
             TC_ACT_OK
         }
     }
+}
+
+#[classifier]
+pub fn limiter_tc_after_xdp(ctx: TcContext) -> i32 {
+    let skb = ctx.as_ptr() as *const __sk_buff;
+    // SAFETY: the context pointer the kernel passed to the program.
+    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
+    if meta + MarkMeta::LEN <= data {
+        // SAFETY: [meta, meta + LEN) lies before data, checked just above.
+        let found = unsafe { core::ptr::read_unaligned(meta as *const MarkMeta) };
+        if found.magic == MarkMeta::MAGIC {
+            ctx.set_mark(found.skb_mark);
+        }
+    }
+    // XDP let the packet through: its verdict stands.
+    TC_ACT_OK
 }
 
 #[inline(always)]

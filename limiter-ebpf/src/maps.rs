@@ -44,7 +44,7 @@ pub static RULE_COUNTERS: PerCpuArray<RuleCounters> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_RULES, 0);
 
 /// Global per-CPU counters by [`Reason`].
-#[map(name = "LIM_REASON_V1")]
+#[map(name = "LIM_REASON_V2")]
 pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 
 /// Over-budget events for the agent.

@@ -1,8 +1,10 @@
 //! Packet parsing: one cursor over one bounds-checked read.
 //!
-//! Covers Ethernet, up to two VLAN tags (802.1Q / 802.1ad), IPv4 with options,
-//! IPv6 with a bounded chain of extension headers, fragments, TCP flags and
-//! ICMPv6 neighbour discovery. Never reads at fixed offsets past L2.
+//! Covers Ethernet, up to two VLAN tags (802.1Q / 802.1ad, counting a tag the
+//! stack already moved out of the frame), IPv4 with options, IPv6 with a
+//! bounded chain of extension headers, fragments (refusing the tiny ones of
+//! RFC 1858), TCP flags and ICMPv6 neighbour discovery. Never reads at fixed
+//! offsets past L2.
 
 use limiter_common::{Reason, family};
 
@@ -15,6 +17,9 @@ pub trait Packet {
     fn data_end(&self) -> usize;
     /// Length charged to byte budgets: the L2 frame without FCS.
     fn wire_len(&self) -> u32;
+    /// VLAN tags already taken out of the frame (0 or 1): TC sees the outer
+    /// tag in `skb->vlan_tci`, since the stack untags before TC runs.
+    fn offloaded_vlan_tags(&self) -> usize;
 }
 
 const ETH_HLEN: usize = 14;
@@ -26,7 +31,14 @@ const MAX_VLAN_TAGS: usize = 2;
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_ICMPV6: u8 = 58;
+/// "No next header": the only payload that can be empty (payload length 0)
+/// without being a jumbogram.
+const IPPROTO_NONE: u8 = 59;
 const IPV6_HLEN: usize = 40;
+/// The largest payload a payload length field can state; a payload length
+/// of 0 is a jumbogram's (RFC 2675) only when the payload is larger.
+const IPV6_MAX_PAYLOAD: usize = 65_535;
+const TCP_HLEN: usize = 20;
 /// Extension headers walked before giving up on finding L4.
 const MAX_IPV6_EXT: usize = 6;
 /// Cursor limit: keeps every offset bounded for the verifier. No header we
@@ -98,8 +110,10 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
         return Parsed::Pass(Reason::TruncatedL2);
     };
     let mut off = ETH_HLEN;
-    for _ in 0..MAX_VLAN_TAGS {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+    // A tag held outside the frame counts toward the two we look through.
+    let inline_tags = MAX_VLAN_TAGS - pkt.offloaded_vlan_tags().min(1);
+    for tag in 0..MAX_VLAN_TAGS {
+        if tag == inline_tags || (ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD) {
             break;
         }
         // A tag is TCI (2 bytes) then the inner EtherType (2 bytes).
@@ -135,7 +149,9 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3: usize) -> Parsed {
     }
     let mut src = [0u8; 16];
     src[..4].copy_from_slice(&hdr[12..16]);
-    let fragment_offset = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
+    let flags_and_offset = u16::from_be_bytes([hdr[6], hdr[7]]);
+    let fragment_offset = flags_and_offset & 0x1fff;
+    let more_fragments = flags_and_offset & 0x2000 != 0;
     let mut ip = IpPacket {
         family: family::IPV4,
         src,
@@ -144,21 +160,40 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3: usize) -> Parsed {
         note: None,
     };
     if fragment_offset != 0 {
+        // Offset 1 (8 bytes) can only serve to overwrite the TCP flags.
+        if fragment_offset == 1 && hdr[9] == IPPROTO_TCP {
+            return Parsed::Drop(Reason::TinyFragment);
+        }
         ip.note = Some(Reason::Fragment);
     } else if hdr[9] == IPPROTO_TCP {
-        tcp_flags(pkt, l3 + header_len, l3 + total_len, &mut ip);
+        return tcp(pkt, l3 + header_len, l3 + total_len, more_fragments, ip);
     }
     Parsed::Ip(ip)
 }
 
+/// The TCP header of an unfragmented packet or a first fragment.
 #[inline(always)]
-fn tcp_flags<P: Packet>(pkt: &P, l4: usize, end: usize, ip: &mut IpPacket) {
+fn tcp<P: Packet>(
+    pkt: &P,
+    l4: usize,
+    end: usize,
+    first_fragment: bool,
+    mut ip: IpPacket,
+) -> Parsed {
     // The whole 20-byte fixed header must be in the packet for the flags to
     // count.
-    match bytes_before::<20, P>(pkt, l4, end) {
+    match bytes_before::<TCP_HLEN, P>(pkt, l4, end) {
+        // A data offset below 5 overlaps the header with data: Linux drops
+        // it, and its "flags" mean nothing.
+        Some(tcp) if usize::from(tcp[12] >> 4) * 4 < TCP_HLEN => {
+            ip.note = Some(Reason::MalformedTcp);
+        }
         Some(tcp) => ip.syn = tcp[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN,
+        // A first fragment that leaves the flags to a later one hides a SYN.
+        None if first_fragment => return Parsed::Drop(Reason::TinyFragment),
         None => ip.note = Some(Reason::TruncatedTcp),
     }
+    Parsed::Ip(ip)
 }
 
 #[inline(always)]
@@ -168,18 +203,19 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
     };
     let payload_len = usize::from(u16::from_be_bytes([hdr[4], hdr[5]]));
     let on_wire = (pkt.wire_len() as usize).saturating_sub(l3 + IPV6_HLEN);
-    // payload_len 0 is a jumbogram (hop-by-hop option); anything else must fit.
     if hdr[0] >> 4 != 6 || payload_len > on_wire {
         return Parsed::Drop(Reason::MalformedIpv6);
     }
+    // Payload length 0 states an empty payload, which only "no next header"
+    // can have, or a jumbogram, whose payload is larger than the field can
+    // state (RFC 2675; also the stack's own GRO packets with BIG TCP). Any
+    // other packet that says 0 hides its payload: Linux never delivers it.
+    let jumbo = payload_len == 0 && on_wire > IPV6_MAX_PAYLOAD;
+    if payload_len == 0 && !jumbo && hdr[6] != IPPROTO_NONE {
+        return Parsed::Drop(Reason::MalformedIpv6);
+    }
     // Where the packet ends: a jumbogram's end is the frame's.
-    let end = l3
-        + IPV6_HLEN
-        + if payload_len == 0 {
-            on_wire
-        } else {
-            payload_len
-        };
+    let end = l3 + IPV6_HLEN + if jumbo { on_wire } else { payload_len };
     let mut src = [0u8; 16];
     src.copy_from_slice(&hdr[8..24]);
     let mut ip = IpPacket {
@@ -190,6 +226,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
         note: None,
     };
     let hop_limit = hdr[7];
+    let mut first_fragment = false;
     let mut next = hdr[6];
     let mut off = l3 + IPV6_HLEN;
     for _ in 0..MAX_IPV6_EXT {
@@ -207,10 +244,17 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
                 let Some(ext) = bytes_before::<8, P>(pkt, off, end) else {
                     return Parsed::Drop(Reason::MalformedIpv6Ext);
                 };
-                if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
+                let offset_bytes = u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8;
+                if offset_bytes != 0 {
+                    // Offset 8 can only serve to overwrite the TCP flags.
+                    if offset_bytes == 8 && ext[0] == IPPROTO_TCP {
+                        return Parsed::Drop(Reason::TinyFragment);
+                    }
                     ip.note = Some(Reason::Fragment);
                     return Parsed::Ip(ip);
                 }
+                // The M flag: more fragments follow this first one.
+                first_fragment = ext[3] & 1 != 0;
                 next = ext[0];
                 off += 8;
             }
@@ -222,7 +266,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
                 next = ext[0];
                 off += (usize::from(ext[1]) + 2) * 4;
             }
-            _ => return l4_ipv6(pkt, next, off, end, hop_limit, ip),
+            _ => return l4_ipv6(pkt, next, off, end, hop_limit, first_fragment, ip),
         }
         // The whole header must be in the packet, not only its first bytes.
         if off > end {
@@ -238,7 +282,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
             ip.note = Some(Reason::Ipv6ExtChainTooLong);
             Parsed::Ip(ip)
         }
-        _ => l4_ipv6(pkt, next, off, end, hop_limit, ip),
+        _ => l4_ipv6(pkt, next, off, end, hop_limit, first_fragment, ip),
     }
 }
 
@@ -249,10 +293,11 @@ fn l4_ipv6<P: Packet>(
     l4: usize,
     end: usize,
     hop_limit: u8,
-    mut ip: IpPacket,
+    first_fragment: bool,
+    ip: IpPacket,
 ) -> Parsed {
     match proto {
-        IPPROTO_TCP => tcp_flags(pkt, l4, end, &mut ip),
+        IPPROTO_TCP => return tcp(pkt, l4, end, first_fragment, ip),
         IPPROTO_ICMPV6 => {
             // Router/neighbour solicitation/advertisement, redirect: 133..=137.
             // Real ND always has hop limit 255 (RFC 4861 7.1.1), so it cannot

@@ -18,6 +18,12 @@ pub enum L4 {
     Tcp {
         flags: u8,
     },
+    /// A 20-byte TCP header whose data offset field says `data_offset`
+    /// 32-bit words (5 is the truth; below 5 is malformed).
+    TcpDataOffset {
+        flags: u8,
+        data_offset: u8,
+    },
     /// A TCP header cut to `len` bytes (the IP length says so too).
     TruncatedTcp {
         len: usize,
@@ -36,7 +42,7 @@ pub enum L4 {
 impl L4 {
     fn proto(&self) -> u8 {
         match self {
-            L4::Tcp { .. } | L4::TruncatedTcp { .. } => 6,
+            L4::Tcp { .. } | L4::TcpDataOffset { .. } | L4::TruncatedTcp { .. } => 6,
             L4::Udp => 17,
             L4::Icmpv6 { .. } => 58,
             L4::Other { proto, .. } => *proto,
@@ -45,14 +51,8 @@ impl L4 {
 
     fn bytes(&self, payload: usize) -> Vec<u8> {
         let mut out = match self {
-            L4::Tcp { flags } => {
-                let mut h = vec![0u8; 20];
-                h[0..2].copy_from_slice(&40000u16.to_be_bytes());
-                h[2..4].copy_from_slice(&80u16.to_be_bytes());
-                h[12] = 5 << 4;
-                h[13] = *flags;
-                h
-            }
+            L4::Tcp { flags } => tcp_header(*flags, 5),
+            L4::TcpDataOffset { flags, data_offset } => tcp_header(*flags, *data_offset),
             L4::TruncatedTcp { len } => return vec![0u8; *len],
             L4::Udp => {
                 let mut h = vec![0u8; 8];
@@ -67,6 +67,15 @@ impl L4 {
         out.extend(std::iter::repeat_n(0xab, payload));
         out
     }
+}
+
+fn tcp_header(flags: u8, data_offset: u8) -> Vec<u8> {
+    let mut h = vec![0u8; 20];
+    h[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    h[2..4].copy_from_slice(&80u16.to_be_bytes());
+    h[12] = (data_offset & 0x0f) << 4;
+    h[13] = flags;
+    h
 }
 
 /// An IPv6 extension header: (next-header code of this header, length in

@@ -4,7 +4,9 @@
 use aya::programs::{TestRun, TestRunOptions};
 use ipnet::IpNet;
 use limiter_agent::datapath::{Capacities, Datapath};
-use limiter_common::{Action, Limit, Reason, Rule, RuleCounters, Scope, dimension, verdict};
+use limiter_common::{
+    Action, Limit, MarkMeta, Reason, Rule, RuleCounters, Scope, dimension, verdict,
+};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -82,6 +84,15 @@ pub struct Harness {
     pub dp: Datapath,
 }
 
+pub struct XdpRun {
+    pub action: u32,
+    /// The frame as XDP left it, without the metadata in front.
+    pub out: Vec<u8>,
+    /// The mark XDP left in the metadata for the TC program behind it
+    /// (0 without one).
+    pub carried_mark: u32,
+}
+
 pub struct TcRun {
     pub action: u32,
     pub out: Vec<u8>,
@@ -120,6 +131,13 @@ impl Harness {
 
     /// Runs `frame` through the XDP program: (action, output bytes).
     pub fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let run = self.xdp_run(frame);
+        (run.action, run.out)
+    }
+
+    /// Runs `frame` through the XDP program and splits off the metadata the
+    /// test run returns in front of the frame.
+    pub fn xdp_run(&mut self, frame: &[u8]) -> XdpRun {
         let mut out = vec![0u8; frame.len() + 256];
         let result = {
             let prog = self.dp.xdp().unwrap_or_else(|e| panic!("{e}"));
@@ -130,7 +148,22 @@ impl Harness {
                 .unwrap_or_else(|e| panic!("XDP test run of {} bytes: {e}", frame.len()))
         };
         out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        // The program never changes the frame's length, only adds metadata.
+        let meta_len = out.len().saturating_sub(frame.len());
+        let frame_out = out.split_off(meta_len);
+        let carried_mark = match out.as_slice() {
+            [m0, m1, m2, m3, k0, k1, k2, k3, ..]
+                if u32::from_ne_bytes([*m0, *m1, *m2, *m3]) == MarkMeta::MAGIC =>
+            {
+                u32::from_ne_bytes([*k0, *k1, *k2, *k3])
+            }
+            _ => 0,
+        };
+        XdpRun {
+            action: result.return_value,
+            out: frame_out,
+            carried_mark,
+        }
     }
 
     /// Runs `frame` `n` times and returns how many times each action came back.

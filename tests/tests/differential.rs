@@ -276,10 +276,13 @@ fn check_frame(
         }
     }
     let expected = model.apply(frame, &classified, now_ns);
-    let (want_action, got_mark, want_mark) = match run.skb_mark {
-        Some(mark) => (expected.tc_action(), mark, expected.skb_mark()),
-        None => (expected.xdp_action(), 0, 0),
+    let want_action = if run.via_tc {
+        expected.tc_action()
+    } else {
+        expected.xdp_action()
     };
+    // XDP leaves the mark in the packet's metadata for TC: the same value.
+    let (got_mark, want_mark) = (run.mark, expected.skb_mark());
     if run.action != want_action {
         return Err(why(&format!(
             "action: kernel {}, model {want_action} ({:?}, counted {:?})",

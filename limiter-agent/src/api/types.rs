@@ -150,7 +150,11 @@ pub struct SourceView {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub struct ProgramIds {
     pub xdp: Option<u32>,
+    /// The TC program that decides (interfaces without XDP).
     pub tc: Option<u32>,
+    /// The TC program behind XDP, which only carries XDP's mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tc_after_xdp: Option<u32>,
 }
 
 /// `GET /v1/status`.

@@ -46,6 +46,11 @@ const IPV4_MIN_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;
 const PROTO_TCP: u8 = 6;
 const PROTO_ICMPV6: u8 = 58;
+/// "No next header": the one payload that may be empty.
+const PROTO_NONE: u8 = 59;
+/// What a payload length field can state; 0 means more only for a
+/// jumbogram (RFC 2675).
+const IPV6_MAX_PAYLOAD: usize = 65_535;
 const TCP_MIN_HEADER: usize = 20;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -109,22 +114,39 @@ fn ipv4(frame: &[u8], l3: usize) -> Parsed {
         new_connection: false,
         note: None,
     };
-    let fragment_offset = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
+    let flags_and_offset = u16::from_be_bytes([packet[6], packet[7]]);
+    let fragment_offset = flags_and_offset & 0x1fff;
+    let more_fragments = flags_and_offset & 0x2000 != 0;
     if fragment_offset != 0 {
+        // RFC 1858: a TCP fragment at offset 8 bytes rewrites the flags.
+        if fragment_offset == 1 && packet[9] == PROTO_TCP {
+            return Parsed::Drop(Reason::TinyFragment);
+        }
         ip.note = Some(Reason::Fragment);
     } else if packet[9] == PROTO_TCP {
-        tcp(&packet[header_len..], &mut ip);
+        return tcp(&packet[header_len..], more_fragments, ip);
     }
     Parsed::Ip(ip)
 }
 
-fn tcp(segment: &[u8], ip: &mut IpInfo) {
+/// The TCP header of an unfragmented packet or of a first fragment.
+fn tcp(segment: &[u8], first_fragment: bool, mut ip: IpInfo) -> Parsed {
     if segment.len() < TCP_MIN_HEADER {
+        // RFC 1858: a first fragment must carry the whole TCP header.
+        if first_fragment {
+            return Parsed::Drop(Reason::TinyFragment);
+        }
         ip.note = Some(Reason::TruncatedTcp);
-        return;
+        return Parsed::Ip(ip);
+    }
+    let data_offset = usize::from(segment[12] >> 4) * 4;
+    if data_offset < TCP_MIN_HEADER {
+        ip.note = Some(Reason::MalformedTcp);
+        return Parsed::Ip(ip);
     }
     let flags = segment[13];
     ip.new_connection = flags & TCP_SYN != 0 && flags & TCP_ACK == 0;
+    Parsed::Ip(ip)
 }
 
 fn ipv6(frame: &[u8], l3: usize) -> Parsed {
@@ -137,8 +159,13 @@ fn ipv6(frame: &[u8], l3: usize) -> Parsed {
     if payload_len > room {
         return Parsed::Drop(Reason::MalformedIpv6);
     }
-    // 0 is a jumbogram's payload length: then the frame is the bound.
-    let end = IPV6_HEADER + if payload_len == 0 { room } else { payload_len };
+    // 0 says "empty", true only with no next header, unless the payload is
+    // too large for the field: a jumbogram, bounded by the frame.
+    let jumbo = payload_len == 0 && room > IPV6_MAX_PAYLOAD;
+    if payload_len == 0 && !jumbo && on_wire[6] != PROTO_NONE {
+        return Parsed::Drop(Reason::MalformedIpv6);
+    }
+    let end = IPV6_HEADER + if jumbo { room } else { payload_len };
     let packet = &on_wire[..end];
     let mut source = [0u8; 16];
     source.copy_from_slice(&packet[8..24]);
@@ -149,6 +176,7 @@ fn ipv6(frame: &[u8], l3: usize) -> Parsed {
         note: None,
     };
     let hop_limit = packet[7];
+    let mut first_fragment = false;
     let mut next = packet[6];
     let mut at = IPV6_HEADER;
     let mut walked = 0;
@@ -165,9 +193,16 @@ fn ipv6(frame: &[u8], l3: usize) -> Parsed {
             return Parsed::Drop(Reason::MalformedIpv6Ext);
         }
         let header = &packet[at..at + len];
-        if next == EXT_FRAGMENT && u16::from_be_bytes([header[2], header[3]]) >> 3 != 0 {
-            ip.note = Some(Reason::Fragment);
-            return Parsed::Ip(ip);
+        if next == EXT_FRAGMENT {
+            let offset_units = u16::from_be_bytes([header[2], header[3]]) >> 3;
+            if offset_units == 1 && header[0] == PROTO_TCP {
+                return Parsed::Drop(Reason::TinyFragment);
+            }
+            if offset_units != 0 {
+                ip.note = Some(Reason::Fragment);
+                return Parsed::Ip(ip);
+            }
+            first_fragment = header[3] & 1 != 0;
         }
         next = header[0];
         at += len;
@@ -179,7 +214,7 @@ fn ipv6(frame: &[u8], l3: usize) -> Parsed {
     }
     let upper = &packet[at..];
     match next {
-        PROTO_TCP => tcp(upper, &mut ip),
+        PROTO_TCP => return tcp(upper, first_fragment, ip),
         PROTO_ICMPV6
             if upper.len() >= ICMPV6_HEADER
                 && ND_TYPES.contains(&upper[0])

@@ -305,6 +305,7 @@ fn l3_and_l4() -> impl Strategy<Value = (L3Spec, L4)> {
     let fragment = prop_oneof![
         6 => Just((0u16, false)),
         1 => Just((0u16, true)),                   // first
+        1 => Just((1u16, true)),                   // at 8 bytes: RFC 1858
         1 => (1u16..0x1fff).prop_map(|o| (o, true)),  // middle
         1 => (1u16..0x1fff).prop_map(|o| (o, false)), // last
     ];
@@ -330,7 +331,8 @@ fn l3_and_l4() -> impl Strategy<Value = (L3Spec, L4)> {
 }
 
 fn extension() -> impl Strategy<Value = Ext> {
-    let fragment_offset = prop_oneof![3 => Just(0u16), 1 => 1u16..0x1fff];
+    // Offset 1 (8 bytes) is the tiny-fragment attack of RFC 1858.
+    let fragment_offset = prop_oneof![3 => Just(0u16), 1 => Just(1u16), 1 => 2u16..0x1fff];
     prop_oneof![
         (prop_oneof![Just(0u8), Just(43), Just(60), Just(51)], 0u8..6)
             .prop_map(|(code, len_field)| Ext::Sized { code, len_field }),
@@ -362,7 +364,9 @@ fn l4(v6: bool) -> impl Strategy<Value = L4> {
         any::<u8>(),
     ];
     prop_oneof![
-        4 => flags.prop_map(|flags| L4::Tcp { flags }),
+        4 => flags.clone().prop_map(|flags| L4::Tcp { flags }),
+        // Data offsets below 5 (malformed) and above (options the frame lacks).
+        1 => (flags, 0u8..16).prop_map(|(flags, data_offset)| L4::TcpDataOffset { flags, data_offset }),
         1 => (0usize..20).prop_map(|len| L4::TruncatedTcp { len }),
         3 => Just(L4::Udp),
         2 => icmpv6.prop_map(|kind| L4::Icmpv6 { kind }),
@@ -387,6 +391,9 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         any::<Index>().prop_map(Field::ExtLength),
     ];
     let lie = prop_oneof![
+        // Payload length 0: a jumbogram's, or a lie (with or without a
+        // hop-by-hop header in the chain).
+        Just(Lie::Value(0)),
         any::<u16>().prop_map(Lie::Value),
         (-8i8..=8).prop_map(Lie::Off),
     ];

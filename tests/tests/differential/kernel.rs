@@ -32,8 +32,9 @@ pub struct Kernel {
 pub struct Run {
     pub action: u32,
     pub output: Vec<u8>,
-    /// `skb->mark` (TC only).
-    pub skb_mark: Option<u32>,
+    pub via_tc: bool,
+    /// `skb->mark` after TC, or the mark XDP left for TC in the metadata.
+    pub mark: u32,
     /// CLOCK_MONOTONIC (the clock of bpf_ktime_get_ns) around the run.
     pub started_ns: u64,
     pub ended_ns: u64,
@@ -87,17 +88,18 @@ impl Kernel {
 
     pub fn run(&mut self, frame: &[u8], via_tc: bool) -> Run {
         let started_ns = monotonic_ns();
-        let (action, output, skb_mark) = if via_tc {
+        let (action, output, mark) = if via_tc {
             let run = self.harness.tc(frame);
-            (run.action, run.out, Some(run.mark))
+            (run.action, run.out, run.mark)
         } else {
-            let (action, out) = self.harness.xdp(frame);
-            (action, out, None)
+            let run = self.harness.xdp_run(frame);
+            (run.action, run.out, run.carried_mark)
         };
         Run {
             action,
             output,
-            skb_mark,
+            via_tc,
+            mark,
             started_ns,
             ended_ns: monotonic_ns(),
         }
