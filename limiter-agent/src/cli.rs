@@ -8,7 +8,9 @@ use serde::Serialize;
 use crate::{
     api::{
         client::{Client, ClientError, segment},
-        types::{Applied, Offender, PenaltyRequest, RulePatch, RuleView, SourceView, Status},
+        types::{
+            Applied, Offender, PenaltyRequest, ProgramIds, RulePatch, RuleView, SourceView, Status,
+        },
     },
     config::{ActionConfig, Config, Quantity, RuleConfig, ScopeConfig},
     pins::PinScope,
@@ -322,6 +324,23 @@ pub async fn inspect(client: &Client, out: &Output, address: &str) -> Result {
     Ok(())
 }
 
+/// "xdp id 12, tc after xdp id 14": the kernel's ids of the programs in use.
+fn program_ids(ids: &ProgramIds) -> String {
+    let named: Vec<String> = [
+        ("xdp", ids.xdp),
+        ("tc", ids.tc),
+        ("tc after xdp", ids.tc_after_xdp),
+    ]
+    .into_iter()
+    .filter_map(|(name, id)| id.map(|id| format!("{name} id {id}")))
+    .collect();
+    if named.is_empty() {
+        "none attached".to_owned()
+    } else {
+        named.join(", ")
+    }
+}
+
 pub async fn status(client: &Client, out: &Output) -> Result {
     let s: Status = client.get("/v1/status").await?;
     out.print(&s, |s| {
@@ -341,10 +360,7 @@ pub async fn status(client: &Client, out: &Output) -> Result {
                 s.pin_path
             ),
         }
-        println!(
-            "  programs      xdp {:?}  tc {:?}",
-            s.programs.xdp, s.programs.tc
-        );
+        println!("  programs      {}", program_ids(&s.programs));
         println!(
             "  rules         {} of {} ({} penalties), generation {}",
             s.rules, s.max_rules, s.penalties, s.config_generation
@@ -506,5 +522,19 @@ mod tests {
             foreign.starts_with(&plain) && foreign.contains("cannot see the host's pins"),
             "{foreign}"
         );
+    }
+
+    #[test]
+    fn program_ids_read_as_words_not_debug_output() {
+        let mut ids = ProgramIds {
+            xdp: Some(12),
+            tc: None,
+            tc_after_xdp: Some(14),
+        };
+        assert_eq!(program_ids(&ids), "xdp id 12, tc after xdp id 14");
+        ids.tc_after_xdp = None;
+        assert_eq!(program_ids(&ids), "xdp id 12");
+        ids.xdp = None;
+        assert_eq!(program_ids(&ids), "none attached");
     }
 }

@@ -56,6 +56,8 @@ pub struct AgentEnv {
     pub interface_netns: String,
     /// Whether the interface also gets the TC program (`tc = true`).
     pub tc: bool,
+    /// The interface's `xdp` setting ("native" unless a test changes it).
+    pub xdp: &'static str,
     agent: Option<Child>,
 }
 
@@ -69,6 +71,7 @@ impl AgentEnv {
             interface: pair.gw_if.clone(),
             interface_netns: pair.gateway.name.clone(),
             tc: false,
+            xdp: "native",
             pin_path: PathBuf::from(format!("/sys/fs/bpf/limiter-test-{tag}")),
             socket: dir.join("control.sock"),
             state_file: dir.join("state.json"),
@@ -89,7 +92,7 @@ impl AgentEnv {
             "[agent]\npin_path = {:?}\nstate_file = {:?}\ncontrol_socket = {:?}\n\
              [metrics]\naddress = \"127.0.0.1:{}\"\ntop_k = {}\n\
              [capacity]\nrules = {}\nsources = 65536\n\
-             [[interface]]\nname = {:?}\nnetns = {:?}\nxdp = \"native\"\ntc = {}\n",
+             [[interface]]\nname = {:?}\nnetns = {:?}\nxdp = {:?}\ntc = {}\n",
             self.pin_path,
             self.state_file,
             self.socket,
@@ -98,6 +101,7 @@ impl AgentEnv {
             self.max_rules,
             self.interface,
             self.interface_netns,
+            self.xdp,
             self.tc
         )
     }

@@ -89,14 +89,25 @@ fn counter(rules: &serde_json::Value, name: &str, verdict: &str) -> u64 {
 }
 
 #[test]
-fn xdp_and_tc_together_decide_each_packet_once() {
+fn native_xdp_and_tc_together_decide_each_packet_once() {
+    decided_once("native");
+}
+
+#[test]
+fn generic_xdp_and_tc_together_decide_each_packet_once() {
+    decided_once("generic");
+}
+
+fn decided_once(xdp_mode: &'static str) {
     let mut env = AgentEnv::new().unwrap_or_else(|e| panic!("environment: {e:#}"));
     env.tc = true;
+    env.xdp = xdp_mode;
     env.write_config(RULES)
         .unwrap_or_else(|e| panic!("config: {e:#}"));
     env.start().unwrap_or_else(|e| panic!("{e:#}"));
     assert!(xdp_attached(&env), "XDP is attached beside TC");
     let status = env.cli_json(&["status"]);
+    assert_eq!(status["interfaces"][0]["xdp_mode"], xdp_mode, "{status}");
     let programs = &status["programs"];
     assert!(programs["xdp"].is_u64(), "{status}");
     assert!(programs["tc_after_xdp"].is_u64(), "{status}");
