@@ -7,4 +7,5 @@ pub mod harness;
 pub mod model;
 pub mod netns;
 pub mod scenario;
+pub mod stack;
 pub mod traffic;

@@ -2,77 +2,29 @@
 //! over-budget packets of a `mark` rule reach the stack with `skb->mark` and
 //! DSCP set (seen by nftables in the gateway), `deny` drops before sockets.
 
-use std::{net::UdpSocket, process::Command, time::Duration};
-
 use aya::programs::{LinkOrder, TcAttachType, tc::TcAttach};
 use limiter_agent::datapath::{Capacities, Datapath};
 use limiter_common::{Action, verdict};
 use limiter_tests::{
     harness::{RuleSpec, net},
     netns::Pair,
+    stack::{nft_counted, nft_counters, udp_through},
     traffic::if_index,
 };
 
 const SENT: u64 = 10;
 const BURST: u64 = 3;
 
-/// Packets counted by the nft rule carrying `comment` in the gateway.
 fn nft_packets(pair: &Pair, comment: &str) -> u64 {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.gateway.name,
-            "nft",
-            "list",
-            "chain",
-            "inet",
-            "limtest",
-            "input",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("nft: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains(comment))
-        .unwrap_or_else(|| panic!("no nft rule {comment} in:\n{text}"));
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words
-        .iter()
-        .position(|w| *w == "packets")
-        .unwrap_or_else(|| panic!("no counter in {line}"));
-    words[at + 1]
-        .parse()
-        .unwrap_or_else(|e| panic!("{line}: {e}"))
+    nft_counted(&pair.gateway.name, comment).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Sends SENT datagrams from the source namespace to the gateway and
 /// returns how many a socket in the gateway received.
 fn send_and_receive(pair: &Pair) -> u64 {
-    let receiver = pair
-        .gateway
-        .run(|| {
-            let sock = UdpSocket::bind("198.18.0.2:9999")?;
-            sock.set_read_timeout(Some(Duration::from_millis(300)))?;
-            Ok(sock)
-        })
-        .unwrap_or_else(|e| panic!("bind in gateway: {e:#}"));
-    pair.source
-        .run(|| {
-            let sock = UdpSocket::bind("198.18.0.1:0")?;
-            for _ in 0..SENT {
-                sock.send_to(b"limiter", "198.18.0.2:9999")?;
-            }
-            Ok(())
-        })
-        .unwrap_or_else(|e| panic!("send: {e:#}"));
-    let mut got = 0;
-    let mut buf = [0u8; 64];
-    while receiver.recv_from(&mut buf).is_ok() {
-        got += 1;
-    }
-    got
+    let got = udp_through(pair, "198.18.0.1:0", "198.18.0.2:9999", SENT as u32)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    u64::from(got)
 }
 
 fn setup(spec: RuleSpec) -> (Pair, Datapath) {
@@ -117,16 +69,14 @@ fn tcx_ingress_marks_over_budget_packets_for_the_stack() {
             .packets(1, BURST)
             .mark(46, 0x77),
     );
-    for cmd in [
-        "add table inet limtest",
-        "add chain inet limtest input { type filter hook input priority 0 ; }",
-        "add rule inet limtest input meta mark 0x77 ip dscp 46 counter comment marked",
-        "add rule inet limtest input meta mark 0 ip dscp 0 counter comment plain",
-    ] {
-        pair.gateway
-            .exec(&["nft", cmd])
-            .unwrap_or_else(|e| panic!("nft {cmd}: {e:#}"));
-    }
+    nft_counters(
+        &pair,
+        &[
+            ("meta mark 0x77 ip dscp 46", "marked"),
+            ("meta mark 0 ip dscp 0", "plain"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("nft: {e:#}"));
     // Mark passes everything on.
     assert_eq!(send_and_receive(&pair), SENT);
     assert_eq!(nft_packets(&pair, "plain"), BURST);

@@ -3,11 +3,10 @@
 //! XDP left, so counters count each packet once, budgets hold at their
 //! configured size, and marked packets reach the stack with `skb->mark`.
 
-use std::{net::UdpSocket, process::Command, time::Duration};
-
 use limiter_tests::{
     agent::AgentEnv,
     scenario::{rule, xdp_attached},
+    stack::{nft_counted, nft_counters, udp_through},
 };
 
 const RULES: &str = r#"
@@ -30,55 +29,12 @@ packet_burst = 4
 
 const PORT: u16 = 9999;
 
-/// Sends `count` datagrams from the source namespace's `from` to the
-/// gateway's `to`; returns how many a socket in the gateway received.
 fn send(env: &AgentEnv, from: &str, to: &str, count: u32) -> u32 {
-    let receiver = env
-        .pair
-        .gateway
-        .run(|| {
-            let sock = UdpSocket::bind(to)?;
-            sock.set_read_timeout(Some(Duration::from_millis(300)))?;
-            Ok(sock)
-        })
-        .unwrap_or_else(|e| panic!("bind {to} in the gateway: {e:#}"));
-    env.pair
-        .source
-        .run(|| {
-            let sock = UdpSocket::bind(from)?;
-            for _ in 0..count {
-                sock.send_to(b"limiter", to)?;
-            }
-            Ok(())
-        })
-        .unwrap_or_else(|e| panic!("sending from {from}: {e:#}"));
-    let mut got = 0;
-    let mut buf = [0u8; 64];
-    while receiver.recv_from(&mut buf).is_ok() {
-        got += 1;
-    }
-    got
+    udp_through(&env.pair, from, to, count).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Packets counted by the gateway's nft rule carrying `comment`.
 fn nft_packets(env: &AgentEnv, comment: &str) -> u64 {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &env.pair.gateway.name])
-        .args(["nft", "list", "chain", "inet", "limtest", "input"])
-        .output()
-        .unwrap_or_else(|e| panic!("nft: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains(comment))
-        .unwrap_or_else(|| panic!("no nft rule {comment} in:\n{text}"));
-    let words: Vec<&str> = line.split_whitespace().collect();
-    words
-        .iter()
-        .position(|w| *w == "packets")
-        .and_then(|at| words.get(at + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no packet counter in {line}"))
+    nft_counted(&env.pair.gateway.name, comment).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn counter(rules: &serde_json::Value, name: &str, verdict: &str) -> u64 {
@@ -113,17 +69,14 @@ fn decided_once(xdp_mode: &'static str) {
     assert!(programs["tc_after_xdp"].is_u64(), "{status}");
     assert!(programs["tc"].is_null(), "no deciding TC program: {status}");
 
-    for cmd in [
-        "add table inet limtest",
-        "add chain inet limtest input { type filter hook input priority 0 ; }",
-        "add rule inet limtest input udp dport 9999 meta mark 0x77 ip dscp 46 counter comment marked",
-        "add rule inet limtest input udp dport 9999 meta mark 0 ip dscp 0 counter comment plain",
-    ] {
-        env.pair
-            .gateway
-            .exec(&["nft", cmd])
-            .unwrap_or_else(|e| panic!("nft {cmd}: {e:#}"));
-    }
+    nft_counters(
+        &env.pair,
+        &[
+            ("udp dport 9999 meta mark 0x77 ip dscp 46", "marked"),
+            ("udp dport 9999 meta mark 0 ip dscp 0", "plain"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("nft: {e:#}"));
 
     // mark, burst 3: all 10 arrive, 3 as they were and 7 marked (DSCP by
     // XDP, skb->mark by TC). Charged twice, the burst would cover only 1-2.
