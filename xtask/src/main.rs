@@ -95,8 +95,9 @@ fn run() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::run(&root),
         Task::Test { args, binary_args } => {
+            let started = std::time::Instant::now();
             setup::run(&root)?;
-            test::run(&root, &args, &binary_args)
+            test::run(&root, &args, &binary_args, started.elapsed())
         }
         Task::Demo { args } => {
             setup::run(&root)?;

@@ -14,9 +14,29 @@ const AGENT_TEST_FEATURES: &str = "fault-injection";
 
 /// `args` go to `cargo test`, except those after a `--`, which join
 /// `binary_args` for the test binaries.
-pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
+/// `setup_took`: how long setup ran before, reported with the phases.
+pub fn run(
+    root: &Path,
+    args: &[String],
+    binary_args: &[String],
+    setup_took: std::time::Duration,
+) -> Result<()> {
+    let mut phases = Phases::default();
+    phases.done.push(("setup (packages, toolchain, bpf-linker)", setup_took));
+    let result = run_phases(root, args, binary_args, &mut phases);
+    phases.print();
+    result
+}
+
+fn run_phases(
+    root: &Path,
+    args: &[String],
+    binary_args: &[String],
+    phases: &mut Phases,
+) -> Result<()> {
     let (cargo_args, test_args) = split(args, binary_args);
 
+    phases.start("lints (rustfmt, clippy host and eBPF)");
     cmd::run(cargo(root).args(["fmt", "--all", "--", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     // fuzz/ is a workspace of its own, which `--all` does not reach.
@@ -43,6 +63,7 @@ pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
             .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"]),
     )?;
 
+    phases.start("build (agent with crash points)");
     // The agent tests run the real binary, with its crash points compiled
     // in (src/faults.rs). `cargo test` below builds the same binary again,
     // so it gets the same feature: otherwise it would overwrite this one.
@@ -54,6 +75,7 @@ pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
         AGENT_TEST_FEATURES,
     ]))?;
 
+    phases.start("benchmarks, smoke mode");
     // The benchmark is not a test, but its smoke mode must keep working.
     cmd::run(
         cargo(root)
@@ -61,12 +83,14 @@ pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
             .args(["--", "--smoke"]),
     )?;
 
+    phases.start("fuzzing");
     // Bounded fuzzing of the agent's parsers; past crashes are replayed first.
     crate::fuzz::run(root, crate::fuzz::DEFAULT_SECONDS, &[])?;
 
     // The integration tests attach programs inside network namespaces and
     // share kernel state: one at a time. `--all-targets`: there are no doc
     // tests, whose empty run would otherwise be the last word.
+    phases.start("tests (build and run)");
     let mut totals = Totals::default();
     let result = cmd::run_watching(
         cargo(root)
@@ -91,10 +115,42 @@ pub fn run(root: &Path, args: &[String], binary_args: &[String]) -> Result<()> {
     // (docs/testing.md, "Kernel matrix"). Not when arguments narrow the run
     // to some tests: the matrix would run all of them.
     if args.is_empty() && binary_args.is_empty() {
+        phases.start("kernel matrix (QEMU)");
         crate::vm::run(root, &crate::vm::Options::default())
     } else {
         println!("kernel matrix skipped (test arguments given): run it with `./x vm-test`");
         Ok(())
+    }
+}
+
+/// Wall-clock time of each phase, printed at the end (also after a failure)
+/// so a slow phase shows in every CI log.
+#[derive(Default)]
+struct Phases {
+    done: Vec<(&'static str, std::time::Duration)>,
+    current: Option<(&'static str, std::time::Instant)>,
+}
+
+impl Phases {
+    fn start(&mut self, name: &'static str) {
+        self.finish();
+        self.current = Some((name, std::time::Instant::now()));
+    }
+
+    fn finish(&mut self) {
+        if let Some((name, started)) = self.current.take() {
+            self.done.push((name, started.elapsed()));
+        }
+    }
+
+    fn print(&mut self) {
+        self.finish();
+        println!("time by phase:");
+        for (name, took) in &self.done {
+            println!("  {:>6.0} s  {name}", took.as_secs_f64());
+        }
+        let total: f64 = self.done.iter().map(|(_, t)| t.as_secs_f64()).sum();
+        println!("  {total:>6.0} s  in all");
     }
 }
 
