@@ -22,7 +22,9 @@ pub fn run(
     setup_took: std::time::Duration,
 ) -> Result<()> {
     let mut phases = Phases::default();
-    phases.done.push(("setup (packages, toolchain, bpf-linker)", setup_took));
+    phases
+        .done
+        .push(("setup (packages, toolchain, bpf-linker)", setup_took));
     let result = run_phases(root, args, binary_args, &mut phases);
     phases.print();
     result
