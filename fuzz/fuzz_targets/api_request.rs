@@ -1,36 +1,36 @@
 //! Arbitrary bytes as each body the control API decodes, decoded the way
-//! axum's `Json` extractor does, then checked the way the service checks a
-//! change before it touches the kernel. The same bytes are also tried as a
-//! URL path segment: a rule name, and a source address for `inspect`.
+//! axum's `Json` extractor does, then through the agent's own rules core as
+//! the service runs it before it touches the kernel (`rules::stage`, then
+//! `rules::plan`). The same bytes are also tried as a URL path segment: a
+//! rule name, and a source address for `inspect`.
 #![no_main]
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::net::IpAddr;
 
 use axum::Json;
-use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
 use limiter_agent::{
-    api::{
-        decode,
-        types::{PenaltyRequest, RulePatch},
-    },
+    api::types::{PenaltyRequest, RulePatch},
     config::RuleConfig,
-    service::Change,
+    rules::{self, Change},
+    state::State,
 };
-use limiter_fuzz::{EXAMPLE, apply_rule, apply_rule_set, compose};
+use limiter_fuzz::{EXAMPLE, apply_rule, check_plan};
 
 fuzz_target!(|data: &[u8]| {
     // POST /v1/rules, PUT /v1/rules/{name}
     if let Ok(Json(rule)) = Json::<RuleConfig>::from_bytes(data) {
         apply_rule(&rule);
-        apply_rule_set(&compose(&BTreeMap::new(), [rule]), max_rules(), |_| 1);
+        batch(&[Change::Add(rule.clone())]);
+        batch(&[Change::Replace(rule)]);
     }
     // PATCH /v1/rules/{name}: applied to each rule of the example.
     if let Ok(Json(patch)) = Json::<RulePatch>::from_bytes(data) {
         for rule in &EXAMPLE.file.rules {
-            let mut patched = rule.clone();
-            patch.apply_to(&mut patched);
-            apply_rule(&patched);
+            batch(&[Change::Patch {
+                name: rule.name.clone(),
+                patch: patch.clone(),
+            }]);
         }
     }
     // POST /v1/batch
@@ -38,71 +38,27 @@ fuzz_target!(|data: &[u8]| {
         batch(&changes);
     }
     // POST /v1/penalties
-    if let Ok(Json(request)) = Json::<PenaltyRequest>::from_bytes(data) {
-        if let Ok(penalty) = decode::penalty(&request) {
-            assert!(penalty.duration.as_secs() >= 1);
-            apply_rule(&penalty.rule);
-        }
+    if let Ok(Json(request)) = Json::<PenaltyRequest>::from_bytes(data)
+        && let Ok(penalty) = request.decode()
+    {
+        assert!(penalty.duration.as_secs() >= 1);
+        apply_rule(&penalty.rule);
+        let (state, name) = rules::add_penalty(&State::default(), penalty, 0);
+        assert!(name.starts_with(rules::PENALTY_PREFIX), "{name}");
+        check_plan(&EXAMPLE, state);
     }
     // Path segments arrive percent-decoded and must be UTF-8.
     if let Ok(segment) = std::str::from_utf8(data) {
         inspect(segment);
-        let _ = EXAMPLE.file.rules.iter().find(|r| r.name == segment);
+        batch(&[Change::Delete(segment.to_owned())]);
     }
 });
 
-fn max_rules() -> u32 {
-    EXAMPLE.file.capacity.rules
-}
-
-/// A batch as `Service::apply_batch` stages it over the example's rules:
-/// each change checked on its own, then the result as one rule set.
+/// A batch as `Service::apply_batch` runs it over the example's rules.
 fn batch(changes: &[Change]) {
-    let mut overrides: BTreeMap<String, Option<RuleConfig>> = BTreeMap::new();
-    let current =
-        |overrides: &BTreeMap<String, Option<RuleConfig>>, name: &str| match overrides.get(name) {
-            Some(rule) => rule.clone(),
-            None => EXAMPLE.file.rules.iter().find(|r| r.name == name).cloned(),
-        };
-    for change in changes {
-        match change {
-            Change::Add(rule) => {
-                if current(&overrides, &rule.name).is_some() || rule.validate().is_err() {
-                    return;
-                }
-                overrides.insert(rule.name.clone(), Some(rule.clone()));
-            }
-            Change::Replace(rule) => {
-                if current(&overrides, &rule.name).is_none() || rule.validate().is_err() {
-                    return;
-                }
-                overrides.insert(rule.name.clone(), Some(rule.clone()));
-            }
-            Change::Patch { name, patch } => {
-                let Some(mut rule) = current(&overrides, name) else {
-                    return;
-                };
-                patch.apply_to(&mut rule);
-                if rule.validate().is_err() {
-                    return;
-                }
-                overrides.insert(name.clone(), Some(rule));
-            }
-            Change::Delete(name) => {
-                if current(&overrides, name).is_none() {
-                    return;
-                }
-                overrides.insert(name.clone(), None);
-            }
-        }
+    if let Ok(state) = rules::stage(&EXAMPLE, &State::default(), changes) {
+        check_plan(&EXAMPLE, state);
     }
-    let rules = compose(&overrides, []);
-    apply_rule_set(&rules, max_rules(), |name| {
-        rules
-            .iter()
-            .position(|r| r.name == name)
-            .map_or(0, |i| i as u32 + 1)
-    });
 }
 
 /// `GET /v1/sources/{address}` up to the map lookups: the address, and the
@@ -112,25 +68,7 @@ fn inspect(address: &str) {
         return;
     };
     for def in &EXAMPLE.rules {
-        let (mut bytes, len) = match addr {
-            IpAddr::V4(a) => {
-                let mut b = [0u8; 16];
-                b[..4].copy_from_slice(&a.octets());
-                (b, def.source_prefix_v4)
-            }
-            IpAddr::V6(a) => (a.octets(), def.source_prefix_v6),
-        };
-        limiter_common::mask_addr(&mut bytes, len);
-        let masked = match addr {
-            IpAddr::V4(_) => IpNet::new(
-                IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]]),
-                len as u8,
-            ),
-            IpAddr::V6(_) => IpNet::new(IpAddr::from(bytes), len as u8),
-        };
-        assert!(
-            masked.is_ok_and(|net| net.contains(&addr)),
-            "{addr} under {def:?}"
-        );
+        let bucket = rules::source_bucket(addr, def);
+        assert!(bucket.prefix.contains(&addr), "{addr} under {def:?}");
     }
 }

@@ -6,7 +6,10 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use limiter_agent::config::{Config, ConfigError};
+use limiter_agent::{
+    config::{Config, ConfigError},
+    state::State,
+};
 
 fuzz_target!(|data: &[u8]| {
     // `Config::load` reads the file as UTF-8 and refuses anything else.
@@ -16,14 +19,7 @@ fuzz_target!(|data: &[u8]| {
     match Config::parse(text, Path::new("fuzz.toml")) {
         Ok(config) => {
             assert!(config.rules.len() <= config.file.capacity.rules as usize);
-            limiter_fuzz::apply_rule_set(&config.file.rules, config.file.capacity.rules, |name| {
-                // Ids as a fresh start gives them: 1, 2, ... in file order.
-                config
-                    .rules
-                    .iter()
-                    .position(|r| r.name == name)
-                    .map_or(0, |i| i as u32 + 1)
-            });
+            limiter_fuzz::check_plan(&config, State::default());
         }
         // Errors name a line of the file.
         Err(ConfigError::At { line, .. }) => {

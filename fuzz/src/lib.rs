@@ -8,11 +8,13 @@
 //! on the way would silently stop limiting), and it survives the state
 //! file's JSON unchanged.
 
-use std::{collections::BTreeMap, path::Path, sync::LazyLock};
+use std::{path::Path, sync::LazyLock};
 
 use limiter_agent::{
-    config::{Budget, Config, RuleConfig, RuleDef, validate_rules},
+    config::{Budget, Config, RuleConfig, RuleDef},
     enforcer::kernel_rule,
+    rules,
+    state::State,
 };
 use limiter_common::{Limit, dimension};
 
@@ -27,16 +29,20 @@ pub static EXAMPLE: LazyLock<Config> = LazyLock::new(|| {
     }
 });
 
-/// Validates `rules` as one rule set (as the service does before every
-/// change) and, when valid, turns each into its kernel form with the id
-/// `id_of` gives it.
-pub fn apply_rule_set(rules: &[RuleConfig], max_rules: u32, id_of: impl Fn(&str) -> u32) {
-    let Ok(defs) = validate_rules(rules, max_rules) else {
+/// Puts `state` over `config` the way the service does before every change
+/// (`rules::plan`: compose, validate as one rule set, give out ids) and,
+/// when the plan is valid, checks each rule's kernel form under its id.
+pub fn check_plan(config: &Config, state: State) {
+    let Ok(plan) = rules::plan(config, state) else {
         return;
     };
-    for (config, def) in rules.iter().zip(&defs) {
-        check_kernel_form(def, id_of(&def.name));
-        check_round_trip(config, def);
+    for rule in &plan.in_force {
+        let Some(id) = plan.state.ids.get(&rule.def.name) else {
+            panic!("rule {:?} in force without an id", rule.def.name);
+        };
+        assert!((1..=config.file.capacity.rules).contains(id), "id {id}");
+        check_kernel_form(&rule.def, *id);
+        check_round_trip(&rule.config, &rule.def);
     }
 }
 
@@ -46,31 +52,6 @@ pub fn apply_rule(rule: &RuleConfig) {
         check_kernel_form(&def, 1);
         check_round_trip(rule, &def);
     }
-}
-
-/// The example's rules with `overrides` (a rule, or `None` for deleted)
-/// laid over them and `extra` rules added, as the service composes them.
-pub fn compose(
-    overrides: &BTreeMap<String, Option<RuleConfig>>,
-    extra: impl IntoIterator<Item = RuleConfig>,
-) -> Vec<RuleConfig> {
-    let configured = &EXAMPLE.file.rules;
-    let mut rules: Vec<RuleConfig> = configured
-        .iter()
-        .filter_map(|rule| match overrides.get(&rule.name) {
-            None => Some(rule.clone()),
-            Some(changed) => changed.clone(),
-        })
-        .collect();
-    for (name, rule) in overrides {
-        if let Some(rule) = rule
-            && !configured.iter().any(|r| &r.name == name)
-        {
-            rules.push(rule.clone());
-        }
-    }
-    rules.extend(extra);
-    rules
 }
 
 fn check_kernel_form(def: &RuleDef, id: u32) {

@@ -15,8 +15,9 @@ use tokio::{
 };
 
 use crate::{
-    api::server::{self, Shared},
+    api::server,
     attach,
+    attachments::Attachments,
     config::{Config, InterfaceConfig, XdpModeConfig},
     datapath::{Capacities, Datapath, DatapathError},
     enforcer::Enforcer,
@@ -24,8 +25,8 @@ use crate::{
     kernel, metrics,
     pins::{PinScope, Pins},
     service::{Service, now_unix},
+    shared::Shared,
     state::State,
-    supervise::{Supervisor, supervise},
 };
 
 pub struct RunOptions {
@@ -39,6 +40,8 @@ const OFFENDER_CAPACITY: usize = 100_000;
 const OFFENDER_WINDOW: Duration = Duration::from_secs(60);
 /// How often interfaces and pins are checked (and repaired).
 const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+/// How often expired penalties are looked for (they have 1 s resolution).
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// At most this many "went over budget" log lines per second.
 const OFFENDER_LOG_PER_SEC: u32 = 10;
 
@@ -92,18 +95,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // A corrupt state file stops us here, before anything pinned is touched.
     let state = State::load(&agent.state_file)?;
     let enforcer = Enforcer::new(dp, adopted)?;
-    let mut service = Service::start(
-        config.clone(),
-        state,
-        agent.state_file.clone(),
-        enforcer,
-        agent.pin_path.clone(),
-    )
-    .map_err(|e| anyhow!("applying the rules: {e}"))?;
-    service.attached = attach::attach_all(service.datapath_mut(), &pins, &config.file.interfaces)?;
-    service.supervisor = Some(Supervisor::new(pins.clone(), &config.file.interfaces));
-    service.pin_scope = pin_scope;
-    for a in &service.attached {
+    let mut service = Service::start(config.clone(), state, agent.state_file.clone(), enforcer)
+        .context("applying the rules")?;
+    let attachments = Attachments::attach(
+        service.datapath_mut(),
+        pins.clone(),
+        pin_scope,
+        &config.file.interfaces,
+    )?;
+    service.attachments = Some(attachments);
+    for a in service.attached() {
         tracing::info!(
             interface = %a.interface,
             netns = a.netns.as_deref().unwrap_or("-"),
@@ -165,8 +166,21 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let events_task = tokio::spawn(consume_events(events, shared.clone(), stop_rx.clone()));
     let log_task =
         kernel_logger.map(|logger| tokio::spawn(forward_kernel_logs(logger, stop_rx.clone())));
-    let expiry = tokio::spawn(expire_penalties(shared.clone(), stop_rx.clone()));
-    let supervision = tokio::spawn(supervise_attachments(shared.clone(), stop_rx.clone()));
+    let expiry = tokio::spawn(every_tick(
+        shared.clone(),
+        stop_rx.clone(),
+        EXPIRE_EVERY,
+        "removing expired penalties",
+        expire_penalties,
+    ));
+    // Re-attaches to interfaces that came back and re-pins removed pins.
+    let supervision = tokio::spawn(every_tick(
+        shared.clone(),
+        stop_rx.clone(),
+        SUPERVISE_EVERY,
+        "supervising the attachments",
+        Service::supervise,
+    ));
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -180,7 +194,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 let svc = shared.service.clone();
                 let result = tokio::task::spawn_blocking(move || {
                     let mut guard = svc.lock().map_err(|_| anyhow!("agent state lock poisoned"))?;
-                    guard.reload().map_err(|e| anyhow!("{e}"))
+                    guard.reload().map_err(anyhow::Error::from)
                 })
                 .await;
                 match result {
@@ -311,18 +325,13 @@ async fn consume_events(
                         break;
                     }
                     logged_this_second += 1;
-                    let key = crate::events::OffenderKey {
-                        rule_id: event.rule_id,
-                        family: event.family,
-                        addr: event.addr,
-                        prefix_len: event.prefix_len,
-                    };
+                    let key = crate::events::OffenderKey::of(&event);
                     let rule = shared
                         .service
                         .lock()
                         .ok()
-                        .and_then(|s| s.rule_name(event.rule_id).map(str::to_owned))
-                        .unwrap_or_else(|| format!("#{}", event.rule_id));
+                        .map(|s| crate::rules::rule_label(s.rule_name(event.rule_id), event.rule_id))
+                        .unwrap_or_else(|| crate::rules::rule_label(None, event.rule_id));
                     tracing::info!(rule, source = key.source(), "source went over budget");
                 }
             }
@@ -357,46 +366,39 @@ async fn forward_kernel_logs(
     }
 }
 
-async fn expire_penalties(shared: Shared, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = stopped(&mut stop) => return,
-            _ = tick.tick() => {
-                let svc = shared.service.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    svc.lock().map_err(|_| anyhow!("lock poisoned"))?.expire(now_unix()).map_err(|e| anyhow!("{e}"))
-                })
-                .await;
-                match result {
-                    Ok(Ok(expired)) => {
-                        for name in expired {
-                            tracing::info!(penalty = name, "penalty expired and removed");
-                        }
-                    }
-                    Ok(Err(e)) => tracing::error!("removing expired penalties: {e}"),
-                    Err(e) => tracing::error!("removing expired penalties: {e}"),
-                }
+fn expire_penalties(service: &mut Service) {
+    match service.expire(now_unix()) {
+        Ok(expired) => {
+            for name in expired {
+                tracing::info!(penalty = name, "penalty expired and removed");
             }
         }
+        Err(e) => tracing::error!("removing expired penalties: {e}"),
     }
 }
 
-/// Re-attaches to interfaces that came back and re-pins removed pins.
-async fn supervise_attachments(shared: Shared, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+/// Runs `round` on the service every `every` until `stop`: on a blocking
+/// thread, since it takes the service lock and may touch the kernel.
+async fn every_tick(
+    shared: Shared,
+    mut stop: watch::Receiver<bool>,
+    every: Duration,
+    what: &'static str,
+    round: fn(&mut Service),
+) {
+    let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => return,
             _ = tick.tick() => {
-                let svc = shared.service.clone();
-                let round = tokio::task::spawn_blocking(move || {
-                    if let Ok(mut guard) = svc.lock() {
-                        supervise(&mut guard);
-                    }
-                });
-                if let Err(e) = round.await {
-                    tracing::error!("supervising the attachments: {e}");
+                let service = shared.service.clone();
+                let done = tokio::task::spawn_blocking(move || match service.lock() {
+                    Ok(mut guard) => round(&mut guard),
+                    Err(_) => tracing::error!("{what}: agent state lock poisoned"),
+                })
+                .await;
+                if let Err(e) = done {
+                    tracing::error!("{what}: {e}");
                 }
             }
         }

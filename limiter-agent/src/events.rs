@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use limiter_common::{OverBudgetEvent, dimension, family};
+use limiter_common::{OverBudgetEvent, Scope, dimension, family};
 
 /// A bucket that went over budget: rule id, family, masked address, length.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -15,12 +15,25 @@ pub struct OffenderKey {
     pub family: u32,
     pub addr: [u8; 16],
     pub prefix_len: u32,
+    /// The bucket of a shared-scope rule (one for all its sources).
+    pub shared: bool,
 }
 
 impl OffenderKey {
-    /// "198.18.1.0/24", "2001:db8::/64", or "shared" (a shared-scope rule).
+    pub fn of(event: &OverBudgetEvent) -> Self {
+        Self {
+            rule_id: event.rule_id,
+            family: event.family,
+            addr: event.addr,
+            prefix_len: event.prefix_len,
+            shared: event.scope == Scope::Shared as u32,
+        }
+    }
+
+    /// "198.18.1.0/24", "2001:db8::/64", "0.0.0.0/0" (a per-source rule
+    /// masking to /0), or "shared" (a shared-scope rule).
     pub fn source(&self) -> String {
-        if self.prefix_len == 0 {
+        if self.shared {
             return "shared".into();
         }
         let addr: std::net::IpAddr = if self.family == family::IPV4 {
@@ -71,12 +84,7 @@ impl Offenders {
     /// Records an event; returns whether this bucket is a new offender.
     pub fn record(&mut self, event: &OverBudgetEvent, now: Instant) -> bool {
         self.events_received += 1;
-        let key = OffenderKey {
-            rule_id: event.rule_id,
-            family: event.family,
-            addr: event.addr,
-            prefix_len: event.prefix_len,
-        };
+        let key = OffenderKey::of(event);
         if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity {
             self.evict(now);
         }
@@ -180,7 +188,7 @@ pub fn parse_event(bytes: &[u8]) -> Option<OverBudgetEvent> {
 mod tests {
     use super::*;
 
-    fn event(last: u8, prefix_len: u32) -> OverBudgetEvent {
+    fn event(last: u8, prefix_len: u32, scope: Scope) -> OverBudgetEvent {
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&[198, 18, 0, last]);
         OverBudgetEvent {
@@ -191,7 +199,7 @@ mod tests {
             prefix_len,
             action: 3,
             exceeded: 1,
-            _pad: 0,
+            scope: scope as u32,
         }
     }
 
@@ -200,9 +208,9 @@ mod tests {
         let mut o = Offenders::new(Duration::from_secs(10), 100);
         let t0 = Instant::now();
         for s in 0..5 {
-            o.record(&event(1, 32), t0 + Duration::from_secs(s));
+            o.record(&event(1, 32, Scope::PerSource), t0 + Duration::from_secs(s));
         }
-        assert!(o.record(&event(2, 32), t0 + Duration::from_secs(4)));
+        assert!(o.record(&event(2, 32, Scope::PerSource), t0 + Duration::from_secs(4)));
         let top = o.top(10, t0 + Duration::from_secs(5));
         assert_eq!(top.len(), 2);
         assert_eq!(top[0].key.source(), "198.18.0.1/32");
@@ -217,16 +225,19 @@ mod tests {
         let mut o = Offenders::new(Duration::from_secs(10), 50);
         let t0 = Instant::now();
         for i in 0..200u8 {
-            o.record(&event(i, 32), t0);
+            o.record(&event(i, 32, Scope::PerSource), t0);
         }
         assert!(o.len() <= 50);
-        assert_eq!(event(0, 0).prefix_len, 0);
-        let shared = OffenderKey {
-            rule_id: 1,
-            family: family::IPV4,
-            addr: [0; 16],
-            prefix_len: 0,
-        };
-        assert_eq!(shared.source(), "shared");
+    }
+
+    #[test]
+    fn a_shared_bucket_is_named_shared_and_a_slash_zero_bucket_by_prefix() {
+        let mut shared = event(0, 0, Scope::Shared);
+        shared.addr = [0; 16];
+        assert_eq!(OffenderKey::of(&shared).source(), "shared");
+        let mut everyone = event(0, 0, Scope::PerSource);
+        everyone.addr = [0; 16];
+        assert_eq!(OffenderKey::of(&everyone).source(), "0.0.0.0/0");
+        assert_ne!(OffenderKey::of(&shared), OffenderKey::of(&everyone));
     }
 }

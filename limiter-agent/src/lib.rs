@@ -2,6 +2,7 @@
 //! control API; the same binary is the CLI.
 pub mod api;
 pub mod attach;
+pub mod attachments;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -14,6 +15,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod netns;
 pub mod pins;
+pub mod rules;
 pub mod service;
+pub mod shared;
 pub mod state;
-pub mod supervise;

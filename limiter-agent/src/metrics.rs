@@ -16,7 +16,7 @@ use prometheus::{
     proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use crate::api::server::Shared;
+use crate::shared::Shared;
 
 /// Handles on the pinned counter maps, separate from the datapath's.
 pub struct KernelCounters {
@@ -106,7 +106,7 @@ struct Snapshot {
     last_ok: Option<u64>,
     last_failed: Option<u64>,
     interfaces: Vec<crate::attach::Attached>,
-    repairs: crate::supervise::Repairs,
+    repairs: crate::attachments::Repairs,
     top_k: usize,
 }
 
@@ -121,11 +121,11 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
             config_generation: s.config_generation,
             last_ok: s.last_reload_ok,
             last_failed: s.last_reload_failed,
-            interfaces: s.attached.clone(),
+            interfaces: s.attached(),
             repairs: s
-                .supervisor
+                .attachments
                 .as_ref()
-                .map(|sup| sup.repairs)
+                .map(|a| a.repairs)
                 .unwrap_or_default(),
             top_k: s.config().file.metrics.top_k,
         },
@@ -231,9 +231,7 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
         MetricType::GAUGE,
     );
     for row in &top {
-        let rule = names
-            .get(&row.key.rule_id)
-            .map_or_else(|| format!("#{}", row.key.rule_id), |n| (*n).to_owned());
+        let rule = crate::rules::rule_label(names.get(&row.key.rule_id).copied(), row.key.rule_id);
         offenders.add(
             &[("rule", &rule), ("source", &row.key.source())],
             row.seconds_over as f64,

@@ -334,7 +334,9 @@ pub struct OverBudgetEvent {
     pub action: u32,
     /// Bitmask of the [`dimension`]s that were exceeded.
     pub exceeded: u32,
-    pub _pad: u32,
+    /// The rule's [`Scope`]: a per-source rule may mask sources to /0 too,
+    /// so `prefix_len` alone does not tell a shared bucket.
+    pub scope: u32,
 }
 
 const _: () = assert!(size_of::<OverBudgetEvent>() == 48);

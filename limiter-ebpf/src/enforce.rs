@@ -330,7 +330,7 @@ fn maybe_report(
         prefix_len,
         action: rule.action,
         exceeded,
-        _pad: 0,
+        scope: rule.scope,
     };
     if EVENTS.output(&event, 0).is_err() {
         count_reason(Reason::EventLost);

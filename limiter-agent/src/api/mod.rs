@@ -1,5 +1,4 @@
 //! The control API (server, client, bodies).
 pub mod client;
-pub mod decode;
 pub mod server;
 pub mod types;

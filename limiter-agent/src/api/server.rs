@@ -4,7 +4,6 @@
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::Path,
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -17,27 +16,20 @@ use axum::{
     routing::{get, post},
 };
 use serde::{Deserialize, de::DeserializeOwned};
-use tokio::{net::UnixListener, sync::watch};
+use tokio::net::UnixListener;
 
 use super::types::{Applied, ErrorBody, Offender, PenaltyRequest, RulePatch};
 use crate::{
     config::RuleConfig,
-    events::Offenders,
-    service::{Change, Service, ServiceError},
+    rules::Change,
+    service::{ErrorKind, Service, ServiceError},
+    shared::Shared,
 };
 
 /// Requests larger than this are refused (a rule is a few hundred bytes).
 const MAX_BODY: usize = 4 * 1024 * 1024;
 /// Changes in one `POST /v1/batch`.
 const MAX_BATCH: usize = 10_000;
-
-#[derive(Clone)]
-pub struct Shared {
-    pub service: Arc<Mutex<Service>>,
-    pub offenders: Arc<Mutex<Offenders>>,
-    /// Set by `POST /v1/detach`: the daemon detaches everything and exits.
-    pub detach: watch::Sender<bool>,
-}
 
 struct ApiError(StatusCode, String);
 
@@ -49,11 +41,11 @@ impl IntoResponse for ApiError {
 
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
-        let code = match e {
-            ServiceError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ServiceError::NotFound(_) => StatusCode::NOT_FOUND,
-            ServiceError::Conflict(_) => StatusCode::CONFLICT,
-            ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        let code = match e.kind() {
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(code, e.to_string())
     }
@@ -85,9 +77,7 @@ async fn with_service<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let service = shared.service.clone();
     tokio::task::spawn_blocking(move || {
-        let mut guard = service
-            .lock()
-            .map_err(|_| ServiceError::Internal("agent state lock poisoned".into()))?;
+        let mut guard = service.lock().map_err(|_| ServiceError::Poisoned)?;
         f(&mut guard)
     })
     .await
@@ -246,9 +236,7 @@ async fn top(State(s): State<Shared>, Query(q): Query<TopQuery>) -> ApiResult<Ve
         Ok(rows
             .into_iter()
             .map(|r| Offender {
-                rule: svc
-                    .rule_name(r.key.rule_id)
-                    .map_or_else(|| format!("#{}", r.key.rule_id), str::to_owned),
+                rule: crate::rules::rule_label(svc.rule_name(r.key.rule_id), r.key.rule_id),
                 source: r.key.source(),
                 seconds_over: r.seconds_over,
                 first_seen_secs_ago: r.first_seen.as_secs(),

@@ -24,17 +24,7 @@ pub struct Counters {
     pub bytes: VerdictCounts,
 }
 
-/// Where a rule in force comes from.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Origin {
-    /// The config file.
-    Config,
-    /// Added or changed live (kept in the state file).
-    Live,
-    /// A penalty, removed when it expires.
-    Penalty,
-}
+pub use crate::rules::{Origin, PenaltyRequest};
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub struct RuleView {
@@ -99,26 +89,6 @@ impl RulePatch {
         );
         set!(new_connections, connection_burst, dscp, skb_mark);
     }
-}
-
-/// `POST /v1/penalties`: a temporary rule for one prefix.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct PenaltyRequest {
-    pub prefix: String,
-    /// How long, e.g. `30s`, `5m`, `1h`.
-    pub duration: String,
-    /// Drop everything from the prefix instead of limiting it.
-    #[serde(default)]
-    pub deny: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub packets: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub packet_burst: Option<Quantity>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bytes: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub byte_burst: Option<Quantity>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]

@@ -516,6 +516,9 @@ pub enum ConfigError {
     },
 }
 
+/// What `source` says for the embedded default (no file).
+const EMBEDDED_SOURCE: &str = "<embedded default>";
+
 /// A parsed and validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -535,7 +538,21 @@ impl Config {
     }
 
     pub fn embedded_default() -> Result<Self, ConfigError> {
-        Self::parse(EMBEDDED_DEFAULT, Path::new("<embedded default>"))
+        Self::parse(EMBEDDED_DEFAULT, Path::new(EMBEDDED_SOURCE))
+    }
+
+    /// Reads this configuration again from where it came from (SIGHUP,
+    /// `reload`): its file, or the embedded default.
+    pub fn reread(&self) -> Result<Self, ConfigError> {
+        if self.is_embedded_default() {
+            Self::embedded_default()
+        } else {
+            Self::load(&self.source)
+        }
+    }
+
+    pub fn is_embedded_default(&self) -> bool {
+        self.source.as_os_str() == EMBEDDED_SOURCE
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {

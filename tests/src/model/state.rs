@@ -318,6 +318,6 @@ fn event(
         prefix_len,
         action: rule.action,
         exceeded,
-        _pad: 0,
+        scope: rule.scope,
     }
 }

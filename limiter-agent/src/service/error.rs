@@ -1,0 +1,64 @@
+//! Why a change or a read was refused or failed, and how to answer it.
+
+use crate::{config::ConfigError, datapath::DatapathError, rules::RulesError, state::StateError};
+
+/// How a failure should be answered (HTTP status, CLI exit code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is wrong: 400.
+    Invalid,
+    NotFound,
+    Conflict,
+    /// Something failed on our side: 500. Nothing was changed.
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Rules(#[from] RulesError),
+    #[error("{0}")]
+    Config(#[source] ConfigError),
+    #[error("[agent] and [capacity] change only on restart; the rules were not reloaded")]
+    RestartNeeded,
+    #[error("the body names rule {body:?}, the path {path:?}")]
+    NameMismatch { body: String, path: String },
+    #[error("{0:?} is not an IP address")]
+    NotAnAddress(String),
+    #[error("resetting counters of rule id {id}: {source}")]
+    ResetRule {
+        id: u32,
+        #[source]
+        source: DatapathError,
+    },
+    #[error("updating the kernel maps: {0}")]
+    Kernel(#[source] DatapathError),
+    #[error("reading the kernel maps: {0}")]
+    Read(#[source] DatapathError),
+    #[error("{0}; the change was not applied")]
+    Save(#[source] StateError),
+    #[error("agent state lock poisoned")]
+    Poisoned,
+}
+
+impl ServiceError {
+    pub fn kind(&self) -> ErrorKind {
+        use crate::rules::ErrorKind as Rules;
+        match self {
+            Self::Rules(e) => match e.kind() {
+                Rules::Invalid => ErrorKind::Invalid,
+                Rules::NotFound => ErrorKind::NotFound,
+                Rules::Conflict => ErrorKind::Conflict,
+            },
+            Self::Config(_)
+            | Self::RestartNeeded
+            | Self::NameMismatch { .. }
+            | Self::NotAnAddress(_) => ErrorKind::Invalid,
+            Self::ResetRule { .. }
+            | Self::Kernel(_)
+            | Self::Read(_)
+            | Self::Save(_)
+            | Self::Poisoned => ErrorKind::Internal,
+        }
+    }
+}

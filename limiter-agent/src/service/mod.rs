@@ -1,0 +1,238 @@
+//! The rules in force, kept in the kernel and in the state file.
+//!
+//! A thin transaction over the rules core (`crate::rules`): every change is
+//! staged and validated there as a whole new rule set, then put in the
+//! kernel atomically, persisted, and only then made current. A change that
+//! fails at any step leaves the previous state in force. Read views are in
+//! `views.rs`.
+
+mod error;
+mod views;
+
+use std::{
+    path::PathBuf,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+pub use error::{ErrorKind, ServiceError};
+
+use crate::{
+    api::types::RulePatch,
+    attachments::Attachments,
+    config::{Config, RuleConfig},
+    enforcer::{Enforcer, kernel_rule},
+    rules::{self, Change, InForce, PenaltyRequest, Plan},
+    state::State,
+};
+
+type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub struct Service {
+    config: Config,
+    state: State,
+    state_path: PathBuf,
+    enforcer: Enforcer,
+    in_force: Vec<InForce>,
+    /// The interfaces, their links and pins, and their supervision (set by
+    /// the daemon once the rules are in force).
+    pub attachments: Option<Attachments>,
+    /// Bumped on every rule-set change that reached the kernel.
+    pub config_generation: u64,
+    pub last_reload_ok: Option<u64>,
+    pub last_reload_failed: Option<u64>,
+}
+
+impl Service {
+    /// Puts `config` plus the live changes of `state` in force on a freshly
+    /// loaded (or adopted) datapath.
+    pub fn start(
+        config: Config,
+        state: State,
+        state_path: PathBuf,
+        enforcer: Enforcer,
+    ) -> Result<Self> {
+        let mut service = Self {
+            config,
+            state: State {
+                version: crate::state::VERSION,
+                ..State::default()
+            },
+            state_path,
+            enforcer,
+            in_force: Vec::new(),
+            attachments: None,
+            config_generation: 0,
+            last_reload_ok: None,
+            last_reload_failed: None,
+        };
+        let config = service.config.clone();
+        service.commit(&config, state)?;
+        service.last_reload_ok = Some(now_unix());
+        Ok(service)
+    }
+
+    /// Validates, applies and persists `config` + `state`; on success they
+    /// become current. On failure nothing changes.
+    fn commit(&mut self, config: &Config, state: State) -> Result<()> {
+        let Plan {
+            in_force,
+            state,
+            fresh_ids,
+        } = rules::plan(config, state)?;
+        let kernel: Vec<_> = in_force
+            .iter()
+            .filter_map(|r| {
+                state
+                    .ids
+                    .get(&r.def.name)
+                    .map(|id| kernel_rule(&r.def, *id))
+            })
+            .collect();
+        let dp = self.enforcer.datapath_mut();
+        for id in &fresh_ids {
+            dp.reset_rule_state(*id)
+                .map_err(|source| ServiceError::ResetRule { id: *id, source })?;
+        }
+        let applied = self.enforcer.apply(&kernel).map_err(ServiceError::Kernel)?;
+        tracing::debug!(
+            generation = applied.generation,
+            map_writes = applied.writes,
+            rules = kernel.len(),
+            "rule set written to the kernel and made active"
+        );
+        // A crash here leaves the kernel ahead of the state file; the next
+        // agent puts the state file's rules back in force.
+        crate::faults::crash_point("after-kernel-update");
+        if let Err(e) = state.save(&self.state_path) {
+            // Persisting failed: put the previous rule set back so the kernel
+            // and the state file agree, and report the error.
+            if let Err(undo) = self.enforcer.apply(&self.kernel_rules()) {
+                tracing::error!("restoring the previous rules after a failed save: {undo}");
+            }
+            return Err(ServiceError::Save(e));
+        }
+        self.config = config.clone();
+        self.state = state;
+        self.in_force = in_force;
+        self.config_generation += 1;
+        Ok(())
+    }
+
+    /// The kernel's view of the rules in force now.
+    fn kernel_rules(&self) -> Vec<crate::enforcer::KernelRule> {
+        self.in_force
+            .iter()
+            .filter_map(|r| {
+                self.state
+                    .ids
+                    .get(&r.def.name)
+                    .map(|id| kernel_rule(&r.def, *id))
+            })
+            .collect()
+    }
+
+    pub fn add_rule(&mut self, rule: RuleConfig) -> Result<()> {
+        self.apply_batch(&[Change::Add(rule)]).map(|_| ())
+    }
+
+    pub fn replace_rule(&mut self, name: &str, rule: RuleConfig) -> Result<()> {
+        if rule.name != name {
+            return Err(ServiceError::NameMismatch {
+                body: rule.name,
+                path: name.to_owned(),
+            });
+        }
+        self.apply_batch(&[Change::Replace(rule)]).map(|_| ())
+    }
+
+    pub fn patch_rule(&mut self, name: &str, patch: &RulePatch) -> Result<()> {
+        self.apply_batch(&[Change::Patch {
+            name: name.to_owned(),
+            patch: patch.clone(),
+        }])
+        .map(|_| ())
+    }
+
+    pub fn delete_rule(&mut self, name: &str) -> Result<()> {
+        self.apply_batch(&[Change::Delete(name.to_owned())])
+            .map(|_| ())
+    }
+
+    /// Applies `changes` in order as one change of the rule set: one
+    /// validation, one flip in the kernel, one save. If any change is
+    /// refused, none is applied.
+    pub fn apply_batch(&mut self, changes: &[Change]) -> Result<usize> {
+        let staged = rules::stage(&self.config, &self.state, changes)?;
+        let config = self.config.clone();
+        self.commit(&config, staged)?;
+        Ok(changes.len())
+    }
+
+    pub fn penalize(&mut self, request: &PenaltyRequest) -> Result<String> {
+        let penalty = request.decode().map_err(rules::RulesError::from)?;
+        let (staged, name) = rules::add_penalty(&self.state, penalty, now_unix());
+        let config = self.config.clone();
+        self.commit(&config, staged)?;
+        Ok(name)
+    }
+
+    /// Removes penalties whose time is up; returns their names.
+    pub fn expire(&mut self, now: u64) -> Result<Vec<String>> {
+        let Some((staged, expired)) = rules::expire(&self.state, now) else {
+            return Ok(Vec::new());
+        };
+        let config = self.config.clone();
+        self.commit(&config, staged)?;
+        Ok(expired)
+    }
+
+    /// Re-reads the config file and applies it with the live changes on top.
+    /// A bad file is refused; the rules in force stay as they were.
+    pub fn reload(&mut self) -> Result<()> {
+        let result = self.try_reload();
+        match &result {
+            Ok(()) => self.last_reload_ok = Some(now_unix()),
+            Err(_) => self.last_reload_failed = Some(now_unix()),
+        }
+        result
+    }
+
+    fn try_reload(&mut self) -> Result<()> {
+        let config = self.config.reread().map_err(ServiceError::Config)?;
+        if config.file.capacity != self.config.file.capacity
+            || config.file.agent != self.config.file.agent
+        {
+            return Err(ServiceError::RestartNeeded);
+        }
+        if config.file.interfaces != self.config.file.interfaces {
+            tracing::warn!("interfaces changed in the config: they apply on restart");
+        }
+        let state = self.state.clone();
+        self.commit(&config, state)
+    }
+
+    pub fn datapath(&self) -> &crate::datapath::Datapath {
+        self.enforcer.datapath()
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut crate::datapath::Datapath {
+        self.enforcer.datapath_mut()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// One round of interface supervision (see `attachments.rs`).
+    pub fn supervise(&mut self) {
+        if let Some(attachments) = self.attachments.as_mut() {
+            attachments.supervise(self.enforcer.datapath_mut());
+        }
+    }
+}

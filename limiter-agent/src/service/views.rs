@@ -1,0 +1,251 @@
+//! Read views of the service: rules with their counters, one source's
+//! budgets, the agent's status. They read the kernel's maps and never change
+//! anything.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use limiter_common::{
+    Reason, SourceKey,
+    rate::{available, fine_time},
+    verdict,
+};
+
+use super::{Result, Service, ServiceError};
+use crate::{
+    api::types::{BudgetState, Counters, ProgramIds, RuleView, SourceView, Status, VerdictCounts},
+    attach::Attached,
+    config::{ActionConfig, ScopeConfig},
+    rules::{InForce, source_bucket},
+};
+
+/// The kernel's clock (`bpf_ktime_get_ns` is CLOCK_MONOTONIC).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Service {
+    fn find(&self, name: &str) -> Result<&InForce> {
+        self.in_force
+            .iter()
+            .find(|r| r.def.name == name)
+            .ok_or_else(|| {
+                ServiceError::Rules(crate::rules::RulesError::NoSuchRule { name: name.into() })
+            })
+    }
+
+    fn counters(&self, id: u32) -> Counters {
+        let Ok(c) = self.enforcer.datapath().rule_counters(id) else {
+            return Counters::default();
+        };
+        let v = |a: [u64; verdict::COUNT]| VerdictCounts {
+            passed: a[verdict::PASSED],
+            dropped: a[verdict::DROPPED],
+            marked: a[verdict::MARKED],
+            would_drop: a[verdict::WOULD_DROP],
+        };
+        Counters {
+            packets: v(c.packets),
+            bytes: v(c.bytes),
+        }
+    }
+
+    fn view(&self, r: &InForce) -> RuleView {
+        let id = self.state.ids.get(&r.def.name).copied().unwrap_or(0);
+        RuleView {
+            name: r.def.name.clone(),
+            id,
+            origin: r.origin,
+            rule: r.config.clone(),
+            expires_at: r.expires_at,
+            counters: self.counters(id),
+        }
+    }
+
+    pub fn rules(&self) -> Vec<RuleView> {
+        self.in_force.iter().map(|r| self.view(r)).collect()
+    }
+
+    /// One rule: reads only its own counters.
+    pub fn rule(&self, name: &str) -> Result<RuleView> {
+        Ok(self.view(self.find(name)?))
+    }
+
+    /// (name, kernel id) of every rule in force.
+    pub fn rule_ids(&self) -> Vec<(String, u32)> {
+        self.in_force
+            .iter()
+            .filter_map(|r| {
+                self.state
+                    .ids
+                    .get(&r.def.name)
+                    .map(|id| (r.def.name.clone(), *id))
+            })
+            .collect()
+    }
+
+    /// Prefixes in force (each is one trie entry per generation).
+    pub fn prefix_count(&self) -> usize {
+        self.in_force.iter().map(|r| r.def.prefixes.len()).sum()
+    }
+
+    /// Name of the rule with kernel id `id`.
+    pub fn rule_name(&self, id: u32) -> Option<&str> {
+        self.state
+            .ids
+            .iter()
+            .find(|(_, v)| **v == id)
+            .map(|(k, _)| k.as_str())
+    }
+
+    pub fn inspect(&self, address: &str) -> Result<SourceView> {
+        let addr: IpAddr = address
+            .parse()
+            .map_err(|_| ServiceError::NotAnAddress(address.to_owned()))?;
+        let dp = self.enforcer.datapath();
+        let mut view = SourceView {
+            address: addr.to_string(),
+            rule: None,
+            matched_prefix: None,
+            action: None,
+            bucket: None,
+            tracked: false,
+            budgets: Vec::new(),
+        };
+        let slot = dp
+            .lookup_prefix(self.enforcer.active_generation(), addr)
+            .map_err(ServiceError::Read)?;
+        let Some(slot) = slot else {
+            return Ok(view);
+        };
+        let kernel = dp.rule(slot).map_err(ServiceError::Read)?;
+        let Some(rule) = self
+            .rule_name(kernel.id)
+            .and_then(|name| self.in_force.iter().find(|r| r.def.name == name))
+        else {
+            return Ok(view);
+        };
+        view.rule = Some(rule.def.name.clone());
+        view.matched_prefix = rule
+            .def
+            .prefixes
+            .iter()
+            .filter(|p| p.contains(&addr))
+            .max_by_key(|p| p.prefix_len())
+            .map(ToString::to_string);
+        view.action = Some(rule.def.action);
+        if matches!(rule.def.action, ActionConfig::Allow | ActionConfig::Deny) {
+            return Ok(view);
+        }
+        let bucket = if rule.def.scope == ScopeConfig::Shared {
+            view.bucket = Some("shared".into());
+            Some(dp.shared_bucket(kernel.id).map_err(ServiceError::Read)?)
+                .filter(|b| b.last_seen_ns != 0)
+        } else {
+            let bucket = source_bucket(addr, &rule.def);
+            view.bucket = Some(bucket.prefix.to_string());
+            let key = SourceKey {
+                rule_id: kernel.id,
+                family: bucket.family,
+                addr: bucket.addr,
+            };
+            dp.source_bucket(&key).map_err(ServiceError::Read)?
+        };
+        view.tracked = bucket.is_some();
+        let now = fine_time(monotonic_ns());
+        for (dim, (name, budget)) in [
+            ("packets", rule.def.packets),
+            ("bytes", rule.def.bytes),
+            ("new_connections", rule.def.new_connections),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let Some(budget) = budget else { continue };
+            let limit = kernel.limits[dim];
+            let avail = match bucket {
+                Some(b) => available(b.tat[dim], now, &limit).min(budget.burst),
+                None => budget.burst,
+            };
+            view.budgets.push(BudgetState {
+                dimension: name.into(),
+                rate_per_sec: budget.rate_per_sec,
+                burst: budget.burst,
+                available: avail,
+                over_budget: avail == 0,
+            });
+        }
+        Ok(view)
+    }
+
+    pub fn status(&self) -> Status {
+        let dp = self.enforcer.datapath();
+        let reasons: BTreeMap<String, u64> = dp
+            .reason_counters()
+            .map(|r| {
+                Reason::ALL
+                    .iter()
+                    .map(|reason| (reason.name().to_owned(), r[*reason as usize]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let interfaces = self.attached();
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            config: self.config.source.display().to_string(),
+            state_file: self.state_path.display().to_string(),
+            pin_path: self
+                .attachments
+                .as_ref()
+                .map_or_else(|| "-".into(), |a| a.pins().root.display().to_string()),
+            pin_scope: self
+                .attachments
+                .as_ref()
+                .map(|a| a.scope())
+                .unwrap_or_default(),
+            programs: self.program_ids(&interfaces),
+            interfaces,
+            rules: self.in_force.len(),
+            penalties: self.state.penalties.len(),
+            max_rules: self.config.file.capacity.rules,
+            max_sources: self.config.file.capacity.sources,
+            // Buckets are never deleted, only evicted once the LRU is full.
+            tracked_sources: reasons
+                .get(Reason::SourceTracked.name())
+                .copied()
+                .unwrap_or(0)
+                .min(u64::from(self.config.file.capacity.sources))
+                as usize,
+            active_generation: self.enforcer.active_generation(),
+            config_generation: self.config_generation,
+            reasons,
+        }
+    }
+
+    /// What is attached where (nothing before the daemon attaches).
+    pub fn attached(&self) -> Vec<Attached> {
+        self.attachments
+            .as_ref()
+            .map(|a| a.attached())
+            .unwrap_or_default()
+    }
+
+    fn program_ids(&self, interfaces: &[Attached]) -> ProgramIds {
+        use limiter_common::program_names;
+        let attached_xdp = interfaces.iter().any(|a| a.xdp_mode.is_some());
+        let tc_deciding = interfaces.iter().any(|a| a.tc && a.xdp_mode.is_none());
+        let tc_after_xdp = interfaces.iter().any(|a| a.tc && a.xdp_mode.is_some());
+        let dp = self.enforcer.datapath();
+        let id_if = |attached: bool, name| attached.then(|| dp.program_id(name)).flatten();
+        ProgramIds {
+            xdp: id_if(attached_xdp, program_names::XDP),
+            tc: id_if(tc_deciding, program_names::TC),
+            tc_after_xdp: id_if(tc_after_xdp, program_names::TC_AFTER_XDP),
+        }
+    }
+}
