@@ -20,7 +20,7 @@ use crate::{
     config::{InterfaceConfig, XdpModeConfig},
     datapath::Datapath,
     kernel, netns,
-    pins::Pins,
+    pins::{LinkKind, Pins},
 };
 
 /// What is attached to one interface.
@@ -43,18 +43,18 @@ pub struct Attached {
     pub gone: bool,
 }
 
-pub(crate) const KINDS: [(&str, Option<XdpMode>); 3] = [
-    ("xdp-native", Some(XdpMode::Driver)),
-    ("xdp-generic", Some(XdpMode::Skb)),
-    ("tc", None),
-];
+/// The XDP links, in the order `auto` tries them.
+const XDP_KINDS: [LinkKind; 2] = [LinkKind::XdpNative, LinkKind::XdpGeneric];
 
-fn mode_name(kind: &str) -> Option<&'static str> {
+fn xdp_mode(kind: LinkKind) -> XdpMode {
     match kind {
-        "xdp-native" => Some("native"),
-        "xdp-generic" => Some("generic"),
-        _ => None,
+        LinkKind::XdpNative => XdpMode::Driver,
+        LinkKind::XdpGeneric | LinkKind::Tc => XdpMode::Skb,
     }
+}
+
+fn mode_name(kind: LinkKind) -> Option<String> {
+    kind.xdp_mode_name().map(str::to_owned)
 }
 
 /// Attaches to every configured interface. If one fails, the links made by
@@ -103,28 +103,28 @@ pub(crate) fn attach_one(
         adopted: false,
         gone: false,
     };
-    let wanted: &[&str] = match iface.xdp {
-        XdpModeConfig::Auto => &["xdp-native", "xdp-generic"],
-        XdpModeConfig::Native => &["xdp-native"],
-        XdpModeConfig::Generic => &["xdp-generic"],
+    let wanted: &[LinkKind] = match iface.xdp {
+        XdpModeConfig::Auto => &XDP_KINDS,
+        XdpModeConfig::Native => &[LinkKind::XdpNative],
+        XdpModeConfig::Generic => &[LinkKind::XdpGeneric],
         XdpModeConfig::Off => &[],
     };
     // An existing link in an acceptable mode is adopted; one in another mode
     // (the config changed) is replaced.
     let mut adopted_xdp = false;
-    for (kind, _) in &KINDS[..2] {
+    for kind in XDP_KINDS {
         let pin = pins.link(ns, name, kind);
         if !pin.exists() {
             continue;
         }
-        if wanted.contains(kind) && !adopted_xdp {
+        if wanted.contains(&kind) && !adopted_xdp {
             let link = adopt(&pin)?;
             let link = XdpLink::try_from(link)
                 .map_err(|e| anyhow!("{}: not an XDP link: {e}", pin.display()))?;
             dp.xdp()?
                 .attach_to_link(link)
                 .with_context(|| format!("replacing the program of the XDP link on {name}"))?;
-            attached.xdp_mode = mode_name(kind).map(str::to_owned);
+            attached.xdp_mode = mode_name(kind);
             attached.adopted = true;
             adopted_xdp = true;
         } else {
@@ -137,12 +137,8 @@ pub(crate) fn attach_one(
     }
     if !adopted_xdp && !wanted.is_empty() {
         let mut errors = Vec::new();
-        for kind in wanted {
-            let mode = KINDS
-                .iter()
-                .find(|(k, _)| k == kind)
-                .and_then(|(_, m)| *m)
-                .unwrap_or(XdpMode::Skb);
+        for &kind in wanted {
+            let mode = xdp_mode(kind);
             let pin = pins.link(ns, name, kind);
             let result = netns::run_in(ns, || {
                 let ifindex = netns::if_index(name)?;
@@ -159,7 +155,7 @@ pub(crate) fn attach_one(
             match result {
                 Ok(()) => {
                     created.push(pin);
-                    attached.xdp_mode = mode_name(kind).map(str::to_owned);
+                    attached.xdp_mode = mode_name(kind);
                     if !errors.is_empty() {
                         tracing::warn!(
                             interface = name,
@@ -169,7 +165,10 @@ pub(crate) fn attach_one(
                     }
                     break;
                 }
-                Err(e) => errors.push(format!("{} mode: {e:#}", mode_name(kind).unwrap_or("?"))),
+                Err(e) => errors.push(format!(
+                    "{} mode: {e:#}",
+                    kind.xdp_mode_name().unwrap_or("XDP")
+                )),
             }
         }
         if attached.xdp_mode.is_none() {
@@ -185,11 +184,11 @@ pub(crate) fn attach_one(
             ));
         }
     }
-    let tc_pin = pins.link(ns, name, "tc");
+    let tc_pin = pins.link(ns, name, LinkKind::Tc);
     let tc_supported = if iface.tc {
         kernel::check_tc(kernel::running(), name).map_err(|refused| {
             tracing::error!(interface = name, "{refused}");
-            attached.tc_refused = Some(refused);
+            attached.tc_refused = Some(refused.to_string());
         })
     } else {
         Ok(())
@@ -269,9 +268,9 @@ fn stale_links(pins: &Pins, interfaces: &[InterfaceConfig]) -> Vec<PathBuf> {
         .map(|e| e.path())
         .filter(|path| {
             !interfaces.iter().any(|i| {
-                KINDS
+                LinkKind::ALL
                     .iter()
-                    .any(|(kind, _)| pins.link(i.netns.as_deref(), &i.name, kind) == *path)
+                    .any(|kind| pins.link(i.netns.as_deref(), &i.name, *kind) == *path)
             })
         })
         .collect()

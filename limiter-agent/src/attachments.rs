@@ -13,11 +13,11 @@ use anyhow::Result;
 use aya::programs::links::{FdLink, PinnedLink};
 
 use crate::{
-    attach::{self, Attached, KINDS},
+    attach::{self, Attached},
     config::InterfaceConfig,
     datapath::Datapath,
     netns,
-    pins::{PinScope, Pins},
+    pins::{LinkKind, PinScope, Pins},
 };
 
 /// What supervision has repaired since the agent started (metrics).
@@ -55,9 +55,9 @@ struct Interface {
 impl Interface {
     fn hold_links(&mut self, pins: &Pins) {
         let ns = self.config.netns.as_deref();
-        self.links = KINDS
+        self.links = LinkKind::ALL
             .iter()
-            .map(|(kind, _)| pins.link(ns, &self.config.name, kind))
+            .map(|kind| pins.link(ns, &self.config.name, *kind))
             .filter_map(|pin| {
                 let link = PinnedLink::from_pin(&pin).ok()?;
                 Some((pin, Some(FdLink::from(link))))
@@ -69,7 +69,7 @@ impl Interface {
     fn release_links(&mut self, pins: &Pins) {
         self.links.clear();
         let ns = self.config.netns.as_deref();
-        for (kind, _) in KINDS {
+        for kind in LinkKind::ALL {
             let pin = pins.link(ns, &self.config.name, kind);
             if pin.exists() {
                 attach::unpin(&pin);

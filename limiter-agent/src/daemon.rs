@@ -47,7 +47,7 @@ const OFFENDER_LOG_PER_SEC: u32 = 10;
 
 pub async fn run(options: RunOptions) -> Result<()> {
     if let Some(version) = kernel::running() {
-        kernel::check_supported(version).map_err(|e| anyhow!(e))?;
+        kernel::check_supported(version)?;
     }
     let mut config = match &options.config {
         Some(path) => Config::load(path)?,

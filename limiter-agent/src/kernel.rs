@@ -23,25 +23,40 @@ pub fn running() -> Option<KernelVersion> {
     }
 }
 
+/// What the running kernel lacks.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KernelTooOld {
+    #[error(
+        "this kernel is Linux {running}; limiter needs Linux {MIN_SUPPORTED} or newer \
+         (its XDP program uses BPF features older kernels refuse). Upgrade the kernel"
+    )]
+    ForLimiter { running: KernelVersion },
+    #[error(
+        "TC marking on {interface} needs Linux {TCX} or newer (TCX links); this kernel is \
+         {running}. XDP enforcement on {interface} is unaffected; set tc = false for it to \
+         silence this"
+    )]
+    ForTc {
+        running: KernelVersion,
+        interface: String,
+    },
+}
+
 /// Refuses kernels older than [`MIN_SUPPORTED`].
-pub fn check_supported(running: KernelVersion) -> Result<(), String> {
+pub fn check_supported(running: KernelVersion) -> Result<(), KernelTooOld> {
     if running < MIN_SUPPORTED {
-        return Err(format!(
-            "this kernel is Linux {running}; limiter needs Linux {MIN_SUPPORTED} or newer \
-             (its XDP program uses BPF features older kernels refuse). Upgrade the kernel"
-        ));
+        return Err(KernelTooOld::ForLimiter { running });
     }
     Ok(())
 }
 
 /// Whether the TC program can attach; the error names what is needed.
-pub fn check_tc(running: Option<KernelVersion>, interface: &str) -> Result<(), String> {
+pub fn check_tc(running: Option<KernelVersion>, interface: &str) -> Result<(), KernelTooOld> {
     match running {
-        Some(running) if running < TCX => Err(format!(
-            "TC marking on {interface} needs Linux {TCX} or newer (TCX links); this kernel is \
-             {running}. XDP enforcement on {interface} is unaffected; set tc = false for it to \
-             silence this"
-        )),
+        Some(running) if running < TCX => Err(KernelTooOld::ForTc {
+            running,
+            interface: interface.to_owned(),
+        }),
         _ => Ok(()),
     }
 }
@@ -52,7 +67,9 @@ mod tests {
 
     #[test]
     fn old_kernels_are_refused_by_name() {
-        let err = check_supported(KernelVersion::new(5, 15, 90)).unwrap_err();
+        let err = check_supported(KernelVersion::new(5, 15, 90))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("5.15.90") && err.contains("6.1.0"), "{err}");
         assert!(check_supported(KernelVersion::new(6, 1, 158)).is_ok());
         assert!(check_supported(KernelVersion::new(7, 3, 0)).is_ok());
@@ -60,7 +77,9 @@ mod tests {
 
     #[test]
     fn tc_needs_tcx() {
-        let err = check_tc(Some(KernelVersion::new(6, 1, 158)), "eth1").unwrap_err();
+        let err = check_tc(Some(KernelVersion::new(6, 1, 158)), "eth1")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("6.6.0") && err.contains("eth1"), "{err}");
         assert!(check_tc(Some(KernelVersion::new(6, 6, 0)), "eth1").is_ok());
         assert!(check_tc(None, "eth1").is_ok());

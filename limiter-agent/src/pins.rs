@@ -10,6 +10,37 @@ use anyhow::{Context as _, Result, bail};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// A link the agent pins for an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    XdpNative,
+    XdpGeneric,
+    Tc,
+}
+
+impl LinkKind {
+    pub const ALL: [LinkKind; 3] = [Self::XdpNative, Self::XdpGeneric, Self::Tc];
+
+    /// The pin's name suffix; stable, since a new agent adopts the pins of
+    /// an older one by these names.
+    pub fn pin_name(self) -> &'static str {
+        match self {
+            Self::XdpNative => "xdp-native",
+            Self::XdpGeneric => "xdp-generic",
+            Self::Tc => "tc",
+        }
+    }
+
+    /// "native" or "generic", as status and logs name an XDP mode.
+    pub fn xdp_mode_name(self) -> Option<&'static str> {
+        match self {
+            Self::XdpNative => Some("native"),
+            Self::XdpGeneric => Some("generic"),
+            Self::Tc => None,
+        }
+    }
+}
+
 /// The layout under the configured pin directory.
 #[derive(Clone, Debug)]
 pub struct Pins {
@@ -32,11 +63,12 @@ impl Pins {
     /// `links/<netns>:<interface>:<kind>` (`-` for the agent's namespace).
     /// bpffs refuses names with a dot, which interface names may have (VLAN
     /// devices such as `eth0.100`), so names are escaped.
-    pub fn link(&self, netns: Option<&str>, interface: &str, kind: &str) -> PathBuf {
+    pub fn link(&self, netns: Option<&str>, interface: &str, kind: LinkKind) -> PathBuf {
         self.links_dir().join(format!(
-            "{}:{}:{kind}",
+            "{}:{}:{}",
             escape(netns.unwrap_or("-")),
-            escape(interface)
+            escape(interface),
+            kind.pin_name()
         ))
     }
 
@@ -249,16 +281,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn link_pin_names_stay_what_older_agents_pinned() {
+        // A new agent adopts links by these names: renaming one would
+        // detach and re-attach every interface on upgrade.
+        assert_eq!(
+            LinkKind::ALL.map(LinkKind::pin_name),
+            ["xdp-native", "xdp-generic", "tc"]
+        );
+        assert_eq!(LinkKind::XdpGeneric.xdp_mode_name(), Some("generic"));
+        assert_eq!(LinkKind::Tc.xdp_mode_name(), None);
+    }
+
+    #[test]
     fn link_pin_names_have_no_dots_and_stay_distinct() {
         let pins = Pins::new("/sys/fs/bpf/x");
-        let a = pins.link(Some("gw.1"), "eth0.100", "xdp-native");
-        let b = pins.link(None, "eth0.100", "xdp-native");
+        let a = pins.link(Some("gw.1"), "eth0.100", LinkKind::XdpNative);
+        let b = pins.link(None, "eth0.100", LinkKind::XdpNative);
         for p in [&a, &b] {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             assert!(!name.contains('.'), "{name}");
         }
         assert_ne!(a, b);
-        assert_ne!(pins.link(None, "a%2Eb", "tc"), pins.link(None, "a.b", "tc"));
+        assert_ne!(
+            pins.link(None, "a%2Eb", LinkKind::Tc),
+            pins.link(None, "a.b", LinkKind::Tc)
+        );
     }
 
     #[test]
