@@ -1,16 +1,23 @@
-//! Programs for the benchmarks only (never loaded by the agent):
+//! Programs for the benchmarks and tests only (never loaded by the agent):
 //! - `bench_generator`: an in-kernel traffic generator for
 //!   BPF_F_TEST_XDP_LIVE_FRAMES test runs, cycling through many sources;
-//! - `reference_drop`: the cheapest possible drop, the gateway baseline.
+//! - `reference_drop`: the cheapest possible drop, the gateway baseline;
+//! - `test_vlan_push`: puts a VLAN tag out of band (skb->vlan_tci), as a
+//!   NIC with VLAN receive offload would, for the netns VLAN tests.
 #![no_std]
 #![no_main]
+#![allow(
+    clippy::not_unsafe_ptr_arg_deref,
+    reason = "the program macros generate `pub fn(ctx: *mut _)` entry points"
+)]
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::bpf_redirect,
-    macros::{map, xdp},
+    EbpfContext as _,
+    bindings::{__sk_buff, TC_ACT_OK, xdp_action},
+    helpers::{bpf_redirect, bpf_skb_vlan_push},
+    macros::{classifier, map, xdp},
     maps::{Array, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use limiter_common::{
     bench::{FRAME_LEN, GeneratorConfig},
@@ -77,6 +84,27 @@ pub fn bench_generator(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn reference_drop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
+}
+
+/// `skb->mark` of the frames `test_vlan_push` tags: this value in the high
+/// 16 bits, the VLAN id in the low 12 (tests/tests/netns_vlan.rs).
+const VLAN_PUSH_MARK: u32 = 0x7e57;
+
+/// For TCX egress of a veth: a frame whose `skb->mark` asks for it gets an
+/// 802.1Q tag in skb->vlan_tci. veth offers VLAN TX offload, so the tag
+/// stays out of band across the pair: the peer receives it the way a NIC
+/// that strips tags delivers it. Every frame goes on (TC_ACT_OK), tagged or
+/// not; a failed push leaves the frame untagged, which the test sees.
+#[classifier]
+pub fn test_vlan_push(ctx: TcContext) -> i32 {
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: the context of a classifier is its __sk_buff.
+    let mark = unsafe { (*skb).mark };
+    if mark >> 16 == VLAN_PUSH_MARK {
+        // SAFETY: a plain helper call on this program's own skb.
+        let _ = unsafe { bpf_skb_vlan_push(skb, 0x8100u16.to_be(), (mark & 0x0fff) as u16) };
+    }
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

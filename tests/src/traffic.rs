@@ -64,6 +64,13 @@ impl PacketSocket {
         Ok(self)
     }
 
+    /// Sets `skb->mark` on every frame sent (SO_MARK), e.g. for an egress
+    /// program to tell frames apart.
+    pub fn mark(self, mark: u32) -> Result<Self> {
+        self.setsockopt(libc::SO_MARK, &mark)?;
+        Ok(self)
+    }
+
     fn setsockopt<T>(&self, option: i32, value: &T) -> Result<()> {
         // SAFETY: value points at a T of the size passed.
         let rc = unsafe {
@@ -153,6 +160,24 @@ pub fn source_of(frame: &[u8]) -> Option<[u8; 16]> {
         _ => return None,
     }
     Some(addr)
+}
+
+/// The source address of an IPv4 or IPv6 frame behind any number (up to 8)
+/// of inline 802.1Q / 802.1ad tags, with the number of tags crossed.
+pub fn source_past_vlans(frame: &[u8]) -> Option<([u8; 16], usize)> {
+    let mut tags = 0;
+    while tags < 8 {
+        let at = 12 + 4 * tags;
+        let ethertype = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]);
+        if ethertype != 0x8100 && ethertype != 0x88a8 {
+            break;
+        }
+        tags += 1;
+    }
+    // The frame with its tags cut out, for source_of.
+    let mut untagged = frame.get(..12)?.to_vec();
+    untagged.extend_from_slice(frame.get(12 + 4 * tags..)?);
+    Some((source_of(&untagged)?, tags))
 }
 
 /// Counts the frames `receiver` gets, by source address, until `stop` is
