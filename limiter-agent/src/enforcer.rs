@@ -191,23 +191,29 @@ impl Enforcer {
                 writes += 1;
             }
         }
+        // Prefixes leaving this generation, or pointing elsewhere, go first
+        // (nothing reads an inactive generation): the trie then never holds
+        // more than the active generation's prefixes plus the new set's,
+        // which validation bounds by capacity.rules each. A moved prefix is
+        // removed and added rather than updated in place, as kernels before
+        // 6.13 refuse an in-place update in a full trie.
+        let outdated: Vec<IpNet> = installed
+            .prefixes
+            .iter()
+            .filter(|(prefix, slot)| want_prefixes.get(prefix) != Some(slot))
+            .map(|(prefix, _)| *prefix)
+            .collect();
+        for prefix in outdated {
+            self.dp.remove_prefix(generation, prefix)?;
+            installed.prefixes.remove(&prefix);
+            writes += 1;
+        }
         for (prefix, slot) in &want_prefixes {
-            if installed.prefixes.get(prefix) != Some(slot) {
+            if !installed.prefixes.contains_key(prefix) {
                 self.dp.set_prefix(generation, *prefix, *slot)?;
                 installed.prefixes.insert(*prefix, *slot);
                 writes += 1;
             }
-        }
-        let stale: Vec<IpNet> = installed
-            .prefixes
-            .keys()
-            .filter(|p| !want_prefixes.contains_key(p))
-            .copied()
-            .collect();
-        for prefix in stale {
-            self.dp.remove_prefix(generation, prefix)?;
-            installed.prefixes.remove(&prefix);
-            writes += 1;
         }
         let unused: Vec<u32> = installed
             .rules
