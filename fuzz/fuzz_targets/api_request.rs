@@ -29,8 +29,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Json(patch)) = Json::<RulePatch>::from_bytes(data) {
         for rule in &EXAMPLE.file.rules {
             let mut patched = rule.clone();
-            patch.apply_to(&mut patched);
-            apply_rule(&patched);
+            if patch.apply_to(&mut patched).is_ok() {
+                apply_rule(&patched);
+            }
         }
     }
     // POST /v1/batch
@@ -82,8 +83,7 @@ fn batch(changes: &[Change]) {
                 let Some(mut rule) = current(&overrides, name) else {
                     return;
                 };
-                patch.apply_to(&mut rule);
-                if rule.validate().is_err() {
+                if patch.apply_to(&mut rule).is_err() || rule.validate().is_err() {
                     return;
                 }
                 overrides.insert(name.clone(), Some(rule));

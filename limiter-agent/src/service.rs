@@ -209,7 +209,9 @@ fn stage(
                     "penalties are changed with `penalize`".into(),
                 ));
             }
-            patch.apply_to(&mut rule);
+            patch
+                .apply_to(&mut rule)
+                .map_err(|e| ServiceError::Invalid(format!("rule {name:?}: {e}")))?;
             validate(&rule)?;
             state.overrides.insert(name.clone(), Some(rule));
         }

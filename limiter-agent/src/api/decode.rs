@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::{
     api::types::PenaltyRequest,
-    config::{self, ActionConfig, RuleConfig, ScopeConfig, units},
+    config::{self, ActionConfig, RuleConfig, RuleFields, ScopeConfig, units},
     service::PENALTY_PREFIX,
 };
 
@@ -21,8 +21,8 @@ pub struct Penalty {
 /// Checks a penalty request and builds its rule; the error is the message
 /// for a 400 answer.
 pub fn penalty(request: &PenaltyRequest) -> Result<Penalty, String> {
-    let prefix = config::parse_prefix(&request.prefix)?;
-    let duration = units::parse_duration(&request.duration)?;
+    let prefix = config::parse_prefix(&request.prefix).map_err(|e| e.to_string())?;
+    let duration = units::parse_duration(&request.duration).map_err(|e| e.to_string())?;
     if duration.as_secs() == 0 {
         return Err("a penalty lasts at least 1s".into());
     }
@@ -30,26 +30,21 @@ pub fn penalty(request: &PenaltyRequest) -> Result<Penalty, String> {
     if request.deny == has_budget {
         return Err("give either --deny or a budget (packets and/or bytes), not both".into());
     }
-    let rule = RuleConfig {
-        name: format!("{PENALTY_PREFIX}{prefix}"),
-        prefixes: vec![prefix.to_string()],
-        action: if request.deny {
-            ActionConfig::Deny
-        } else {
-            ActionConfig::Drop
-        },
-        scope: ScopeConfig::PerSource,
-        source_prefix_v4: None,
-        source_prefix_v6: None,
+    let action = if request.deny {
+        ActionConfig::Deny
+    } else {
+        ActionConfig::Drop
+    };
+    let fields = RuleFields {
+        prefixes: Some(vec![prefix.to_string()]),
+        scope: Some(ScopeConfig::PerSource),
         packets: request.packets.clone(),
         packet_burst: request.packet_burst.clone(),
         bytes: request.bytes.clone(),
         byte_burst: request.byte_burst.clone(),
-        new_connections: None,
-        connection_burst: None,
-        dscp: None,
-        skb_mark: None,
+        ..RuleFields::default()
     };
+    let rule = RuleConfig::new(format!("{PENALTY_PREFIX}{prefix}"), action, fields);
     rule.validate()
         .map_err(|e| format!("penalty for {prefix}: {e}"))?;
     Ok(Penalty { rule, duration })
