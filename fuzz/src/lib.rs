@@ -70,6 +70,7 @@ fn check_kernel_form(def: &RuleDef, id: u32) {
             Some(Budget {
                 rate_per_sec,
                 burst,
+                ..
             }) => {
                 assert!(
                     !limit.is_unlimited(),

@@ -9,10 +9,10 @@ use crate::{
     api::{
         client::{Client, ClientError, segment},
         types::{
-            Applied, Offender, PenaltyRequest, ProgramIds, RulePatch, RuleView, SourceView, Status,
+            Applied, Offender, Origin, PenaltyRequest, ProgramIds, RuleView, SourceView, Status,
         },
     },
-    config::{ActionConfig, Config, Quantity, RuleConfig, ScopeConfig},
+    config::{ActionConfig, Config, Quantity, RuleConfig, RuleFields},
     pins::PinScope,
 };
 
@@ -62,62 +62,13 @@ impl Output {
 
 type Result = std::result::Result<(), ClientError>;
 
-/// Rule fields from the command line; `None` means "not given".
-#[derive(clap::Args)]
-pub struct RuleFields {
+/// A rule's name and the fields given on the command line (the same
+/// fields as the API's patch, defined once in [`RuleFields`]).
+#[derive(Debug, clap::Args)]
+pub struct RuleArgs {
     pub name: String,
-    /// Source prefix (repeatable)
-    #[arg(long = "prefix")]
-    pub prefixes: Vec<String>,
-    #[arg(long, value_enum)]
-    pub action: Option<ActionConfig>,
-    #[arg(long, value_enum)]
-    pub scope: Option<ScopeConfig>,
-    #[arg(long)]
-    pub source_prefix_v4: Option<u32>,
-    #[arg(long)]
-    pub source_prefix_v6: Option<u32>,
-    /// e.g. 10k/s
-    #[arg(long)]
-    pub packets: Option<String>,
-    #[arg(long)]
-    pub packet_burst: Option<String>,
-    /// e.g. 100Mbit/s
-    #[arg(long)]
-    pub bytes: Option<String>,
-    #[arg(long)]
-    pub byte_burst: Option<String>,
-    /// TCP SYNs per time, e.g. 100/s
-    #[arg(long)]
-    pub new_connections: Option<String>,
-    #[arg(long)]
-    pub connection_burst: Option<String>,
-    #[arg(long)]
-    pub dscp: Option<u8>,
-    #[arg(long)]
-    pub skb_mark: Option<u32>,
-}
-
-impl RuleFields {
-    /// The fields given, as a change to a rule.
-    fn patch(self) -> (String, RulePatch) {
-        let patch = RulePatch {
-            prefixes: (!self.prefixes.is_empty()).then_some(self.prefixes),
-            action: self.action,
-            scope: self.scope,
-            source_prefix_v4: self.source_prefix_v4,
-            source_prefix_v6: self.source_prefix_v6,
-            packets: self.packets,
-            packet_burst: self.packet_burst.map(Quantity::Text),
-            bytes: self.bytes,
-            byte_burst: self.byte_burst.map(Quantity::Text),
-            new_connections: self.new_connections,
-            connection_burst: self.connection_burst.map(Quantity::Text),
-            dscp: self.dscp,
-            skb_mark: self.skb_mark,
-        };
-        (self.name, patch)
-    }
+    #[command(flatten)]
+    pub fields: RuleFields,
 }
 
 fn applied(out: &Output, a: &Applied) {
@@ -126,44 +77,33 @@ fn applied(out: &Output, a: &Applied) {
     });
 }
 
-pub async fn add(client: &Client, out: &Output, f: RuleFields) -> Result {
-    let Some(action) = f.action else {
+/// The rule `rules add` sends.
+fn new_rule(args: RuleArgs) -> std::result::Result<RuleConfig, ClientError> {
+    let Some(action) = args.fields.action else {
         return Err(ClientError::Rejected(
             "--action is required to add a rule".into(),
         ));
     };
-    let (name, patch) = f.patch();
-    let mut rule = RuleConfig {
-        name,
-        prefixes: Vec::new(),
-        action,
-        scope: ScopeConfig::default(),
-        source_prefix_v4: None,
-        source_prefix_v6: None,
-        packets: None,
-        packet_burst: None,
-        bytes: None,
-        byte_burst: None,
-        new_connections: None,
-        connection_burst: None,
-        dscp: None,
-        skb_mark: None,
-    };
-    patch.apply_to(&mut rule);
+    Ok(RuleConfig::new(args.name, action, args.fields))
+}
+
+pub async fn add(client: &Client, out: &Output, args: RuleArgs) -> Result {
+    let rule = new_rule(args)?;
     let a: Applied = client.call(Method::POST, "/v1/rules", Some(&rule)).await?;
     applied(out, &a);
     Ok(())
 }
 
-pub async fn change(client: &Client, out: &Output, f: RuleFields) -> Result {
-    let (name, patch) = f.patch();
-    if patch == RulePatch::default() {
+pub async fn change(client: &Client, out: &Output, args: RuleArgs) -> Result {
+    if args.fields.is_empty() {
         return Err(ClientError::Rejected(
             "nothing to change: give at least one field".into(),
         ));
     }
-    let path = format!("/v1/rules/{}", segment(&name));
-    let a: Applied = client.call(Method::PATCH, &path, Some(&patch)).await?;
+    let path = format!("/v1/rules/{}", segment(&args.name));
+    let a: Applied = client
+        .call(Method::PATCH, &path, Some(&args.fields))
+        .await?;
     applied(out, &a);
     Ok(())
 }
@@ -197,18 +137,15 @@ fn budget_text(rate: &Option<String>, burst: &Option<Quantity>) -> String {
     match (rate, burst) {
         (None, _) => "-".into(),
         (Some(r), None) => r.clone(),
-        (Some(r), Some(Quantity::Number(b))) => format!("{r} (burst {b})"),
-        (Some(r), Some(Quantity::Text(b))) => format!("{r} (burst {b})"),
+        (Some(r), Some(b)) => format!("{r} (burst {b})"),
     }
 }
 
-fn action_text(a: ActionConfig) -> &'static str {
-    match a {
-        ActionConfig::Allow => "allow",
-        ActionConfig::Deny => "deny",
-        ActionConfig::Drop => "drop",
-        ActionConfig::Mark => "mark",
-        ActionConfig::Monitor => "monitor",
+fn origin_word(origin: Origin) -> &'static str {
+    match origin {
+        Origin::Config => "config",
+        Origin::Live => "live",
+        Origin::Penalty => "penalty",
     }
 }
 
@@ -231,10 +168,10 @@ fn print_rules(rules: &[RuleView]) {
             "{:<28} {:>5} {:<8} {:<8} {:<30} {:<22} {:>12} {:>12} {:>12}",
             r.name,
             r.id,
-            format!("{:?}", r.origin).to_lowercase(),
-            action_text(r.rule.action),
-            r.rule.prefixes.join(","),
-            budget_text(&r.rule.packets, &r.rule.packet_burst),
+            origin_word(r.origin),
+            r.rule.action,
+            r.rule.prefixes().join(","),
+            budget_text(&r.rule.fields().packets, &r.rule.fields().packet_burst),
             r.counters.packets.passed,
             r.counters.packets.dropped,
             over,
@@ -251,21 +188,22 @@ pub async fn list(client: &Client, out: &Output) -> Result {
 pub async fn show(client: &Client, out: &Output, name: &str) -> Result {
     let rule: RuleView = client.get(&format!("/v1/rules/{}", segment(name))).await?;
     out.print(&rule, |r| {
-        println!("rule {} (id {}, {:?})", r.name, r.id, r.origin);
-        println!("  prefixes         {}", r.rule.prefixes.join(", "));
-        println!("  action           {}", action_text(r.rule.action));
-        println!("  scope            {:?}", r.rule.scope);
+        println!("rule {} (id {}, {})", r.name, r.id, origin_word(r.origin));
+        let f = r.rule.fields();
+        println!("  prefixes         {}", r.rule.prefixes().join(", "));
+        println!("  action           {}", r.rule.action);
+        println!("  scope            {}", r.rule.scope());
         println!(
             "  packets          {}",
-            budget_text(&r.rule.packets, &r.rule.packet_burst)
+            budget_text(&f.packets, &f.packet_burst)
         );
         println!(
             "  bytes            {}",
-            budget_text(&r.rule.bytes, &r.rule.byte_burst)
+            budget_text(&f.bytes, &f.byte_burst)
         );
         println!(
             "  new connections  {}",
-            budget_text(&r.rule.new_connections, &r.rule.connection_burst)
+            budget_text(&f.new_connections, &f.connection_burst)
         );
         if let Some(at) = r.expires_at {
             println!("  expires at       {at} (Unix time)");
@@ -300,7 +238,7 @@ pub async fn inspect(client: &Client, out: &Output, address: &str) -> Result {
             v.address,
             rule,
             v.matched_prefix.as_deref().unwrap_or("?"),
-            v.action.map_or("?", action_text)
+            v.action.map_or("?", ActionConfig::word)
         );
         if let Some(bucket) = &v.bucket {
             let tracked = if v.tracked {
@@ -490,51 +428,13 @@ fn nothing_pinned(pin_path: &Path, foreign_mount_ns: Option<bool>) -> String {
 pub fn print_check(config: &Config) {
     println!("{}: valid", config.source.display());
     for i in &config.file.interfaces {
-        println!("  interface {} xdp={:?} tc={}", i.name, i.xdp, i.tc);
+        println!("  interface {} xdp={} tc={}", i.name, i.xdp, i.tc);
     }
     for r in &config.rules {
         let prefixes: Vec<String> = r.prefixes.iter().map(ToString::to_string).collect();
-        println!(
-            "  rule {} {} {}",
-            r.name,
-            action_text(r.action),
-            prefixes.join(",")
-        );
+        println!("  rule {} {} {}", r.name, r.action, prefixes.join(","));
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn detach_without_pins_says_nothing_was_removed() {
-        let path = Path::new("/sys/fs/bpf/limiter");
-        let plain = nothing_pinned(path, Some(false));
-        assert!(
-            plain.contains("nothing was pinned at /sys/fs/bpf/limiter"),
-            "{plain}"
-        );
-        assert!(!plain.contains("removed /sys"), "{plain}");
-        assert_eq!(nothing_pinned(path, None), plain);
-        let foreign = nothing_pinned(path, Some(true));
-        assert!(
-            foreign.starts_with(&plain) && foreign.contains("cannot see the host's pins"),
-            "{foreign}"
-        );
-    }
-
-    #[test]
-    fn program_ids_read_as_words_not_debug_output() {
-        let mut ids = ProgramIds {
-            xdp: Some(12),
-            tc: None,
-            tc_after_xdp: Some(14),
-        };
-        assert_eq!(program_ids(&ids), "xdp id 12, tc after xdp id 14");
-        ids.tc_after_xdp = None;
-        assert_eq!(program_ids(&ids), "xdp id 12");
-        ids.xdp = None;
-        assert_eq!(program_ids(&ids), "none attached");
-    }
-}
+mod tests;

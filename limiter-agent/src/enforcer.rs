@@ -12,10 +12,10 @@ use std::{
 };
 
 use ipnet::IpNet;
-use limiter_common::{Action, GENERATIONS, Limit, Rule, Scope, dimension};
+use limiter_common::{Action, GENERATIONS, Rule, Scope};
 
 use crate::{
-    config::{ActionConfig, Budget, RuleDef, ScopeConfig},
+    config::{ActionConfig, RuleDef, ScopeConfig},
     datapath::{Datapath, DatapathError},
 };
 
@@ -43,14 +43,6 @@ pub struct KernelRule {
     pub prefixes: Vec<IpNet>,
 }
 
-fn limit(budget: Option<Budget>) -> Limit {
-    // Budgets were checked by validation; an impossible one cannot get here,
-    // and if it did, "no budget in this dimension" is the safe reading.
-    budget
-        .and_then(|b| Limit::new(b.rate_per_sec, b.burst).ok())
-        .unwrap_or(Limit::UNLIMITED)
-}
-
 /// The kernel form of a validated rule.
 pub fn kernel_rule(def: &RuleDef, id: u32) -> KernelRule {
     let action = match def.action {
@@ -60,10 +52,6 @@ pub fn kernel_rule(def: &RuleDef, id: u32) -> KernelRule {
         ActionConfig::Mark => Action::Mark,
         ActionConfig::Monitor => Action::Monitor,
     };
-    let mut limits = [Limit::UNLIMITED; dimension::COUNT];
-    limits[dimension::PACKETS] = limit(def.packets);
-    limits[dimension::BYTES] = limit(def.bytes);
-    limits[dimension::SYNS] = limit(def.new_connections);
     KernelRule {
         id,
         rule: Rule {
@@ -78,7 +66,9 @@ pub fn kernel_rule(def: &RuleDef, id: u32) -> KernelRule {
             dscp: u32::from(def.dscp),
             skb_mark: def.skb_mark,
             in_use: 1,
-            limits,
+            // Made by validation: nothing here can turn a budget into
+            // "unlimited".
+            limits: def.limits(),
         },
         prefixes: def.prefixes.clone(),
     }
@@ -191,23 +181,29 @@ impl Enforcer {
                 writes += 1;
             }
         }
+        // Prefixes leaving this generation, or pointing elsewhere, go first
+        // (nothing reads an inactive generation): the trie then never holds
+        // more than the active generation's prefixes plus the new set's,
+        // which validation bounds by capacity.rules each. A moved prefix is
+        // removed and added rather than updated in place, as kernels before
+        // 6.13 refuse an in-place update in a full trie.
+        let outdated: Vec<IpNet> = installed
+            .prefixes
+            .iter()
+            .filter(|(prefix, slot)| want_prefixes.get(prefix) != Some(slot))
+            .map(|(prefix, _)| *prefix)
+            .collect();
+        for prefix in outdated {
+            self.dp.remove_prefix(generation, prefix)?;
+            installed.prefixes.remove(&prefix);
+            writes += 1;
+        }
         for (prefix, slot) in &want_prefixes {
-            if installed.prefixes.get(prefix) != Some(slot) {
+            if !installed.prefixes.contains_key(prefix) {
                 self.dp.set_prefix(generation, *prefix, *slot)?;
                 installed.prefixes.insert(*prefix, *slot);
                 writes += 1;
             }
-        }
-        let stale: Vec<IpNet> = installed
-            .prefixes
-            .keys()
-            .filter(|p| !want_prefixes.contains_key(p))
-            .copied()
-            .collect();
-        for prefix in stale {
-            self.dp.remove_prefix(generation, prefix)?;
-            installed.prefixes.remove(&prefix);
-            writes += 1;
         }
         let unused: Vec<u32> = installed
             .rules

@@ -56,24 +56,7 @@ enum Command {
     #[command(subcommand)]
     Rules(RulesCommand),
     /// Put a temporary budget (or a deny) on a prefix; it expires by itself
-    Penalize {
-        /// Address or prefix, e.g. 198.18.7.9 or 2001:db8:7::/48
-        prefix: String,
-        /// How long, e.g. 30s, 5m, 1h
-        #[arg(long = "for")]
-        duration: String,
-        /// Drop everything from the prefix
-        #[arg(long, conflicts_with_all = ["packets", "bytes"])]
-        deny: bool,
-        #[arg(long)]
-        packets: Option<String>,
-        #[arg(long)]
-        packet_burst: Option<String>,
-        #[arg(long)]
-        bytes: Option<String>,
-        #[arg(long)]
-        byte_burst: Option<String>,
-    },
+    Penalize(limiter_agent::api::types::PenaltyRequest),
     /// Which rule a source matches, its bucket, and whether it is over budget
     Inspect { address: String },
     /// Sources most over budget (from the kernel's events)
@@ -99,9 +82,9 @@ enum RulesCommand {
     /// One rule
     Show { name: String },
     /// Add a rule
-    Add(cli::RuleFields),
+    Add(cli::RuleArgs),
     /// Change fields of a rule (only those given)
-    Change(cli::RuleFields),
+    Change(cli::RuleArgs),
     /// Delete a rule
     Delete { name: String },
 }
@@ -159,26 +142,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Rules(RulesCommand::Add(args)) => cli::add(&client, &out, args).await,
         Command::Rules(RulesCommand::Change(args)) => cli::change(&client, &out, args).await,
         Command::Rules(RulesCommand::Delete { name }) => cli::delete(&client, &out, &name).await,
-        Command::Penalize {
-            prefix,
-            duration,
-            deny,
-            packets,
-            packet_burst,
-            bytes,
-            byte_burst,
-        } => {
-            let request = limiter_agent::api::types::PenaltyRequest {
-                prefix,
-                duration,
-                deny,
-                packets,
-                packet_burst: packet_burst.map(limiter_agent::config::Quantity::Text),
-                bytes,
-                byte_burst: byte_burst.map(limiter_agent::config::Quantity::Text),
-            };
-            cli::penalize(&client, &out, &request).await
-        }
+        Command::Penalize(request) => cli::penalize(&client, &out, &request).await,
         Command::Inspect { address } => cli::inspect(&client, &out, &address).await,
         Command::Top { limit, watch } => cli::top(&client, &out, limit, watch).await,
         Command::Detach { pin_path } => cli::detach(&client, &out, &pin_path).await,

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     attach::Attached,
-    config::{ActionConfig, Quantity, RuleConfig, ScopeConfig},
+    config::{ActionConfig, RuleConfig},
     pins::PinScope,
 };
 
@@ -39,57 +39,8 @@ pub struct RuleView {
 }
 
 /// A partial rule for `PATCH /v1/rules/{name}`: what is given replaces the
-/// rule's current value.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RulePatch {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prefixes: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub action: Option<ActionConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scope: Option<ScopeConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub source_prefix_v4: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub source_prefix_v6: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub packets: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub packet_burst: Option<Quantity>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bytes: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub byte_burst: Option<Quantity>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub new_connections: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub connection_burst: Option<Quantity>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dscp: Option<u8>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub skb_mark: Option<u32>,
-}
-
-impl RulePatch {
-    pub fn apply_to(&self, rule: &mut RuleConfig) {
-        macro_rules! set {
-            ($($field:ident),*) => {
-                $(if let Some(v) = &self.$field { rule.$field = v.clone().into(); })*
-            };
-        }
-        set!(prefixes, action, scope);
-        set!(
-            source_prefix_v4,
-            source_prefix_v6,
-            packets,
-            packet_burst,
-            bytes,
-            byte_burst
-        );
-        set!(new_connections, connection_burst, dscp, skb_mark);
-    }
-}
+/// rule's current value. Its fields are a rule's, defined once in config.
+pub use crate::config::RulePatch;
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub struct BudgetState {

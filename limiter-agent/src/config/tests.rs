@@ -6,6 +6,10 @@ fn parse(text: &str) -> Result<Config, String> {
     Config::parse(text, Path::new("test.toml")).map_err(|e| e.to_string())
 }
 
+fn rate_burst(budget: Option<Budget>) -> Option<(u64, u64)> {
+    budget.map(|b| (b.rate_per_sec, b.burst))
+}
+
 fn rule(body: &str) -> String {
     format!("[[rule]]\nname = \"r\"\nprefixes = [\"198.18.0.0/15\"]\n{body}\n")
 }
@@ -37,27 +41,9 @@ fn a_full_rule_parses_with_units() {
     ))
     .unwrap();
     let r = &c.rules[0];
-    assert_eq!(
-        r.packets,
-        Some(Budget {
-            rate_per_sec: 10_000,
-            burst: 20_000
-        })
-    );
-    assert_eq!(
-        r.bytes,
-        Some(Budget {
-            rate_per_sec: 12_500_000,
-            burst: 2 << 20
-        })
-    );
-    assert_eq!(
-        r.new_connections,
-        Some(Budget {
-            rate_per_sec: 100,
-            burst: 50
-        })
-    );
+    assert_eq!(rate_burst(r.packets), Some((10_000, 20_000)));
+    assert_eq!(rate_burst(r.bytes), Some((12_500_000, 2 << 20)));
+    assert_eq!(rate_burst(r.new_connections), Some((100, 50)));
     assert_eq!(
         (r.scope, r.dscp, r.skb_mark),
         (ScopeConfig::Shared, 46, 119)
@@ -198,7 +184,11 @@ fn bad_inputs_are_refused_with_line_field_and_reason() {
             8,
             "capacity.rules is 1",
         ),
-        ("[capacity]\nsources = 0\n", 1, "at least 1"),
+        (
+            "[capacity]\nsources = 0\n",
+            2,
+            "capacity.sources is 0: set it to at least 1",
+        ),
         (
             "[[interface]]\nname = \"averyveryverylongname\"\n",
             2,
@@ -247,4 +237,63 @@ fn a_missing_file_says_which() {
         err.to_string()
             .starts_with("/nonexistent/limiter.toml: cannot read")
     );
+}
+
+/// The line an error names, from the spans toml reports.
+fn line(text: &str) -> usize {
+    match Config::parse(text, Path::new("t.toml")) {
+        Err(ConfigError::At { line, .. }) => line,
+        other => panic!("{text:?}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_wrong_type_points_at_its_field() {
+    assert_eq!(
+        line(&rule("action = \"mark\"\npackets = \"1/s\"\ndscp = \"ef\"")),
+        6
+    );
+}
+
+#[test]
+fn a_missing_field_points_at_its_table() {
+    let text = "[[rule]]\nname = \"a\"\nprefixes = [\"198.18.0.0/16\"]\naction = \"deny\"\n\n\
+                [[rule]]\nname = \"b\"\nprefixes = [\"198.19.0.0/16\"]\n";
+    assert_eq!(line(text), 6);
+    assert!(parse(text).unwrap_err().contains("`action`"));
+}
+
+#[test]
+fn a_validation_error_points_at_the_field_of_the_rule_at_fault() {
+    let text = "[[rule]]\nname = \"a\"\nprefixes = [\"198.18.0.0/16\"]\naction = \"deny\"\n\
+                [[rule]]\nname = \"b\"\n# a comment\nprefixes = [\"198.19.0.0/16\"]\n\
+                action = \"drop\"\npackets = \"10/s\"\nbytes = \"1 parsec/s\"\n";
+    assert_eq!(line(text), 11);
+}
+
+#[test]
+fn fields_in_inline_tables_and_dotted_keys_are_found() {
+    assert_eq!(line("capacity.rules = 0\n"), 1);
+    assert_eq!(line("\n\n[metrics]\n\n\ntop_k = 5000\n"), 6);
+}
+
+/// Capacity is checked where the rules are: the error points at the first
+/// rule beyond it and says what to raise.
+#[test]
+fn too_many_prefixes_in_the_file_name_the_family_and_what_to_raise() {
+    let text = "[capacity]\nrules = 2\n[[rule]]\nname = \"a\"\n\
+                prefixes = [\"2001:db8::/48\", \"2001:db8:1::/48\", \"2001:db8:2::/48\"]\naction = \"deny\"\n";
+    let err = parse(text).unwrap_err();
+    assert!(
+        err.starts_with("test.toml:5: 3 IPv6 prefixes") && err.contains("[capacity]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn errors_keep_their_cause() {
+    let Err(err) = Config::parse("[metrics]\naddress = \"nowhere\"\n", Path::new("t.toml")) else {
+        panic!("accepted");
+    };
+    assert!(std::error::Error::source(&err).is_some(), "{err}");
 }

@@ -112,7 +112,12 @@ fn stage_one(
         }
         Change::Patch { name, patch } => {
             let mut rule = changeable(configured, state, name)?;
-            patch.apply_to(&mut rule);
+            patch
+                .apply_to(&mut rule)
+                .map_err(|error| RulesError::InvalidPatch {
+                    name: name.clone(),
+                    error,
+                })?;
             validated(&rule)?;
             state.overrides.insert(name.clone(), Some(rule));
         }

@@ -1,6 +1,6 @@
 //! What the rules core refuses, and why.
 
-use crate::config::{FieldError, RuleError};
+use crate::config::{FieldError, RuleSetError};
 
 use super::penalty::{PENALTY_PREFIX, PenaltyError};
 
@@ -25,9 +25,11 @@ pub enum RulesError {
     PenaltyNotChangeable { name: String },
     #[error("rule {name:?}: {error}")]
     InvalidRule { name: String, error: FieldError },
+    #[error("rule {name:?}: {error}")]
+    InvalidPatch { name: String, error: FieldError },
     /// The rule set as a whole (names, shared prefixes, capacity).
     #[error("{0}")]
-    InvalidSet(RuleError),
+    InvalidSet(RuleSetError),
     #[error("no free rule id: capacity.rules is {capacity}")]
     NoFreeId { capacity: u32 },
     #[error(transparent)]
@@ -50,6 +52,7 @@ impl RulesError {
             Self::ReservedName { .. }
             | Self::PenaltyNotChangeable { .. }
             | Self::InvalidRule { .. }
+            | Self::InvalidPatch { .. }
             | Self::InvalidSet(_)
             | Self::NoFreeId { .. }
             | Self::Penalty(_) => ErrorKind::Invalid,
@@ -57,8 +60,8 @@ impl RulesError {
     }
 }
 
-impl From<RuleError> for RulesError {
-    fn from(e: RuleError) -> Self {
+impl From<RuleSetError> for RulesError {
+    fn from(e: RuleSetError) -> Self {
         Self::InvalidSet(e)
     }
 }

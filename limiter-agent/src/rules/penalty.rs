@@ -6,39 +6,47 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{self, ActionConfig, Quantity, RuleConfig, ScopeConfig, units},
+    config::{self, ActionConfig, Quantity, RuleConfig, RuleFields, ScopeConfig, units},
     state::{Penalty, State},
 };
 
 /// Rule names starting with this are penalties.
 pub const PENALTY_PREFIX: &str = "penalty:";
 
-/// `POST /v1/penalties`: a temporary rule for one prefix.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+/// `POST /v1/penalties`: a temporary rule for one prefix; also the flags of
+/// `limiter-agent penalize`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct PenaltyRequest {
+    /// Address or prefix, e.g. 198.18.7.9 or 2001:db8:7::/48
     pub prefix: String,
-    /// How long, e.g. `30s`, `5m`, `1h`.
+    /// How long, e.g. 30s, 5m, 1h
+    #[arg(long = "for")]
     pub duration: String,
-    /// Drop everything from the prefix instead of limiting it.
+    /// Drop everything from the prefix
+    #[arg(long, conflicts_with_all = ["packets", "bytes"])]
     #[serde(default)]
     pub deny: bool,
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packets: Option<String>,
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packet_burst: Option<Quantity>,
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<String>,
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub byte_burst: Option<Quantity>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum PenaltyError {
     #[error("{0}")]
-    Prefix(String),
+    Prefix(#[source] config::PrefixError),
     #[error("{0}")]
-    Duration(String),
+    Duration(#[source] units::UnitError),
     #[error("a penalty lasts at least 1s")]
     TooShort,
     #[error("give either --deny or a budget (packets and/or bytes), not both")]
@@ -60,10 +68,8 @@ pub struct PenaltyRule {
 impl PenaltyRequest {
     /// Checks the request and builds its rule.
     pub fn decode(&self) -> Result<PenaltyRule, PenaltyError> {
-        let prefix =
-            config::parse_prefix(&self.prefix).map_err(|e| PenaltyError::Prefix(e.to_string()))?;
-        let duration = units::parse_duration(&self.duration)
-            .map_err(|e| PenaltyError::Duration(e.to_string()))?;
+        let prefix = config::parse_prefix(&self.prefix).map_err(PenaltyError::Prefix)?;
+        let duration = units::parse_duration(&self.duration).map_err(PenaltyError::Duration)?;
         if duration.as_secs() == 0 {
             return Err(PenaltyError::TooShort);
         }
@@ -71,26 +77,21 @@ impl PenaltyRequest {
         if self.deny == has_budget {
             return Err(PenaltyError::DenyOrBudget);
         }
-        let rule = RuleConfig {
-            name: format!("{PENALTY_PREFIX}{prefix}"),
-            prefixes: vec![prefix.to_string()],
-            action: if self.deny {
-                ActionConfig::Deny
-            } else {
-                ActionConfig::Drop
-            },
-            scope: ScopeConfig::PerSource,
-            source_prefix_v4: None,
-            source_prefix_v6: None,
+        let action = if self.deny {
+            ActionConfig::Deny
+        } else {
+            ActionConfig::Drop
+        };
+        let fields = RuleFields {
+            prefixes: Some(vec![prefix.to_string()]),
+            scope: Some(ScopeConfig::PerSource),
             packets: self.packets.clone(),
             packet_burst: self.packet_burst.clone(),
             bytes: self.bytes.clone(),
             byte_burst: self.byte_burst.clone(),
-            new_connections: None,
-            connection_burst: None,
-            dscp: None,
-            skb_mark: None,
+            ..RuleFields::default()
         };
+        let rule = RuleConfig::new(format!("{PENALTY_PREFIX}{prefix}"), action, fields);
         rule.validate().map_err(|error| PenaltyError::Rule {
             prefix: prefix.to_string(),
             error,

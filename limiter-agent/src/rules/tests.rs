@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::Path, time::Duration};
 use super::*;
 use crate::{
     api::types::RulePatch,
-    config::{ActionConfig, Config, RuleConfig, ScopeConfig},
+    config::{ActionConfig, Config, RuleConfig, RuleFields},
     state::{Penalty, State},
 };
 
@@ -41,22 +41,19 @@ dscp = 8
 }
 
 fn rule(name: &str, prefix: &str) -> RuleConfig {
-    RuleConfig {
-        name: name.into(),
-        prefixes: vec![prefix.into()],
-        action: ActionConfig::Drop,
-        scope: ScopeConfig::PerSource,
-        source_prefix_v4: None,
-        source_prefix_v6: None,
-        packets: Some("10/s".into()),
-        packet_burst: None,
-        bytes: None,
-        byte_burst: None,
-        new_connections: None,
-        connection_burst: None,
-        dscp: None,
-        skb_mark: None,
-    }
+    with_packets(name, prefix, "10/s")
+}
+
+fn with_packets(name: &str, prefix: &str, packets: &str) -> RuleConfig {
+    RuleConfig::new(
+        name,
+        ActionConfig::Drop,
+        RuleFields {
+            prefixes: Some(vec![prefix.into()]),
+            packets: Some(packets.into()),
+            ..RuleFields::default()
+        },
+    )
 }
 
 fn names(in_force: &[InForce]) -> Vec<(&str, Origin)> {
@@ -109,15 +106,14 @@ fn the_config_alone_is_in_force_as_written() {
 #[test]
 fn a_live_change_replaces_the_file_rule_in_place() {
     let mut state = State::default();
-    let mut changed = rule("clients", "198.18.0.0/16");
-    changed.packets = Some("5/s".into());
+    let changed = with_packets("clients", "198.18.0.0/16", "5/s");
     state.overrides.insert("clients".into(), Some(changed));
     let rules = compose(&config(), &state).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         names(&rules),
         [("clients", Origin::Live), ("partners", Origin::Config)]
     );
-    assert_eq!(rules[0].config.packets.as_deref(), Some("5/s"));
+    assert_eq!(rules[0].config.fields().packets.as_deref(), Some("5/s"));
 }
 
 #[test]
@@ -189,8 +185,7 @@ fn adding_a_rule_with_a_penalty_name_is_refused() {
 
 #[test]
 fn adding_an_invalid_rule_names_the_rule_and_field() {
-    let mut bad = rule("bad", "198.19.5.0/24");
-    bad.packets = Some("lots".into());
+    let bad = with_packets("bad", "198.19.5.0/24", "lots");
     let err = staged(&[Change::Add(bad)]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Invalid);
     let text = err.to_string();
@@ -226,9 +221,9 @@ fn a_patch_changes_only_what_it_names() {
     let Some(Some(patched)) = state.overrides.get("partners") else {
         panic!("no override: {state:?}");
     };
-    assert_eq!(patched.packets.as_deref(), Some("7/s"));
-    assert_eq!(patched.bytes.as_deref(), Some("10Mbit/s"));
-    assert_eq!(patched.dscp, Some(8));
+    assert_eq!(patched.fields().packets.as_deref(), Some("7/s"));
+    assert_eq!(patched.fields().bytes.as_deref(), Some("10Mbit/s"));
+    assert_eq!(patched.fields().dscp, Some(8));
 }
 
 #[test]
@@ -342,7 +337,7 @@ fn later_changes_of_a_batch_see_earlier_ones() {
     ])
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        matches!(state.overrides.get("a"), Some(Some(r)) if r.packets.as_deref() == Some("3/s"))
+        matches!(state.overrides.get("a"), Some(Some(r)) if r.fields().packets.as_deref() == Some("3/s"))
     );
 }
 
@@ -429,7 +424,7 @@ fn a_budget_penalty_limits_instead_of_denying() {
     request.packets = Some("1/s".into());
     let p = request.decode().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p.rule.action, ActionConfig::Drop);
-    assert_eq!(p.rule.packets.as_deref(), Some("1/s"));
+    assert_eq!(p.rule.fields().packets.as_deref(), Some("1/s"));
 }
 
 #[test]

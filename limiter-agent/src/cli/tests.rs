@@ -1,0 +1,138 @@
+//! The CLI's requests as built from its flags, and its human output.
+
+use clap::Parser as _;
+
+use super::*;
+
+/// `rules add` / `rules change` arguments as clap reads them.
+#[derive(clap::Parser)]
+struct Rules {
+    #[command(flatten)]
+    args: RuleArgs,
+}
+
+fn rule_args(args: &[&str]) -> std::result::Result<RuleArgs, String> {
+    Rules::try_parse_from(std::iter::once("rules").chain(args.iter().copied()))
+        .map(|r| r.args)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn rules_add_sends_the_rule_the_flags_describe() {
+    let args = rule_args(&[
+        "web",
+        "--prefix",
+        "198.18.0.0/15",
+        "--prefix",
+        "2001:db8::/32",
+        "--action",
+        "mark",
+        "--packets",
+        "10k/s",
+        "--packet-burst",
+        "20k",
+        "--dscp",
+        "46",
+        "--scope",
+        "shared",
+    ])
+    .unwrap();
+    let rule = new_rule(args).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        serde_json::to_string(&rule).unwrap(),
+        r#"{"name":"web","prefixes":["198.18.0.0/15","2001:db8::/32"],"action":"mark","scope":"shared","packets":"10k/s","packet_burst":"20k","dscp":46}"#
+    );
+    assert!(rule.validate().is_ok());
+}
+
+#[test]
+fn rules_add_without_an_action_says_which_flag() {
+    let args = rule_args(&["web", "--prefix", "198.18.0.0/15"]).unwrap();
+    let err = new_rule(args).unwrap_err().to_string();
+    assert!(err.contains("--action is required"), "{err}");
+}
+
+#[test]
+fn rules_change_sends_only_the_flags_given() {
+    let args = rule_args(&["web", "--bytes", "1Gbps", "--byte-burst", "2MiB"]).unwrap();
+    assert_eq!(args.name, "web");
+    assert_eq!(
+        serde_json::to_string(&args.fields).unwrap(),
+        r#"{"bytes":"1Gbps","byte_burst":"2MiB"}"#
+    );
+    assert!(rule_args(&["web"]).unwrap().fields.is_empty());
+}
+
+#[test]
+fn every_rule_field_but_the_name_is_a_flag() {
+    let fields = serde_json::to_value(RuleFields {
+        name: None,
+        prefixes: Some(vec![]),
+        action: Some(ActionConfig::Drop),
+        scope: Some(crate::config::ScopeConfig::Shared),
+        source_prefix_v4: Some(1),
+        source_prefix_v6: Some(1),
+        packets: Some(String::new()),
+        packet_burst: Some(Quantity::Number(1)),
+        bytes: Some(String::new()),
+        byte_burst: Some(Quantity::Number(1)),
+        new_connections: Some(String::new()),
+        connection_burst: Some(Quantity::Number(1)),
+        dscp: Some(1),
+        skb_mark: Some(1),
+    })
+    .unwrap();
+    let command = <Rules as clap::CommandFactory>::command();
+    let flags: Vec<String> = command
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .collect();
+    for field in fields.as_object().unwrap().keys() {
+        let flag = if field == "prefixes" {
+            "prefix".to_owned()
+        } else {
+            field.replace('_', "-")
+        };
+        assert!(flags.contains(&flag), "no --{flag} for `{field}`");
+    }
+}
+
+#[test]
+fn a_wrong_action_lists_the_possible_ones() {
+    let err = rule_args(&["web", "--action", "explode"]).unwrap_err();
+    assert!(
+        err.contains("[possible values: allow, deny, drop, mark, monitor]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn detach_without_pins_says_nothing_was_removed() {
+    let path = Path::new("/sys/fs/bpf/limiter");
+    let plain = nothing_pinned(path, Some(false));
+    assert!(
+        plain.contains("nothing was pinned at /sys/fs/bpf/limiter"),
+        "{plain}"
+    );
+    assert!(!plain.contains("removed /sys"), "{plain}");
+    assert_eq!(nothing_pinned(path, None), plain);
+    let foreign = nothing_pinned(path, Some(true));
+    assert!(
+        foreign.starts_with(&plain) && foreign.contains("cannot see the host's pins"),
+        "{foreign}"
+    );
+}
+
+#[test]
+fn program_ids_read_as_words_not_debug_output() {
+    let mut ids = ProgramIds {
+        xdp: Some(12),
+        tc: None,
+        tc_after_xdp: Some(14),
+    };
+    assert_eq!(program_ids(&ids), "xdp id 12, tc after xdp id 14");
+    ids.tc_after_xdp = None;
+    assert_eq!(program_ids(&ids), "xdp id 12");
+    ids.xdp = None;
+    assert_eq!(program_ids(&ids), "none attached");
+}

@@ -1,0 +1,226 @@
+//! What can be wrong with a configuration or a rule, each saying what to
+//! write instead.
+
+use std::{fmt, net::AddrParseError, path::PathBuf};
+
+use ipnet::IpNet;
+
+use super::units::UnitError;
+
+/// What is wrong with one field of a rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub problem: Problem,
+}
+
+impl FieldError {
+    pub fn new(field: &'static str, problem: impl Into<Problem>) -> Self {
+        Self {
+            field,
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}`: {}", self.field, self.problem)
+    }
+}
+
+// By hand: the problem is this error's text, not a cause (the text would be
+// printed twice); its own cause, if any, is this error's.
+impl std::error::Error for FieldError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.problem)
+    }
+}
+
+/// A text that is no prefix.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixError {
+    #[error("{text:?} is not a prefix (write e.g. 198.18.0.0/15 or 2001:db8::/32)")]
+    NotAPrefix { text: String },
+    #[error("{text:?} has host bits set; did you mean {network}?")]
+    HostBits { text: String, network: IpNet },
+}
+
+/// Why a rule, or one of its fields, was refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Problem {
+    #[error("every rule needs a name (1-64 characters of letters, digits and - _ . : /)")]
+    MissingName,
+    #[error("{name:?}: use 1-64 characters of letters, digits and - _ . : /")]
+    BadName { name: String },
+    #[error(
+        "a patch cannot rename rule {from:?} to {to:?}: add a rule named {to:?} and delete {from:?}"
+    )]
+    Rename { from: String, to: String },
+    #[error("another rule has this name")]
+    NameTaken,
+    #[error("every rule needs an action: write allow, deny, drop, mark or monitor")]
+    MissingAction,
+    #[error(transparent)]
+    Prefix(#[from] PrefixError),
+    #[error("{0} is listed twice")]
+    PrefixTwice(IpNet),
+    #[error("{prefix} is already in rule {owner:?}; a prefix belongs to one rule")]
+    PrefixTaken { prefix: IpNet, owner: String },
+    #[error("a rule needs at least one prefix (0.0.0.0/0 and ::/0 for a default rule)")]
+    NoPrefix,
+    #[error("{len} is longer than {max}; write 0 to {max}")]
+    SourcePrefixTooLong { len: u32, max: u32 },
+    #[error(transparent)]
+    Unit(#[from] UnitError),
+    #[error("a burst needs `{rate_field}` too")]
+    BurstWithoutRate { rate_field: &'static str },
+    #[error("{burst} is smaller than one packet ({min}); raise it to at least {min}")]
+    BurstTooSmall { burst: u64, min: u64 },
+    #[error("{rate}/s is more than the kernel representation holds (at most {max}/s); lower it")]
+    RateTooHigh { rate: u64, max: u64 },
+    #[error(
+        "{burst} at {rate}/s cannot be held by the kernel (burst × interval exceeds its clock range); lower the burst"
+    )]
+    BurstTooLarge { burst: u64, rate: u64 },
+    #[error("allow and deny rules take no budget; use drop, mark or monitor to limit")]
+    BudgetWithoutLimit,
+    #[error("this action needs a budget: set packets, bytes or new_connections")]
+    NoBudget,
+    #[error("mark rules need the DSCP to write (0-63)")]
+    MarkWithoutDscp,
+    #[error("{0} is not a DSCP (0-63)")]
+    NotADscp(u8),
+    #[error("only mark rules write a DSCP; remove it or use action \"mark\"")]
+    DscpWithoutMark,
+    #[error("only mark rules set skb_mark; remove it or use action \"mark\"")]
+    SkbMarkWithoutMark,
+}
+
+/// An IP family, as errors name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        })
+    }
+}
+
+/// Why a rule set was refused. `index` is the rule at fault in the list
+/// validated: the rule itself, or the first one beyond a capacity.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RuleSetError {
+    #[error("rule {name:?}: {error}")]
+    Rule {
+        index: usize,
+        name: String,
+        error: FieldError,
+    },
+    #[error(
+        "{count} rules, but capacity.rules is {capacity}: raise `rules` in [capacity] to at least {count}, or remove rules"
+    )]
+    TooManyRules {
+        index: usize,
+        count: usize,
+        capacity: u32,
+    },
+    #[error(
+        "{count} {family} prefixes, but the kernel's {family} table holds {capacity} \
+         (capacity.rules): raise `rules` in [capacity] to at least {count}, or use fewer {family} prefixes"
+    )]
+    TooManyPrefixes {
+        index: usize,
+        family: Family,
+        count: usize,
+        capacity: u32,
+    },
+}
+
+impl RuleSetError {
+    /// The rule at fault and the field to point at.
+    pub fn at(&self) -> (usize, &'static str) {
+        match self {
+            Self::Rule { index, error, .. } => (*index, error.field),
+            Self::TooManyRules { index, .. } => (*index, "name"),
+            Self::TooManyPrefixes { index, .. } => (*index, "prefixes"),
+        }
+    }
+}
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigProblem {
+    /// Not TOML, or not the shape of the file (unknown key, wrong type).
+    #[error("{}", .0.message().trim())]
+    Toml(toml::de::Error),
+    #[error("capacity.{field} is 0: set it to at least 1")]
+    ZeroCapacity { field: &'static str },
+    #[error(
+        "metrics.address {address:?} is not an address:port (e.g. 127.0.0.1:9464; \"\" turns metrics off)"
+    )]
+    MetricsAddress {
+        address: String,
+        #[source]
+        source: AddrParseError,
+    },
+    #[error("metrics.top_k {0} is too many series; at most 1000")]
+    TopK(usize),
+    #[error("interface name {0:?} must be 1-15 bytes")]
+    InterfaceName(String),
+    #[error(
+        "interface {0:?} has xdp = \"off\" and tc = false: nothing to attach; set tc = true or remove it"
+    )]
+    NothingToAttach(String),
+    #[error("interface {0:?} is listed twice")]
+    InterfaceTwice(String),
+    #[error(transparent)]
+    Rules(#[from] RuleSetError),
+}
+
+/// A configuration error with where it is.
+#[derive(Debug)]
+pub enum ConfigError {
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `line` is 1-based.
+    At {
+        path: PathBuf,
+        line: usize,
+        problem: Box<ConfigProblem>,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read { path, source } => {
+                write!(f, "{}: cannot read: {source}", path.display())
+            }
+            Self::At {
+                path,
+                line,
+                problem,
+            } => write!(f, "{}:{line}: {problem}", path.display()),
+        }
+    }
+}
+
+// By hand: `At` shows its problem in its text, so its cause is the
+// problem's cause, not the problem again.
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Read { source, .. } => Some(source),
+            Self::At { problem, .. } => std::error::Error::source(&**problem),
+        }
+    }
+}

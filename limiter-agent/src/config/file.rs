@@ -1,0 +1,116 @@
+//! The sections of the configuration file, as serde reads them.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{RuleConfig, defaults};
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub capacity: CapacitySection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    #[serde(default, rename = "interface")]
+    pub interfaces: Vec<InterfaceConfig>,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// bpffs directory for pinned maps and links.
+    pub pin_path: PathBuf,
+    /// Where live changes are kept across restarts.
+    pub state_file: PathBuf,
+    /// The control API's Unix socket.
+    pub control_socket: PathBuf,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            pin_path: defaults::PIN_PATH.into(),
+            state_file: defaults::STATE_FILE.into(),
+            control_socket: defaults::CONTROL_SOCKET.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Where Prometheus scrapes `/metrics`; "" turns the endpoint off.
+    pub address: String,
+    /// How many offenders (sources most over budget) are exported.
+    pub top_k: usize,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            address: defaults::METRICS_ADDRESS.into(),
+            top_k: defaults::TOP_K,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacitySection {
+    /// Rules the kernel maps can hold.
+    pub rules: u32,
+    /// (rule, source) buckets tracked at once (LRU).
+    pub sources: u32,
+}
+
+impl Default for CapacitySection {
+    fn default() -> Self {
+        Self {
+            rules: defaults::MAX_RULES,
+            sources: defaults::MAX_SOURCES,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeConfig {
+    /// Native (driver) mode, falling back to generic with a warning.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+    /// No XDP on this interface (TC only).
+    Off,
+}
+
+impl std::fmt::Display for XdpModeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Generic => "generic",
+            Self::Off => "off",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceConfig {
+    pub name: String,
+    #[serde(default)]
+    pub xdp: XdpModeConfig,
+    /// Also attach the TC program at ingress (TCX), for `skb->mark`.
+    #[serde(default)]
+    pub tc: bool,
+    /// The network namespace (`ip netns` name) the interface lives in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+}

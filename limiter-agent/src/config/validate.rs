@@ -1,0 +1,364 @@
+//! Validation: a [`RuleConfig`] becomes a [`RuleDef`], which carries what
+//! the kernel is given, so nothing after validation checks a budget again
+//! (or could fail open on one).
+
+use std::collections::{HashMap, HashSet};
+
+use ipnet::IpNet;
+use limiter_common::{
+    Limit,
+    dimension::{self, COUNT as DIMENSIONS},
+    rate::LimitError,
+};
+
+use super::{
+    ActionConfig, Quantity, RuleConfig, ScopeConfig, defaults,
+    error::{Family, FieldError, PrefixError, Problem, RuleSetError},
+    units::{self, UnitError},
+};
+
+/// A validated budget: the rate and burst as written, and the kernel's form
+/// of them (only validation makes one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    pub rate_per_sec: u64,
+    pub burst: u64,
+    limit: Limit,
+}
+
+impl Budget {
+    /// The kernel's form: never unlimited.
+    pub fn limit(&self) -> Limit {
+        self.limit
+    }
+}
+
+/// A validated rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleDef {
+    pub name: String,
+    pub prefixes: Vec<IpNet>,
+    pub action: ActionConfig,
+    pub scope: ScopeConfig,
+    pub source_prefix_v4: u32,
+    pub source_prefix_v6: u32,
+    pub packets: Option<Budget>,
+    pub bytes: Option<Budget>,
+    pub new_connections: Option<Budget>,
+    pub dscp: u8,
+    pub skb_mark: u32,
+}
+
+impl RuleDef {
+    /// The kernel's limits by dimension: a budget's limit, or unlimited
+    /// where the rule sets none.
+    pub fn limits(&self) -> [Limit; DIMENSIONS] {
+        let mut limits = [Limit::UNLIMITED; DIMENSIONS];
+        for (dim, budget) in [
+            (dimension::PACKETS, self.packets),
+            (dimension::BYTES, self.bytes),
+            (dimension::SYNS, self.new_connections),
+        ] {
+            if let Some(budget) = budget {
+                limits[dim] = budget.limit;
+            }
+        }
+        limits
+    }
+}
+
+/// How one budget dimension is written and checked.
+struct Dimension {
+    rate_field: &'static str,
+    burst_field: &'static str,
+    parse_rate: fn(&str) -> Result<u64, UnitError>,
+    parse_burst: fn(&str) -> Result<u64, UnitError>,
+    /// The smallest burst that admits one packet.
+    min_burst: u64,
+}
+
+const PACKETS: Dimension = Dimension {
+    rate_field: "packets",
+    burst_field: "packet_burst",
+    parse_rate: units::parse_rate,
+    parse_burst: units::parse_count,
+    min_burst: 1,
+};
+
+const BYTES: Dimension = Dimension {
+    rate_field: "bytes",
+    burst_field: "byte_burst",
+    parse_rate: units::parse_byte_rate,
+    parse_burst: units::parse_bytes,
+    min_burst: defaults::MIN_BYTE_BURST,
+};
+
+const NEW_CONNECTIONS: Dimension = Dimension {
+    rate_field: "new_connections",
+    burst_field: "connection_burst",
+    parse_rate: units::parse_rate,
+    parse_burst: units::parse_count,
+    min_burst: 1,
+};
+
+impl Dimension {
+    /// Checks a budget against what the kernel can hold: the one place a
+    /// budget is validated.
+    fn budget(
+        &self,
+        rate: Option<&String>,
+        burst: Option<&Quantity>,
+    ) -> Result<Option<Budget>, FieldError> {
+        let burst_err = |problem: Problem| FieldError::new(self.burst_field, problem);
+        let burst = match burst {
+            None => None,
+            Some(Quantity::Number(n)) => Some(*n),
+            Some(Quantity::Text(t)) => {
+                Some((self.parse_burst)(t).map_err(|e| burst_err(e.into()))?)
+            }
+        };
+        let Some(rate) = rate else {
+            return match burst {
+                Some(_) => Err(burst_err(Problem::BurstWithoutRate {
+                    rate_field: self.rate_field,
+                })),
+                None => Ok(None),
+            };
+        };
+        let rate_per_sec =
+            (self.parse_rate)(rate).map_err(|e| FieldError::new(self.rate_field, e))?;
+        // Default burst: one second's worth (at least the minimum).
+        let burst = burst.unwrap_or(rate_per_sec.max(self.min_burst));
+        if burst < self.min_burst {
+            return Err(burst_err(Problem::BurstTooSmall {
+                burst,
+                min: self.min_burst,
+            }));
+        }
+        match Limit::new(rate_per_sec, burst) {
+            Ok(limit) => Ok(Some(Budget {
+                rate_per_sec,
+                burst,
+                limit,
+            })),
+            Err(LimitError::RateTooHigh) => Err(FieldError::new(
+                self.rate_field,
+                Problem::RateTooHigh {
+                    rate: rate_per_sec,
+                    max: Limit::MAX_RATE,
+                },
+            )),
+            // Parsing refuses a zero rate (less than one per second) and
+            // the minimum refuses a zero burst: what is left is a burst too
+            // large for the kernel's clock.
+            Err(LimitError::ZeroRate | LimitError::ZeroBurst | LimitError::BurstTooLarge) => {
+                Err(burst_err(Problem::BurstTooLarge {
+                    burst,
+                    rate: rate_per_sec,
+                }))
+            }
+        }
+    }
+}
+
+/// Rule names appear in metrics labels, URLs and shells: keep them plain.
+fn check_name(name: &str) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            "name",
+            Problem::BadName { name: name.into() },
+        ))
+    }
+}
+
+/// A prefix as written: `198.18.0.0/15`, or a bare address for its /32 or
+/// /128.
+pub fn parse_prefix(text: &str) -> Result<IpNet, PrefixError> {
+    let net: IpNet = match text.parse() {
+        Ok(net) => net,
+        Err(_) => match text.parse::<std::net::IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) => return Err(PrefixError::NotAPrefix { text: text.into() }),
+        },
+    };
+    if net.trunc() != net {
+        return Err(PrefixError::HostBits {
+            text: text.into(),
+            network: net.trunc(),
+        });
+    }
+    Ok(net)
+}
+
+fn source_prefix(
+    value: Option<u32>,
+    default: u32,
+    max: u32,
+    field: &'static str,
+) -> Result<u32, FieldError> {
+    let len = value.unwrap_or(default);
+    if len > max {
+        return Err(FieldError::new(
+            field,
+            Problem::SourcePrefixTooLong { len, max },
+        ));
+    }
+    Ok(len)
+}
+
+impl RuleConfig {
+    /// Validates the rule on its own (checks that need the other rules are
+    /// in [`validate_rules`]).
+    pub fn validate(&self) -> Result<RuleDef, FieldError> {
+        check_name(&self.name)?;
+        let f = self.fields();
+        let mut prefixes = Vec::with_capacity(self.prefixes().len());
+        for p in self.prefixes() {
+            let net = parse_prefix(p).map_err(|e| FieldError::new("prefixes", e))?;
+            if prefixes.contains(&net) {
+                return Err(FieldError::new("prefixes", Problem::PrefixTwice(net)));
+            }
+            prefixes.push(net);
+        }
+        if prefixes.is_empty() {
+            return Err(FieldError::new("prefixes", Problem::NoPrefix));
+        }
+        let v4 = source_prefix(
+            f.source_prefix_v4,
+            defaults::SOURCE_PREFIX_V4,
+            32,
+            "source_prefix_v4",
+        )?;
+        let v6 = source_prefix(
+            f.source_prefix_v6,
+            defaults::SOURCE_PREFIX_V6,
+            128,
+            "source_prefix_v6",
+        )?;
+        let packets = PACKETS.budget(f.packets.as_ref(), f.packet_burst.as_ref())?;
+        let bytes = BYTES.budget(f.bytes.as_ref(), f.byte_burst.as_ref())?;
+        let new_connections =
+            NEW_CONNECTIONS.budget(f.new_connections.as_ref(), f.connection_burst.as_ref())?;
+        let has_budget = packets.is_some() || bytes.is_some() || new_connections.is_some();
+        match self.action {
+            ActionConfig::Allow | ActionConfig::Deny if has_budget => {
+                return Err(FieldError::new("action", Problem::BudgetWithoutLimit));
+            }
+            ActionConfig::Drop | ActionConfig::Mark | ActionConfig::Monitor if !has_budget => {
+                return Err(FieldError::new("action", Problem::NoBudget));
+            }
+            _ => {}
+        }
+        let dscp = match (self.action, f.dscp) {
+            (ActionConfig::Mark, None) => {
+                return Err(FieldError::new("dscp", Problem::MarkWithoutDscp));
+            }
+            (_, Some(d)) if d > 63 => return Err(FieldError::new("dscp", Problem::NotADscp(d))),
+            (ActionConfig::Mark, Some(d)) => d,
+            (_, Some(_)) => return Err(FieldError::new("dscp", Problem::DscpWithoutMark)),
+            (_, None) => 0,
+        };
+        if f.skb_mark.is_some() && self.action != ActionConfig::Mark {
+            return Err(FieldError::new("skb_mark", Problem::SkbMarkWithoutMark));
+        }
+        Ok(RuleDef {
+            name: self.name.clone(),
+            prefixes,
+            action: self.action,
+            scope: self.scope(),
+            source_prefix_v4: v4,
+            source_prefix_v6: v6,
+            packets,
+            bytes,
+            new_connections,
+            dscp,
+            skb_mark: f.skb_mark.unwrap_or(0),
+        })
+    }
+}
+
+/// Validates a whole rule set: each rule, unique names, no prefix in two
+/// rules, then what the kernel maps hold, `capacity` being capacity.rules:
+/// at most that many rules, and that many prefixes per family (each
+/// family's trie holds `capacity` prefixes for each of the two generations;
+/// the enforcer writes a generation without ever holding more).
+pub fn validate_rules(rules: &[RuleConfig], capacity: u32) -> Result<Vec<RuleDef>, RuleSetError> {
+    let mut out: Vec<RuleDef> = Vec::with_capacity(rules.len());
+    let mut owners: HashMap<IpNet, usize> = HashMap::new();
+    let mut names: HashSet<&str> = HashSet::new();
+    for (index, rule) in rules.iter().enumerate() {
+        let fail = |error| RuleSetError::Rule {
+            index,
+            name: rule.name.clone(),
+            error,
+        };
+        let def = rule.validate().map_err(fail)?;
+        if !names.insert(&rule.name) {
+            return Err(fail(FieldError::new("name", Problem::NameTaken)));
+        }
+        for p in &def.prefixes {
+            if let Some(owner) = owners.insert(*p, index) {
+                return Err(fail(FieldError::new(
+                    "prefixes",
+                    Problem::PrefixTaken {
+                        prefix: *p,
+                        owner: rules[owner].name.clone(),
+                    },
+                )));
+            }
+        }
+        out.push(def);
+    }
+    check_capacity(&out, capacity)?;
+    Ok(out)
+}
+
+/// The first rule beyond `capacity` rules, or beyond `capacity` prefixes of
+/// a family.
+fn check_capacity(defs: &[RuleDef], capacity: u32) -> Result<(), RuleSetError> {
+    let cap = capacity as usize;
+    if defs.len() > cap {
+        return Err(RuleSetError::TooManyRules {
+            index: cap,
+            count: defs.len(),
+            capacity,
+        });
+    }
+    for family in [Family::V4, Family::V6] {
+        let of_family = |def: &RuleDef| {
+            def.prefixes
+                .iter()
+                .filter(|p| {
+                    matches!(
+                        (family, p),
+                        (Family::V4, IpNet::V4(_)) | (Family::V6, IpNet::V6(_))
+                    )
+                })
+                .count()
+        };
+        let mut count = 0;
+        let mut first_over = None;
+        for (index, def) in defs.iter().enumerate() {
+            count += of_family(def);
+            if count > cap && first_over.is_none() {
+                first_over = Some(index);
+            }
+        }
+        if let Some(index) = first_over {
+            return Err(RuleSetError::TooManyPrefixes {
+                index,
+                family,
+                count,
+                capacity,
+            });
+        }
+    }
+    Ok(())
+}
