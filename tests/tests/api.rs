@@ -170,6 +170,50 @@ fn bad_requests_get_a_4xx_that_says_why_and_change_nothing() {
     }
 }
 
+/// Rule additions for `/v1/batch`, one per source address from 198.19.0.0.
+fn adds(count: u32) -> String {
+    let adds: Vec<String> = (0..count)
+        .map(|i| {
+            let body = rule_body(
+                &format!("many-{i}"),
+                &format!("198.19.{}.{}/32", i / 256, i % 256),
+                r#", "packets": "10/s""#,
+            );
+            format!(r#"{{"add": {body}}}"#)
+        })
+        .collect();
+    format!("[{}]", adds.join(","))
+}
+
+#[test]
+fn a_rule_set_of_exactly_the_capacity_is_accepted_in_both_generations() {
+    let env = env_with(RULES);
+    let configured = env.kernel_rules().unwrap_or_else(|e| panic!("{e:#}")).len() as u32;
+    let fill = env.max_rules - configured;
+    let (code, body) = env
+        .api("POST", "/v1/batch", Some(&adds(fill)))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(code, 200, "{body}");
+    // One more change writes the other generation's slots too.
+    let (code, body) = env
+        .api("PATCH", "/v1/rules/many-0", Some(r#"{"packets": "20/s"}"#))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(code, 200, "{body}");
+    let kernel = env.kernel_rules().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(kernel.len() as u32, env.max_rules);
+    assert!(
+        kernel.iter().all(|r| r.id < env.max_rules),
+        "ids within the maps"
+    );
+    // And one more is refused, naming the capacity.
+    let one_more = rule_body("one-too-many", "198.19.255.1/32", r#", "packets": "1/s""#);
+    let (code, body) = env
+        .api("POST", "/v1/rules", Some(&one_more))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("capacity"), "{body}");
+}
+
 #[test]
 fn the_metrics_endpoint_is_on_loopback_unless_configured_otherwise() {
     let config = limiter_agent::config::Config::embedded_default()

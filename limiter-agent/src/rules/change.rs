@@ -5,7 +5,10 @@
 use std::collections::HashMap;
 
 use super::{Origin, RulesError, penalty::PENALTY_PREFIX};
-use crate::{api::types::RulePatch, config::Config, config::RuleConfig, state::State};
+use crate::{
+    config::{Config, RuleConfig, RulePatch},
+    state::State,
+};
 
 /// One change of the rule set (`POST /v1/batch` takes a list of them).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]

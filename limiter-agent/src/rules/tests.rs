@@ -4,8 +4,7 @@ use std::{net::IpAddr, path::Path, time::Duration};
 
 use super::*;
 use crate::{
-    api::types::RulePatch,
-    config::{ActionConfig, Config, RuleConfig, RuleFields},
+    config::{ActionConfig, Config, RuleConfig, RuleFields, RulePatch},
     state::{Penalty, State},
 };
 
@@ -346,7 +345,7 @@ fn later_changes_of_a_batch_see_earlier_ones() {
 #[test]
 fn ids_are_kept_for_rules_that_stay() {
     let first = plan(&config(), State::default()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(first.fresh_ids, [1, 2]);
+    assert_eq!(first.fresh_ids, [0, 1]);
     let again = plan(&config(), first.state.clone()).unwrap_or_else(|e| panic!("{e}"));
     assert!(again.fresh_ids.is_empty());
     assert_eq!(again.state.ids, first.state.ids);
@@ -355,7 +354,7 @@ fn ids_are_kept_for_rules_that_stay() {
 #[test]
 fn a_new_rule_gets_the_lowest_free_id() {
     let first = plan(&config(), State::default()).unwrap_or_else(|e| panic!("{e}"));
-    // Delete clients (id 1), add two rules: the first takes id 1 again.
+    // Delete clients (id 0), add two rules: the first takes id 0 again.
     let state = stage(
         &config(),
         &first.state,
@@ -367,19 +366,30 @@ fn a_new_rule_gets_the_lowest_free_id() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let next = plan(&config(), state).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(next.fresh_ids, [1, 3]);
-    assert_eq!(next.state.ids.get("partners"), Some(&2));
+    assert_eq!(next.fresh_ids, [0, 2]);
+    assert_eq!(next.state.ids.get("partners"), Some(&1));
     assert!(!next.state.ids.contains_key("clients"));
 }
 
 #[test]
 fn ids_of_rules_gone_are_given_back() {
     let mut state = State::default();
-    state.ids.insert("gone".into(), 1);
-    state.ids.insert("gone-too".into(), 2);
+    state.ids.insert("gone".into(), 0);
+    state.ids.insert("gone-too".into(), 1);
     let planned = plan(&config_with_capacity(2), state).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(planned.fresh_ids, [1, 2]);
+    assert_eq!(planned.fresh_ids, [0, 1]);
     assert!(!planned.state.ids.contains_key("gone"));
+}
+
+#[test]
+fn every_id_indexes_the_kernel_maps() {
+    // Capacity 2 holds ids 0 and 1; a state file may still hold id 2 (ids
+    // once started at 1): that rule gets a fresh id in range.
+    let mut state = State::default();
+    state.ids.insert("partners".into(), 2);
+    let planned = plan(&config_with_capacity(2), state).unwrap_or_else(|e| panic!("{e}"));
+    assert!(planned.state.ids.values().all(|id| *id < 2), "{planned:?}");
+    assert_eq!(planned.fresh_ids, [0, 1]);
 }
 
 #[test]

@@ -17,9 +17,8 @@ use std::{
 pub use error::{ErrorKind, ServiceError};
 
 use crate::{
-    api::types::RulePatch,
     attachments::Attachments,
-    config::{Config, RuleConfig},
+    config::{Config, RuleConfig, RulePatch},
     enforcer::{Enforcer, kernel_rule},
     rules::{self, Change, InForce, PenaltyRequest, Plan},
     state::State,
