@@ -426,7 +426,7 @@ fn nothing_pinned(pin_path: &Path, foreign_mount_ns: Option<bool>) -> String {
 }
 
 pub fn print_check(config: &Config) {
-    println!("{}: valid", config.source.display());
+    println!("{}: valid", config.source);
     for i in &config.file.interfaces {
         println!("  interface {} xdp={} tc={}", i.name, i.xdp, i.tc);
     }

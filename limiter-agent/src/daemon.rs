@@ -87,7 +87,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
              Set [capacity] back, or run `limiter-agent detach` to start afresh (this drops per-source state)",
             pins.root.display()
         ),
-        e => anyhow!("loading the kernel programs: {e}"),
+        e => anyhow::Error::new(e).context("loading the kernel programs"),
     })?;
     if adopted {
         tracing::info!(pins = %pins.root.display(), "adopting pinned maps: per-source state and counters carry over");

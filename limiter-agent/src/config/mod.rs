@@ -53,13 +53,29 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 /// What `source` says for the embedded default (no file).
 const EMBEDDED_SOURCE: &str = "<embedded default>";
 
+/// Where a configuration came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// The monitor-only default built into the agent (no `--config`).
+    Embedded,
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Embedded => f.write_str(EMBEDDED_SOURCE),
+        }
+    }
+}
+
 /// A parsed and validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub file: ConfigFile,
     pub rules: Vec<RuleDef>,
-    /// Where it came from (`<embedded default>` without a file).
-    pub source: PathBuf,
+    pub source: ConfigSource,
 }
 
 impl Config {
@@ -72,21 +88,18 @@ impl Config {
     }
 
     pub fn embedded_default() -> Result<Self, ConfigError> {
-        Self::parse(EMBEDDED_DEFAULT, Path::new(EMBEDDED_SOURCE))
+        let mut config = Self::parse(EMBEDDED_DEFAULT, Path::new(EMBEDDED_SOURCE))?;
+        config.source = ConfigSource::Embedded;
+        Ok(config)
     }
 
     /// Reads this configuration again from where it came from (SIGHUP,
     /// `reload`): its file, or the embedded default.
     pub fn reread(&self) -> Result<Self, ConfigError> {
-        if self.is_embedded_default() {
-            Self::embedded_default()
-        } else {
-            Self::load(&self.source)
+        match &self.source {
+            ConfigSource::File(path) => Self::load(path),
+            ConfigSource::Embedded => Self::embedded_default(),
         }
-    }
-
-    pub fn is_embedded_default(&self) -> bool {
-        self.source.as_os_str() == EMBEDDED_SOURCE
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
@@ -108,7 +121,7 @@ impl Config {
         Ok(Self {
             file,
             rules,
-            source: path.to_owned(),
+            source: ConfigSource::File(path.to_owned()),
         })
     }
 }

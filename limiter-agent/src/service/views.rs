@@ -197,7 +197,7 @@ impl Service {
         let interfaces = self.attached();
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
-            config: self.config.source.display().to_string(),
+            config: self.config.source.to_string(),
             state_file: self.state_path.display().to_string(),
             pin_path: self
                 .attachments
