@@ -6,14 +6,16 @@
 //! active one: packets see all of the old set or all of the new one. A
 //! failure before the flip leaves the old set in force, untouched.
 
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+mod plan;
+#[cfg(test)]
+mod tests;
+
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use limiter_common::{Action, GENERATIONS, Rule, Scope};
 
+use self::plan::{Installed, Write};
 use crate::{
     config::{ActionConfig, RuleDef, ScopeConfig},
     datapath::{Datapath, DatapathError},
@@ -74,13 +76,6 @@ pub fn kernel_rule(def: &RuleDef, id: u32) -> KernelRule {
     }
 }
 
-/// What one generation holds in the kernel, as far as we know.
-#[derive(Default)]
-struct Installed {
-    prefixes: HashMap<IpNet, u32>,
-    rules: HashMap<u32, Rule>,
-}
-
 /// How much an `apply` wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
@@ -122,10 +117,6 @@ impl Enforcer {
         self.active
     }
 
-    fn slot(&self, generation: u32, id: u32) -> u32 {
-        generation * self.dp.capacities().max_rules + id
-    }
-
     /// Makes `rules` the rule set in force, atomically.
     pub fn apply(&mut self, rules: &[KernelRule]) -> Result<ApplyStats, DatapathError> {
         let next = (self.active + 1) % GENERATIONS;
@@ -164,56 +155,17 @@ impl Enforcer {
                 Installed::default()
             }
         };
-        let mut want_rules = HashMap::with_capacity(rules.len());
-        let mut want_prefixes = HashMap::new();
-        for r in rules {
-            let slot = self.slot(generation, r.id);
-            want_rules.insert(slot, r.rule);
-            for p in &r.prefixes {
-                want_prefixes.insert(*p, slot);
+        let base = generation * self.dp.capacities().max_rules;
+        for write in plan::writes(&installed, &plan::wanted(base, rules)) {
+            match write {
+                Write::SetRule(slot, rule) => self.dp.set_rule(slot, &rule)?,
+                Write::RemovePrefix(prefix) => self.dp.remove_prefix(generation, prefix)?,
+                Write::SetPrefix(prefix, slot) => self.dp.set_prefix(generation, prefix, slot)?,
+                Write::ClearRule(slot) => self.dp.set_rule(slot, &Rule::EMPTY)?,
             }
-        }
-        // Rules first, so no prefix ever points at a slot not yet written.
-        for (slot, rule) in &want_rules {
-            if installed.rules.get(slot) != Some(rule) {
-                self.dp.set_rule(*slot, rule)?;
-                installed.rules.insert(*slot, *rule);
-                writes += 1;
-            }
-        }
-        // Prefixes leaving this generation, or pointing elsewhere, go first
-        // (nothing reads an inactive generation): the trie then never holds
-        // more than the active generation's prefixes plus the new set's,
-        // which validation bounds by capacity.rules each. A moved prefix is
-        // removed and added rather than updated in place, as kernels before
-        // 6.13 refuse an in-place update in a full trie.
-        let outdated: Vec<IpNet> = installed
-            .prefixes
-            .iter()
-            .filter(|(prefix, slot)| want_prefixes.get(prefix) != Some(slot))
-            .map(|(prefix, _)| *prefix)
-            .collect();
-        for prefix in outdated {
-            self.dp.remove_prefix(generation, prefix)?;
-            installed.prefixes.remove(&prefix);
-            writes += 1;
-        }
-        for (prefix, slot) in &want_prefixes {
-            if !installed.prefixes.contains_key(prefix) {
-                self.dp.set_prefix(generation, *prefix, *slot)?;
-                installed.prefixes.insert(*prefix, *slot);
-                writes += 1;
-            }
-        }
-        let unused: Vec<u32> = installed
-            .rules
-            .keys()
-            .filter(|s| !want_rules.contains_key(s))
-            .copied()
-            .collect();
-        for slot in unused {
-            self.dp.set_rule(slot, &Rule::EMPTY)?;
-            installed.rules.remove(&slot);
+            // Recorded only once the kernel has it: a failure leaves an
+            // accurate picture of what was written.
+            installed.record(&write);
             writes += 1;
         }
         self.installed[generation as usize] = Some(installed);
