@@ -388,6 +388,10 @@ pub async fn detach(client: &Client, out: &Output, pin_path: &Path) -> Result {
             // No agent: remove what an earlier one pinned.
             let message = if pin_path.exists() {
                 let pins = crate::pins::Pins::new(pin_path);
+                // An agent on another socket may still run on these pins.
+                let _lock = pins
+                    .lock()
+                    .map_err(|e| ClientError::Failed(e.to_string()))?;
                 let links = crate::attach::detach_all(&pins)
                     .map_err(|e| ClientError::Failed(format!("{e:#}")))?;
                 format!(

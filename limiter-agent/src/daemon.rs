@@ -72,6 +72,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let agent = config.file.agent.clone();
     let pins = Pins::new(&agent.pin_path);
     let pin_scope = pins.prepare()?;
+    // First, before anything is loaded, adopted or attached: a second
+    // agent on the same pins must leave the kernel alone.
+    let _pin_lock = pins.lock()?;
     warn_unless_pins_persist(pin_scope, &pins);
     let adopted = pins.has_maps();
     let capacities = Capacities {

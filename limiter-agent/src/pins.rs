@@ -41,6 +41,35 @@ impl LinkKind {
     }
 }
 
+/// The pin directory, taken by one process (see [`Pins::lock`]).
+#[derive(Debug)]
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinLockError {
+    #[error(
+        "another limiter agent is running on the pins under {}: this one changed nothing and \
+         exits. Talk to the running agent (`limiter-agent status`, `reload`, `rules`), stop it \
+         first, or give this one another `pin_path` in [agent]",
+        path.display()
+    )]
+    Taken { path: PathBuf },
+    #[error("opening the pin directory {} to lock it: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("locking the pin directory {}: {source}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// The layout under the configured pin directory.
 #[derive(Clone, Debug)]
 pub struct Pins {
@@ -99,6 +128,38 @@ impl Pins {
         }
         self.create_dirs()?;
         Ok(self.scope(mounted_here))
+    }
+
+    /// Takes the pin directory for this process: at most one agent (or
+    /// offline `detach`) works on a set of pins at a time. Taken before
+    /// anything is loaded, adopted or attached, so a second agent refuses
+    /// having touched nothing. Released when the returned lock is dropped
+    /// (or the process dies: a `kill -9` never leaves it stuck).
+    pub fn lock(&self) -> Result<PinLock, PinLockError> {
+        let dir = std::fs::File::open(&self.root).map_err(|source| PinLockError::Open {
+            path: self.root.clone(),
+            source,
+        })?;
+        // SAFETY: flock(2) on an fd we own; no pointers.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&dir),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc == 0 {
+            return Ok(PinLock { _dir: dir });
+        }
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(PinLockError::Taken {
+                path: self.root.clone(),
+            });
+        }
+        Err(PinLockError::Lock {
+            path: self.root.clone(),
+            source: error,
+        })
     }
 
     /// Whether the host sees the bpffs the pins are on (checked after the

@@ -1,0 +1,135 @@
+//! What operators do in the middle of an incident, with the real agent: a
+//! second `run` by mistake, an offline `detach` while an agent runs.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use limiter_tests::{
+    agent::{AgentEnv, agent_binary, free_port},
+    scenario::{RULES, env_with},
+};
+
+/// Runs a second agent on `config` and returns (exit success, stderr),
+/// killing it if it has not exited within 20 s (it must exit by itself).
+fn run_second_agent(config: &std::path::Path) -> (bool, String) {
+    let mut child = Command::new(agent_binary())
+        .args(["run", "--log-format", "text", "--config"])
+        .arg(config)
+        .env("LIMITER_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting the second agent: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the second agent did not exit within 20 s: it should refuse at once");
+            }
+            Err(e) => panic!("waiting for the second agent: {e}"),
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("reading the second agent's output: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A config for a second agent on `env`'s pins and interface, with its own
+/// socket, state file and metrics port, and a harsh rule of its own.
+fn second_config(env: &AgentEnv) -> std::path::PathBuf {
+    let socket = env.dir.join("second.sock");
+    let state = env.dir.join("second-state.json");
+    let port = free_port().unwrap_or_else(|e| panic!("{e:#}"));
+    let header = env
+        .header()
+        .replace(&format!("{:?}", env.socket), &format!("{socket:?}"))
+        .replace(&format!("{:?}", env.state_file), &format!("{state:?}"))
+        .replace(
+            &format!("127.0.0.1:{}", env.metrics_port),
+            &format!("127.0.0.1:{port}"),
+        );
+    let path = env.dir.join("second.toml");
+    let rules = r#"
+[[rule]]
+name = "everyone"
+prefixes = ["0.0.0.0/0", "::/0"]
+action = "drop"
+packets = "1/s"
+"#;
+    std::fs::write(&path, format!("{header}{rules}"))
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path
+}
+
+#[test]
+fn a_second_agent_on_the_same_pins_touches_nothing() {
+    let env = env_with(RULES);
+    let kernel_before = env.kernel_rules().unwrap_or_else(|e| panic!("{e:#}"));
+    let status_before = env.cli_json(&["status"]);
+    let config = second_config(&env);
+
+    let (ok, stderr) = run_second_agent(&config);
+    assert!(!ok, "the second agent must fail: {stderr}");
+    assert!(
+        stderr.contains("another limiter agent is running on the pins"),
+        "{stderr}"
+    );
+    assert!(
+        !env.dir.join("second.sock").exists(),
+        "no second control socket"
+    );
+    assert!(
+        !env.dir.join("second-state.json").exists(),
+        "no state written"
+    );
+
+    // The kernel holds the first agent's rules and programs, unchanged.
+    let kernel_after = env.kernel_rules().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(kernel_after.len(), kernel_before.len());
+    for (a, b) in kernel_after.iter().zip(&kernel_before) {
+        assert_eq!((a.id, a.action, a.limits), (b.id, b.action, b.limits));
+    }
+    let status_after = env.cli_json(&["status"]);
+    assert_eq!(status_after["programs"], status_before["programs"]);
+    assert_eq!(
+        status_after["config_generation"],
+        status_before["config_generation"]
+    );
+
+    // The first agent goes on as before: a change applies.
+    let out = env.cli_ok(&["rules", "change", "clients", "--packets", "50/s"]);
+    assert!(out.contains("changed"), "{out}");
+}
+
+#[test]
+fn an_offline_detach_refuses_while_an_agent_runs_on_the_pins() {
+    let env = env_with(RULES);
+    // Through another socket, the CLI finds no agent and would detach
+    // offline: the pins are taken, so it must refuse.
+    let out = Command::new(agent_binary())
+        .arg("--socket")
+        .arg(env.dir.join("nobody.sock"))
+        .args(["detach", "--pin-path"])
+        .arg(&env.pin_path)
+        .output()
+        .unwrap_or_else(|e| panic!("running detach: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another limiter agent is running on the pins"),
+        "{stderr}"
+    );
+    assert!(env.pin_path.join("maps").exists(), "pins left in place");
+    let status = env.cli_json(&["status"]);
+    assert!(status["programs"]["xdp"].is_u64(), "{status}");
+}
