@@ -29,6 +29,8 @@ pub struct Repairs {
     pub repinned: u64,
     /// Times an attached interface disappeared.
     pub interfaces_lost: u64,
+    /// Rule sets written back after something else changed the kernel's.
+    pub rules_rewritten: u64,
 }
 
 /// An interface by its namespace (`None`: the agent's own) and name.

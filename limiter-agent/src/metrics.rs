@@ -298,13 +298,15 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
     let mut repairs = Family::new(
         "limiter_repairs_total",
         "What the agent put back by itself: interfaces re-attached after they came back, \
-         pins re-created after they were removed, interfaces lost.",
+         pins re-created after they were removed, interfaces lost, rule sets written back \
+         after something else changed them.",
         MetricType::COUNTER,
     );
     let r = snapshot.repairs;
     repairs.add(&[("kind", "reattached")], r.reattached as f64);
     repairs.add(&[("kind", "repinned")], r.repinned as f64);
     repairs.add(&[("kind", "interface_lost")], r.interfaces_lost as f64);
+    repairs.add(&[("kind", "rules_rewritten")], r.rules_rewritten as f64);
     out.push(repairs.0);
 
     let mut build = Family::new(

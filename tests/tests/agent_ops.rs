@@ -133,3 +133,58 @@ fn an_offline_detach_refuses_while_an_agent_runs_on_the_pins() {
     let status = env.cli_json(&["status"]);
     assert!(status["programs"]["xdp"].is_u64(), "{status}");
 }
+
+/// Flips the kernel's active rule-set generation behind the agent's back,
+/// as a foreign writer (a stray older agent, `bpftool map update`) would.
+fn flip_active_generation(env: &AgentEnv) -> u32 {
+    use aya::maps::{Array, Map, MapData};
+    let pin = env
+        .pin_path
+        .join("maps")
+        .join(limiter_common::map_names::ACTIVE);
+    let data = MapData::from_pin(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    let mut active: Array<_, u32> = Map::Array(data)
+        .try_into()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let now = active.get(&0, 0).unwrap_or_else(|e| panic!("{e}"));
+    let flipped = (now + 1) % limiter_common::GENERATIONS;
+    active.set(0, &flipped, 0).unwrap_or_else(|e| panic!("{e}"));
+    flipped
+}
+
+#[test]
+fn a_rule_set_changed_behind_the_agents_back_is_written_back() {
+    let env = env_with(RULES);
+    let before = env.kernel_rules().unwrap_or_else(|e| panic!("{e:#}"));
+    flip_active_generation(&env);
+    // The other generation holds no rules of this agent yet.
+    let foreign = env.kernel_rules().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_ne!(
+        foreign.len(),
+        before.len(),
+        "the flip changed what is in force"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let repaired = loop {
+        let now = env.kernel_rules().unwrap_or_else(|e| panic!("{e:#}"));
+        if now.len() == before.len() || Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(repaired.len(), before.len(), "{}", env.logs());
+    for (a, b) in repaired.iter().zip(&before) {
+        assert_eq!((a.id, a.action, a.limits), (b.id, b.action, b.limits));
+    }
+    assert!(
+        env.logs()
+            .contains("changed by something other than this agent"),
+        "{}",
+        env.logs()
+    );
+    let metrics = env.scrape().unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        metrics.contains(r#"limiter_repairs_total{kind="rules_rewritten"} 1"#),
+        "{metrics}"
+    );
+}

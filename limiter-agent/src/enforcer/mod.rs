@@ -117,6 +117,23 @@ impl Enforcer {
         self.active
     }
 
+    /// Whether the kernel still has the generation this enforcer made
+    /// active. Every rule-set change flips it, so a writer that is not this
+    /// agent (a stray older agent, a hand-made `bpftool map update`) is
+    /// caught here. Reading one value keeps the check cheap enough for once
+    /// a second at any rule count; rewrites that do not flip go unseen.
+    pub fn kernel_agrees(&self) -> Result<bool, DatapathError> {
+        Ok(self.dp.active_generation()? % GENERATIONS == self.active)
+    }
+
+    /// Forgets what both generations hold (someone else wrote them): the
+    /// next `apply` clears and rewrites the generation it fills.
+    pub fn forget_installed(&mut self) {
+        self.installed = [None, None];
+        self.active = self.dp.active_generation().unwrap_or(self.active) % GENERATIONS;
+        self.deactivated_at = [Some(Instant::now()), Some(Instant::now())];
+    }
+
     /// Makes `rules` the rule set in force, atomically.
     pub fn apply(&mut self, rules: &[KernelRule]) -> Result<ApplyStats, DatapathError> {
         let next = (self.active + 1) % GENERATIONS;

@@ -230,8 +230,35 @@ impl Service {
 
     /// One round of interface supervision (see `attachments.rs`).
     pub fn supervise(&mut self) {
+        self.repair_rules();
         if let Some(attachments) = self.attachments.as_mut() {
             attachments.supervise(self.enforcer.datapath_mut());
+        }
+    }
+
+    /// Puts this agent's rule set back if something else changed the
+    /// kernel's (see `Enforcer::kernel_agrees`).
+    fn repair_rules(&mut self) {
+        match self.enforcer.kernel_agrees() {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!("reading the kernel's active rule set: {e}");
+                return;
+            }
+        }
+        tracing::warn!(
+            "the rule set in the kernel was changed by something other than this agent: \
+             writing this agent's rules back"
+        );
+        self.enforcer.forget_installed();
+        match self.enforcer.apply(&self.kernel_rules()) {
+            Ok(_) => {
+                if let Some(attachments) = self.attachments.as_mut() {
+                    attachments.repairs.rules_rewritten += 1;
+                }
+            }
+            Err(e) => tracing::error!("writing the rules back (retrying in a second): {e}"),
         }
     }
 }
