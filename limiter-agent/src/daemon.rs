@@ -305,41 +305,63 @@ async fn consume_events(
             _ = stopped(&mut stop) => return,
             guard = ring.readable_mut() => {
                 let Ok(mut guard) = guard else { return };
-                let mut new_offenders = Vec::new();
+                let mut events = Vec::new();
                 {
                     let rb = guard.get_inner_mut();
-                    let Ok(mut offenders) = shared.offenders.lock() else { return };
-                    let now = Instant::now();
                     while let Some(item) = rb.next() {
-                        if let Some(event) = parse_event(&item)
-                            && offenders.record(&event, now)
-                        {
-                            new_offenders.push(event);
-                        }
+                        events.extend(parse_event(&item));
                     }
                 }
                 guard.clear_ready();
+                let Some(attributed) = attribute(&shared, events) else { return };
+                let mut new_offenders = Vec::new();
+                {
+                    let Ok(mut offenders) = shared.offenders.lock() else { return };
+                    let now = Instant::now();
+                    for (event, epoch, rule) in attributed {
+                        if offenders.record(&event, epoch, now) {
+                            new_offenders.push((event, epoch, rule));
+                        }
+                    }
+                }
                 if second.elapsed() >= Duration::from_secs(1) {
                     second = Instant::now();
                     logged_this_second = 0;
                 }
-                for event in new_offenders {
+                for (event, epoch, rule) in new_offenders {
                     if logged_this_second >= OFFENDER_LOG_PER_SEC {
                         break;
                     }
                     logged_this_second += 1;
-                    let key = crate::events::OffenderKey::of(&event);
-                    let rule = shared
-                        .service
-                        .lock()
-                        .ok()
-                        .map(|s| crate::rules::rule_label(s.rule_name(event.rule_id), event.rule_id))
-                        .unwrap_or_else(|| crate::rules::rule_label(None, event.rule_id));
+                    let key = crate::events::OffenderKey::of(&event, epoch);
                     tracing::info!(rule, source = key.source(), "source went over budget");
                 }
             }
         }
     }
+}
+
+/// Each event with the time its rule got its id and the rule's name;
+/// events of rules deleted since, or raised before their id was given to
+/// the rule now holding it, are dropped. `None` if the service is gone.
+fn attribute(
+    shared: &Shared,
+    events: Vec<limiter_common::OverBudgetEvent>,
+) -> Option<Vec<(limiter_common::OverBudgetEvent, u64, String)>> {
+    let service = shared.service.lock().ok()?;
+    Some(
+        events
+            .into_iter()
+            .filter_map(|event| {
+                let epoch = service.rule_epoch(event.rule_id)?;
+                (event.timestamp_ns >= epoch).then(|| {
+                    let rule =
+                        crate::rules::rule_label(service.rule_name(event.rule_id), event.rule_id);
+                    (event, epoch, rule)
+                })
+            })
+            .collect(),
+    )
 }
 
 /// Kernel log records (aya-log) into the agent's log.

@@ -17,16 +17,21 @@ pub struct OffenderKey {
     pub prefix_len: u32,
     /// The bucket of a shared-scope rule (one for all its sources).
     pub shared: bool,
+    /// When the rule id was given to the rule the event was raised for
+    /// (kernel clock, ns; 0: before this agent started). Ids are reused, so
+    /// the id alone does not say which rule an offender broke.
+    pub epoch: u64,
 }
 
 impl OffenderKey {
-    pub fn of(event: &OverBudgetEvent) -> Self {
+    pub fn of(event: &OverBudgetEvent, epoch: u64) -> Self {
         Self {
             rule_id: event.rule_id,
             family: event.family,
             addr: event.addr,
             prefix_len: event.prefix_len,
             shared: event.scope == Scope::Shared as u32,
+            epoch,
         }
     }
 
@@ -81,10 +86,11 @@ impl Offenders {
         }
     }
 
-    /// Records an event; returns whether this bucket is a new offender.
-    pub fn record(&mut self, event: &OverBudgetEvent, now: Instant) -> bool {
+    /// Records an event raised for the rule that got its id at `epoch`;
+    /// returns whether this bucket is a new offender.
+    pub fn record(&mut self, event: &OverBudgetEvent, epoch: u64, now: Instant) -> bool {
         self.events_received += 1;
-        let key = OffenderKey::of(event);
+        let key = OffenderKey::of(event, epoch);
         if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity {
             self.evict(now);
         }
@@ -128,11 +134,18 @@ impl Offenders {
         }
     }
 
-    /// The `limit` buckets most over budget within the window.
-    pub fn top(&self, limit: usize, now: Instant) -> Vec<TopRow> {
+    /// The `limit` buckets most over budget within the window, among those
+    /// `current` accepts (whose rule is still the one they were raised for).
+    pub fn top(
+        &self,
+        limit: usize,
+        now: Instant,
+        current: impl Fn(&OffenderKey) -> bool,
+    ) -> Vec<TopRow> {
         let mut rows: Vec<TopRow> = self
             .entries
             .iter()
+            .filter(|(key, _)| current(key))
             .filter_map(|(key, e)| {
                 let seconds = e
                     .recent
@@ -208,16 +221,27 @@ mod tests {
         let mut o = Offenders::new(Duration::from_secs(10), 100);
         let t0 = Instant::now();
         for s in 0..5 {
-            o.record(&event(1, 32, Scope::PerSource), t0 + Duration::from_secs(s));
+            o.record(
+                &event(1, 32, Scope::PerSource),
+                0,
+                t0 + Duration::from_secs(s),
+            );
         }
-        assert!(o.record(&event(2, 32, Scope::PerSource), t0 + Duration::from_secs(4)));
-        let top = o.top(10, t0 + Duration::from_secs(5));
+        assert!(o.record(
+            &event(2, 32, Scope::PerSource),
+            0,
+            t0 + Duration::from_secs(4)
+        ));
+        let top = o.top(10, t0 + Duration::from_secs(5), |_| true);
         assert_eq!(top.len(), 2);
         assert_eq!(top[0].key.source(), "198.18.0.1/32");
         assert_eq!(top[0].seconds_over, 5);
         assert_eq!(top[0].exceeded, ["packets"]);
         // Long after, nothing is in the window.
-        assert!(o.top(10, t0 + Duration::from_secs(100)).is_empty());
+        assert!(
+            o.top(10, t0 + Duration::from_secs(100), |_| true)
+                .is_empty()
+        );
     }
 
     #[test]
@@ -225,7 +249,7 @@ mod tests {
         let mut o = Offenders::new(Duration::from_secs(10), 50);
         let t0 = Instant::now();
         for i in 0..200u8 {
-            o.record(&event(i, 32, Scope::PerSource), t0);
+            o.record(&event(i, 32, Scope::PerSource), 0, t0);
         }
         assert!(o.len() <= 50);
     }
@@ -234,10 +258,24 @@ mod tests {
     fn a_shared_bucket_is_named_shared_and_a_slash_zero_bucket_by_prefix() {
         let mut shared = event(0, 0, Scope::Shared);
         shared.addr = [0; 16];
-        assert_eq!(OffenderKey::of(&shared).source(), "shared");
+        assert_eq!(OffenderKey::of(&shared, 0).source(), "shared");
         let mut everyone = event(0, 0, Scope::PerSource);
         everyone.addr = [0; 16];
-        assert_eq!(OffenderKey::of(&everyone).source(), "0.0.0.0/0");
-        assert_ne!(OffenderKey::of(&shared), OffenderKey::of(&everyone));
+        assert_eq!(OffenderKey::of(&everyone, 0).source(), "0.0.0.0/0");
+        assert_ne!(OffenderKey::of(&shared, 0), OffenderKey::of(&everyone, 0));
+    }
+
+    #[test]
+    fn offenders_of_a_rule_that_gave_up_its_id_are_not_shown_for_the_next() {
+        let mut o = Offenders::new(Duration::from_secs(10), 100);
+        let t0 = Instant::now();
+        // Rule id 7 held by rule A since the start (epoch 0), then given to
+        // rule B at epoch 500.
+        o.record(&event(1, 32, Scope::PerSource), 0, t0);
+        o.record(&event(2, 32, Scope::PerSource), 500, t0);
+        let current = |key: &OffenderKey| key.rule_id == 7 && key.epoch == 500;
+        let top = o.top(10, t0, current);
+        assert_eq!(top.len(), 1);
+        assert_eq!(top[0].key.source(), "198.18.0.2/32");
     }
 }

@@ -107,6 +107,9 @@ struct Snapshot {
     last_failed: Option<u64>,
     interfaces: Vec<crate::attach::Attached>,
     repairs: crate::attachments::Repairs,
+    /// When each rule id was given to its rule (offenders of earlier
+    /// holders are not shown).
+    epochs: std::collections::HashMap<u32, u64>,
     top_k: usize,
 }
 
@@ -127,6 +130,11 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
                 .as_ref()
                 .map(|a| a.repairs)
                 .unwrap_or_default(),
+            epochs: s
+                .rule_ids()
+                .iter()
+                .filter_map(|(_, id)| s.rule_epoch(*id).map(|e| (*id, e)))
+                .collect(),
             top_k: s.config().file.metrics.top_k,
         },
         Err(_) => return Vec::new(),
@@ -200,7 +208,12 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
     out.push(evicted.0);
 
     let (received, top) = match shared.offenders.lock() {
-        Ok(o) => (o.events_received, o.top(snapshot.top_k, Instant::now())),
+        Ok(o) => (
+            o.events_received,
+            o.top(snapshot.top_k, Instant::now(), |key| {
+                snapshot.epochs.get(&key.rule_id) == Some(&key.epoch)
+            }),
+        ),
         Err(_) => (0, Vec::new()),
     };
     let mut events = Family::new(

@@ -188,3 +188,81 @@ fn a_rule_set_changed_behind_the_agents_back_is_written_back() {
         "{metrics}"
     );
 }
+
+/// The sources `top` shows, as (rule, source).
+fn top_rows(env: &AgentEnv) -> Vec<(String, String)> {
+    let top = env.cli_json(&["top", "--limit", "100"]);
+    top.as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|r| {
+                    (
+                        r["rule"].as_str().unwrap_or_default().to_owned(),
+                        r["source"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn rule_id(env: &AgentEnv, name: &str) -> u64 {
+    let rules = env.cli_json(&["rules", "list"]);
+    limiter_tests::scenario::rule(&rules, name)
+        .and_then(|r| r["id"].as_u64())
+        .unwrap_or_else(|| panic!("no rule {name} in {rules}"))
+}
+
+#[test]
+fn offenders_of_a_deleted_rule_are_never_blamed_on_the_rule_that_reuses_its_id() {
+    let env = env_with(RULES);
+    let offender = std::net::Ipv4Addr::new(198, 18, 2, 1);
+    env.cli_ok(&[
+        "rules",
+        "add",
+        "temp-a",
+        "--prefix",
+        "198.18.2.1/32",
+        "--action",
+        "drop",
+        "--packets",
+        "1/s",
+    ]);
+    let frame = limiter_tests::frame::Frame::v4(offender, limiter_tests::frame::L4::Udp).build();
+    limiter_tests::traffic::measure(&env.pair, &[frame], 100, Duration::from_millis(1500))
+        .unwrap_or_else(|e| panic!("traffic: {e:#}"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !top_rows(&env).contains(&("temp-a".into(), "198.18.2.1/32".into())) {
+        assert!(
+            Instant::now() < deadline,
+            "temp-a's offender never showed: {:?}",
+            top_rows(&env)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let id = rule_id(&env, "temp-a");
+    env.cli_ok(&["rules", "delete", "temp-a"]);
+    env.cli_ok(&[
+        "rules",
+        "add",
+        "temp-b",
+        "--prefix",
+        "198.18.2.2/32",
+        "--action",
+        "drop",
+        "--packets",
+        "1/s",
+    ]);
+    assert_eq!(
+        rule_id(&env, "temp-b"),
+        id,
+        "the scenario needs the id reused"
+    );
+    let rows = top_rows(&env);
+    assert!(
+        rows.iter().all(|(_, source)| source != "198.18.2.1/32"),
+        "a deleted rule's offender is still shown: {rows:?}"
+    );
+    let metrics = env.scrape().unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!metrics.contains(r#"source="198.18.2.1/32""#), "{metrics}");
+}

@@ -225,14 +225,14 @@ struct TopQuery {
 
 async fn top(State(s): State<Shared>, Query(q): Query<TopQuery>) -> ApiResult<Vec<Offender>> {
     let limit = q.limit.unwrap_or(20).min(1000);
-    let rows = {
-        let offenders = s
-            .offenders
-            .lock()
-            .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "lock poisoned".into()))?;
-        offenders.top(limit, Instant::now())
-    };
+    let offenders = s.offenders.clone();
     with_service(&s, move |svc| {
+        // Service, then offenders: the one order any task takes both in.
+        let rows = offenders.lock().map_err(|_| ServiceError::Poisoned)?.top(
+            limit,
+            Instant::now(),
+            |key| svc.offender_is_current(key),
+        );
         Ok(rows
             .into_iter()
             .map(|r| Offender {

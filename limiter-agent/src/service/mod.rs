@@ -10,6 +10,7 @@ mod error;
 mod views;
 
 use std::{
+    collections::HashMap,
     path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -32,12 +33,65 @@ pub fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The rule holding an id, and since when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct IdHolder {
+    name: String,
+    since_ns: u64,
+}
+
+/// The id index after a commit: `fresh` ids got their rule at `now_ns`;
+/// the others keep their holder's time (0 if this agent never saw them
+/// given out).
+fn id_holders(
+    state: &State,
+    before: &HashMap<u32, IdHolder>,
+    fresh: &[u32],
+    now_ns: u64,
+) -> HashMap<u32, IdHolder> {
+    state
+        .ids
+        .iter()
+        .map(|(name, id)| {
+            let since_ns = if fresh.contains(id) {
+                now_ns
+            } else {
+                before
+                    .get(id)
+                    .filter(|h| h.name == *name)
+                    .map_or(0, |h| h.since_ns)
+            };
+            (
+                *id,
+                IdHolder {
+                    name: name.clone(),
+                    since_ns,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The kernel's clock (`bpf_ktime_get_ns` is CLOCK_MONOTONIC).
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 pub struct Service {
     config: Config,
     state: State,
     state_path: PathBuf,
     enforcer: Enforcer,
     in_force: Vec<InForce>,
+    /// Each id in force: its rule's name, and when it was given to that
+    /// rule (kernel clock, ns; 0 for ids held since before this agent).
+    by_id: HashMap<u32, IdHolder>,
     /// The interfaces, their links and pins, and their supervision (set by
     /// the daemon once the rules are in force).
     pub attachments: Option<Attachments>,
@@ -65,6 +119,7 @@ impl Service {
             state_path,
             enforcer,
             in_force: Vec::new(),
+            by_id: HashMap::new(),
             attachments: None,
             config_generation: 0,
             last_reload_ok: None,
@@ -117,6 +172,7 @@ impl Service {
             return Err(ServiceError::Save(e));
         }
         self.config = config.clone();
+        self.by_id = id_holders(&state, &self.by_id, &fresh_ids, monotonic_ns());
         self.state = state;
         self.in_force = in_force;
         self.config_generation += 1;
@@ -260,5 +316,38 @@ impl Service {
             }
             Err(e) => tracing::error!("writing the rules back (retrying in a second): {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(ids: &[(&str, u32)]) -> State {
+        State {
+            ids: ids.iter().map(|(n, i)| ((*n).to_owned(), *i)).collect(),
+            ..State::default()
+        }
+    }
+
+    #[test]
+    fn an_id_given_to_a_new_rule_starts_a_new_epoch_and_others_keep_theirs() {
+        let start = id_holders(&state(&[("a", 0), ("b", 1)]), &HashMap::new(), &[], 10);
+        assert_eq!(start[&0].since_ns, 0, "held since before this agent");
+        // "a" deleted, "c" takes id 0 at time 50; "b" keeps its epoch.
+        let next = id_holders(&state(&[("c", 0), ("b", 1)]), &start, &[0], 50);
+        assert_eq!(
+            next[&0],
+            IdHolder {
+                name: "c".into(),
+                since_ns: 50
+            }
+        );
+        assert_eq!(next[&1].since_ns, 0);
+        // A later commit that gives out nothing keeps both.
+        assert_eq!(
+            id_holders(&state(&[("c", 0), ("b", 1)]), &next, &[], 90),
+            next
+        );
     }
 }

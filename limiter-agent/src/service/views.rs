@@ -18,16 +18,7 @@ use crate::{
     rules::{InForce, source_bucket},
 };
 
-/// The kernel's clock (`bpf_ktime_get_ns` is CLOCK_MONOTONIC).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
+use super::monotonic_ns;
 
 impl Service {
     fn find(&self, name: &str) -> Result<&InForce> {
@@ -96,11 +87,19 @@ impl Service {
 
     /// Name of the rule with kernel id `id`.
     pub fn rule_name(&self, id: u32) -> Option<&str> {
-        self.state
-            .ids
-            .iter()
-            .find(|(_, v)| **v == id)
-            .map(|(k, _)| k.as_str())
+        self.by_id.get(&id).map(|h| h.name.as_str())
+    }
+
+    /// When id `id` was given to the rule holding it now (kernel clock, ns;
+    /// 0 if before this agent started); `None` if no rule holds it. Events
+    /// raised earlier under this id were raised for another rule.
+    pub fn rule_epoch(&self, id: u32) -> Option<u64> {
+        self.by_id.get(&id).map(|h| h.since_ns)
+    }
+
+    /// Whether an offender entry belongs to the rule now holding its id.
+    pub fn offender_is_current(&self, key: &crate::events::OffenderKey) -> bool {
+        self.rule_epoch(key.rule_id) == Some(key.epoch)
     }
 
     pub fn inspect(&self, address: &str) -> Result<SourceView> {
