@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
 
 /// A batch as `Service::apply_batch` runs it over the example's rules.
 fn batch(changes: &[Change]) {
-    if let Ok(state) = rules::stage(&EXAMPLE, &State::default(), changes) {
+    if let Ok(state) = rules::stage(&EXAMPLE, &State::default(), changes, 0) {
         check_plan(&EXAMPLE, state);
     }
 }

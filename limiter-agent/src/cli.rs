@@ -108,6 +108,44 @@ pub async fn change(client: &Client, out: &Output, args: RuleArgs) -> Result {
     Ok(())
 }
 
+pub async fn revert(client: &Client, out: &Output, name: Option<&str>) -> Result {
+    let path = match name {
+        Some(name) => format!("/v1/rules/{}/revert", segment(name)),
+        None => "/v1/revert".to_owned(),
+    };
+    let a: Applied = client
+        .call(Method::POST, &path, Option::<&()>::None)
+        .await?;
+    applied(out, &a);
+    Ok(())
+}
+
+/// A Unix time for people: "2026-11-30 10:15:02 UTC (3m 5s ago)", or
+/// "(in 4m)" for one to come.
+pub fn when(unix: u64, now: u64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(unix);
+    let stamp = humantime::format_rfc3339_seconds(at)
+        .to_string()
+        .replace('T', " ")
+        .replace('Z', " UTC");
+    let relative = if unix <= now {
+        format!(
+            "{} ago",
+            humantime::format_duration(Duration::from_secs(now - unix))
+        )
+    } else {
+        format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs(unix - now))
+        )
+    };
+    format!("{stamp} ({relative})")
+}
+
+fn now_unix() -> u64 {
+    crate::service::now_unix()
+}
+
 pub async fn delete(client: &Client, out: &Output, name: &str) -> Result {
     let path = format!("/v1/rules/{}", segment(name));
     let a: Applied = client
@@ -206,7 +244,14 @@ pub async fn show(client: &Client, out: &Output, name: &str) -> Result {
             budget_text(&f.new_connections, &f.connection_burst)
         );
         if let Some(at) = r.expires_at {
-            println!("  expires at       {at} (Unix time)");
+            println!("  expires          {}", when(at, now_unix()));
+        }
+        if let Some(since) = r.live_since {
+            println!(
+                "  live change      since {} (`rules revert {}` returns it to the file)",
+                when(since, now_unix()),
+                r.name
+            );
         }
         let c = &r.counters;
         println!(
@@ -299,6 +344,19 @@ pub async fn status(client: &Client, out: &Output) -> Result {
             ),
         }
         println!("  programs      {}", program_ids(&s.programs));
+        if !s.live_overrides.is_empty() {
+            let now = now_unix();
+            let held: Vec<String> = s
+                .live_overrides
+                .iter()
+                .map(|o| match o.since {
+                    Some(since) => format!("{} {} {}", o.name, o.change, when(since, now)),
+                    None => format!("{} {}", o.name, o.change),
+                })
+                .collect();
+            println!("  live changes  {}", held.join("; "));
+            println!("                (`rules revert NAME` or `--all` returns them to the file)");
+        }
         println!(
             "  rules         {} of {} ({} penalties), generation {}",
             s.rules, s.max_rules, s.penalties, s.config_generation

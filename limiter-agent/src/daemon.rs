@@ -100,6 +100,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let enforcer = Enforcer::new(dp, adopted)?;
     let mut service = Service::start(config.clone(), state, agent.state_file.clone(), enforcer)
         .context("applying the rules")?;
+    let held = service.live_overrides();
+    if !held.is_empty() {
+        let names: Vec<String> = held
+            .iter()
+            .map(|o| format!("{} ({})", o.name, o.change))
+            .collect();
+        tracing::info!(
+            state_file = %agent.state_file.display(),
+            "live changes from the state file are in force over the config: {}; \
+             `limiter-agent rules revert NAME` (or --all) returns a rule to the file",
+            names.join(", ")
+        );
+    }
     let attachments = Attachments::attach(
         service.datapath_mut(),
         pins.clone(),
@@ -197,11 +210,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 let svc = shared.service.clone();
                 let result = tokio::task::spawn_blocking(move || {
                     let mut guard = svc.lock().map_err(|_| anyhow!("agent state lock poisoned"))?;
-                    guard.reload().map_err(anyhow::Error::from)
+                    guard.reload()?;
+                    Ok::<_, anyhow::Error>(crate::service::reload_message(&guard.live_overrides()))
                 })
                 .await;
                 match result {
-                    Ok(Ok(())) => tracing::info!("SIGHUP: configuration reloaded"),
+                    Ok(Ok(message)) => tracing::info!("SIGHUP: {message}"),
                     Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, the rules in force are unchanged: {e}"),
                     Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
                 }

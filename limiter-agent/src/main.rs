@@ -87,6 +87,16 @@ enum RulesCommand {
     Change(cli::RuleArgs),
     /// Delete a rule
     Delete { name: String },
+    /// Drop a rule's live change: it is again what the config file says
+    /// (a rule added live goes away)
+    Revert {
+        /// The rule to revert
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Revert every live change (penalties stay until they expire)
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -142,6 +152,9 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Rules(RulesCommand::Add(args)) => cli::add(&client, &out, args).await,
         Command::Rules(RulesCommand::Change(args)) => cli::change(&client, &out, args).await,
         Command::Rules(RulesCommand::Delete { name }) => cli::delete(&client, &out, &name).await,
+        Command::Rules(RulesCommand::Revert { name, .. }) => {
+            cli::revert(&client, &out, name.as_deref()).await
+        }
         Command::Penalize(request) => cli::penalize(&client, &out, &request).await,
         Command::Inspect { address } => cli::inspect(&client, &out, &address).await,
         Command::Top { limit, watch } => cli::top(&client, &out, limit, watch).await,

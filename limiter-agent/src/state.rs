@@ -36,6 +36,10 @@ pub struct State {
     /// Penalties by rule name (`penalty:<prefix>`).
     #[serde(default)]
     pub penalties: BTreeMap<String, Penalty>,
+    /// When each override was last made (Unix seconds), for `status`,
+    /// `reload` and `rules show` to say since when a rule is live.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub override_since: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -266,3 +266,72 @@ fn offenders_of_a_deleted_rule_are_never_blamed_on_the_rule_that_reuses_its_id()
     let metrics = env.scrape().unwrap_or_else(|e| panic!("{e:#}"));
     assert!(!metrics.contains(r#"source="198.18.2.1/32""#), "{metrics}");
 }
+
+fn kernel_limits(env: &AgentEnv) -> Vec<(u32, [limiter_common::Limit; 3])> {
+    env.kernel_rules()
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .iter()
+        .map(|r| (r.id, r.limits))
+        .collect()
+}
+
+#[test]
+fn a_live_change_is_shown_and_taken_back_with_revert() {
+    let env = env_with(RULES);
+    let from_file = kernel_limits(&env);
+    env.cli_ok(&["rules", "change", "clients", "--packets", "1k/s"]);
+    assert_ne!(
+        kernel_limits(&env),
+        from_file,
+        "the change reached the kernel"
+    );
+
+    // status, show and reload say the rule is held by a live change.
+    let status = env.cli_json(&["status"]);
+    assert_eq!(status["live_overrides"][0]["name"], "clients", "{status}");
+    assert_eq!(status["live_overrides"][0]["change"], "changed", "{status}");
+    assert!(
+        env.cli_ok(&["status"])
+            .contains("live changes  clients changed")
+    );
+    assert!(
+        env.cli_ok(&["rules", "show", "clients"])
+            .contains("live change      since")
+    );
+    let reload = env.cli_ok(&["reload"]);
+    assert!(reload.contains("clients (changed)"), "{reload}");
+    assert_eq!(kernel_limits(&env).len(), from_file.len());
+    assert_ne!(
+        kernel_limits(&env),
+        from_file,
+        "a reload keeps live changes"
+    );
+
+    // Revert: the file's rule is back, in the kernel and the state file.
+    let out = env.cli_ok(&["rules", "revert", "clients"]);
+    assert!(out.contains("reverted to the config file"), "{out}");
+    assert_eq!(kernel_limits(&env), from_file);
+    let state = std::fs::read_to_string(&env.state_file).unwrap_or_else(|e| panic!("{e}"));
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(state["overrides"], serde_json::json!({}), "{state}");
+    let again = env
+        .cli(&["rules", "revert", "clients"])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("no live change to revert"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // A deleted file rule comes back with --all.
+    env.cli_ok(&["rules", "delete", "clients"]);
+    assert!(kernel_limits(&env).len() < from_file.len());
+    let out = env.cli_ok(&["rules", "revert", "--all"]);
+    assert!(out.contains("clients"), "{out}");
+    assert_eq!(kernel_limits(&env), from_file);
+    assert_eq!(
+        env.cli_json(&["status"])["live_overrides"],
+        serde_json::json!([])
+    );
+}

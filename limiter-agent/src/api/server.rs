@@ -103,6 +103,8 @@ pub fn router(shared: Shared) -> Router {
                 .patch(patch_rule)
                 .delete(delete_rule),
         )
+        .route("/v1/rules/{name}/revert", post(revert_rule))
+        .route("/v1/revert", post(revert_all))
         .route("/v1/batch", post(batch))
         .route("/v1/penalties", post(penalize))
         .route("/v1/sources/{address}", get(inspect))
@@ -171,6 +173,39 @@ async fn delete_rule(
     with_service(&s, move |svc| {
         svc.delete_rule(&name)?;
         Ok(applied(svc, format!("rule {name:?} deleted")))
+    })
+    .await
+    .map(Json)
+}
+
+async fn revert_rule(
+    State(s): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Applied> {
+    with_service(&s, move |svc| {
+        svc.revert_rule(&name)?;
+        Ok(applied(
+            svc,
+            format!("rule {name:?} reverted to the config file"),
+        ))
+    })
+    .await
+    .map(Json)
+}
+
+async fn revert_all(State(s): State<Shared>) -> ApiResult<Applied> {
+    with_service(&s, move |svc| {
+        let names = svc.revert_all()?;
+        let message = match names.as_slice() {
+            [] => "no live changes: every rule is as the config file says".to_owned(),
+            [one] => format!("rule {one:?} reverted to the config file"),
+            many => format!(
+                "{} rules reverted to the config file: {}",
+                many.len(),
+                many.join(", ")
+            ),
+        };
+        Ok(applied(svc, message))
     })
     .await
     .map(Json)
@@ -252,7 +287,10 @@ async fn top(State(s): State<Shared>, Query(q): Query<TopQuery>) -> ApiResult<Ve
 async fn reload(State(s): State<Shared>) -> ApiResult<Applied> {
     with_service(&s, |svc| {
         svc.reload()?;
-        Ok(applied(svc, "configuration reloaded".into()))
+        Ok(applied(
+            svc,
+            crate::service::reload_message(&svc.live_overrides()),
+        ))
     })
     .await
     .map(Json)

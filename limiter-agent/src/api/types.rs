@@ -35,7 +35,23 @@ pub struct RuleView {
     /// Unix seconds, for penalties.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// Unix seconds since the rule is as a live change made it (origin
+    /// `live`); `rules revert` returns it to the config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_since: Option<u64>,
     pub counters: Counters,
+}
+
+/// A rule a live change holds away from the config file.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct LiveOverride {
+    pub name: String,
+    /// `changed` (a file rule changed live), `added` (not in the file) or
+    /// `deleted` (a file rule deleted live).
+    pub change: String,
+    /// Unix seconds; absent for overrides older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
 }
 
 /// A partial rule for `PATCH /v1/rules/{name}`: what is given replaces the
@@ -98,6 +114,9 @@ pub struct Status {
     pub tracked_sources: usize,
     pub active_generation: u32,
     pub config_generation: u64,
+    /// Rules held away from the config file by live changes.
+    #[serde(default)]
+    pub live_overrides: Vec<LiveOverride>,
     pub reasons: BTreeMap<String, u64>,
 }
 

@@ -136,3 +136,36 @@ fn program_ids_read_as_words_not_debug_output() {
     ids.xdp = None;
     assert_eq!(program_ids(&ids), "none attached");
 }
+
+#[test]
+fn times_read_as_a_date_and_how_long_ago_or_until() {
+    assert_eq!(when(60, 125), "1970-01-01 00:01:00 UTC (1m 5s ago)");
+    assert_eq!(when(3_600, 0), "1970-01-01 01:00:00 UTC (in 1h)");
+}
+
+#[test]
+fn a_reload_names_the_rules_live_changes_hold() {
+    use crate::api::types::LiveOverride;
+    use crate::service::reload_message;
+    assert!(reload_message(&[]).contains("every rule is as the file says"));
+    let one = [LiveOverride {
+        name: "clients".into(),
+        change: "changed".into(),
+        since: Some(1),
+    }];
+    let text = reload_message(&one);
+    assert!(text.contains("1 rule is held by live changes"), "{text}");
+    assert!(
+        text.contains("clients (changed)") && text.contains("rules revert"),
+        "{text}"
+    );
+    let two = [
+        one[0].clone(),
+        LiveOverride {
+            name: "temp".into(),
+            change: "deleted".into(),
+            since: None,
+        },
+    ];
+    assert!(reload_message(&two).contains("2 rules are held"));
+}

@@ -16,14 +16,28 @@ use crate::{
 pub enum Change {
     Add(RuleConfig),
     Replace(RuleConfig),
-    Patch { name: String, patch: RulePatch },
+    Patch {
+        name: String,
+        patch: RulePatch,
+    },
     Delete(String),
+    /// Drops the live change of one rule: it is again what the config file
+    /// says (absent, for a rule added live).
+    Revert(String),
+    /// Drops every live change (penalties stay until they expire).
+    RevertAll,
 }
 
-/// Applies `changes` in order to a copy of `state` over `config`. Any
+/// Applies `changes` in order to a copy of `state` over `config`, noting
+/// `now` (Unix seconds) as the time of every override they make. Any
 /// refusal refuses the whole list; in a list of several, the error says
 /// which change (from 1).
-pub fn stage(config: &Config, state: &State, changes: &[Change]) -> Result<State, RulesError> {
+pub fn stage(
+    config: &Config,
+    state: &State,
+    changes: &[Change],
+    now: u64,
+) -> Result<State, RulesError> {
     let configured: HashMap<&str, &RuleConfig> = config
         .file
         .rules
@@ -43,7 +57,24 @@ pub fn stage(config: &Config, state: &State, changes: &[Change]) -> Result<State
             }
         })?;
     }
+    stamp_overrides(state, &mut staged, now);
     Ok(staged)
+}
+
+/// Notes `now` for every override `after` made or changed against
+/// `before`, and forgets the time of those it dropped.
+fn stamp_overrides(before: &State, after: &mut State, now: u64) {
+    let State {
+        overrides,
+        override_since,
+        ..
+    } = after;
+    override_since.retain(|name, _| overrides.contains_key(name));
+    for (name, rule) in overrides.iter() {
+        if before.overrides.get(name) != Some(rule) {
+            override_since.insert(name.clone(), now);
+        }
+    }
 }
 
 /// A rule by name as `state` (over the config) has it, and its origin.
@@ -124,6 +155,18 @@ fn stage_one(
             validated(&rule)?;
             state.overrides.insert(name.clone(), Some(rule));
         }
+        Change::Revert(name) => {
+            if state.overrides.remove(name).is_none() {
+                return Err(if state.penalties.contains_key(name) {
+                    RulesError::PenaltyNotChangeable { name: name.clone() }
+                } else if configured.contains_key(name.as_str()) {
+                    RulesError::NothingToRevert { name: name.clone() }
+                } else {
+                    RulesError::NoSuchRule { name: name.clone() }
+                });
+            }
+        }
+        Change::RevertAll => state.overrides.clear(),
         Change::Delete(name) => {
             let Some((_, origin)) = lookup(configured, state, name) else {
                 return Err(RulesError::NoSuchRule { name: name.clone() });

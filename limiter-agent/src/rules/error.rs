@@ -23,6 +23,8 @@ pub enum RulesError {
     ReservedName { name: String },
     #[error("{name:?} is a penalty: penalties are changed with `penalize`")]
     PenaltyNotChangeable { name: String },
+    #[error("rule {name:?} is as the config file says: it has no live change to revert")]
+    NothingToRevert { name: String },
     #[error("rule {name:?}: {error}")]
     InvalidRule { name: String, error: FieldError },
     #[error("rule {name:?}: {error}")]
@@ -51,6 +53,7 @@ impl RulesError {
             Self::InBatch { source, .. } => source.kind(),
             Self::ReservedName { .. }
             | Self::PenaltyNotChangeable { .. }
+            | Self::NothingToRevert { .. }
             | Self::InvalidRule { .. }
             | Self::InvalidPatch { .. }
             | Self::InvalidSet(_)

@@ -8,6 +8,9 @@ use crate::{
     state::{Penalty, State},
 };
 
+/// The time changes are staged at in these tests (Unix seconds).
+const NOW: u64 = 1_000;
+
 /// A config file with `clients` (drop) and `partners` (mark), capacity 8.
 fn config() -> Config {
     config_with_capacity(8)
@@ -63,7 +66,7 @@ fn names(in_force: &[InForce]) -> Vec<(&str, Origin)> {
 }
 
 fn staged(changes: &[Change]) -> Result<State, RulesError> {
-    stage(&config(), &State::default(), changes)
+    stage(&config(), &State::default(), changes, NOW)
 }
 
 fn penalty_request(prefix: &str, duration: &str) -> PenaltyRequest {
@@ -274,6 +277,7 @@ fn deleting_a_penalty_removes_it() {
         &config(),
         &state,
         &[Change::Delete("penalty:198.19.2.1/32".into())],
+        NOW,
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(state.penalties.is_empty());
@@ -290,7 +294,7 @@ fn a_penalty_cannot_be_replaced_or_patched() {
             patch: RulePatch::default(),
         },
     ] {
-        let err = stage(&config(), &state, &[change]).unwrap_err();
+        let err = stage(&config(), &state, &[change], NOW).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Invalid);
         assert!(err.to_string().contains("`penalize`"), "{err}");
     }
@@ -306,6 +310,7 @@ fn a_refused_batch_changes_nothing_and_names_the_change() {
             Change::Add(rule("ok", "198.19.5.0/24")),
             Change::Add(rule("clients", "198.19.6.0/24")),
         ],
+        NOW,
     )
     .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Conflict);
@@ -363,6 +368,7 @@ fn a_new_rule_gets_the_lowest_free_id() {
             Change::Add(rule("a", "198.19.5.0/24")),
             Change::Add(rule("b", "198.19.6.0/24")),
         ],
+        NOW,
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let next = plan(&config(), state).unwrap_or_else(|e| panic!("{e}"));
@@ -488,4 +494,109 @@ fn a_source_is_masked_to_the_rules_prefix_length() {
 fn an_unknown_rule_id_is_labelled_by_number() {
     assert_eq!(rule_label(Some("clients"), 1), "clients");
     assert_eq!(rule_label(None, 7), "#7");
+}
+
+// Reverting live changes
+
+#[test]
+fn reverting_a_changed_file_rule_brings_the_file_back() {
+    let changed = staged(&[Change::Patch {
+        name: "clients".into(),
+        patch: RulePatch {
+            packets: Some("1k/s".into()),
+            ..RulePatch::default()
+        },
+    }])
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(changed.override_since.get("clients"), Some(&NOW));
+    let reverted = stage(
+        &config(),
+        &changed,
+        &[Change::Revert("clients".into())],
+        NOW + 5,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(reverted.overrides.is_empty() && reverted.override_since.is_empty());
+    let rules = compose(&config(), &reverted).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rules[0].origin, Origin::Config);
+    assert_eq!(rules[0].config.fields().packets.as_deref(), Some("100/s"));
+}
+
+#[test]
+fn reverting_a_deleted_file_rule_undeletes_it() {
+    let deleted = staged(&[Change::Delete("clients".into())]).unwrap_or_else(|e| panic!("{e}"));
+    let reverted = stage(
+        &config(),
+        &deleted,
+        &[Change::Revert("clients".into())],
+        NOW,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let rules = compose(&config(), &reverted).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(names(&rules)[0], ("clients", Origin::Config));
+}
+
+#[test]
+fn reverting_a_rule_added_live_removes_it() {
+    let added =
+        staged(&[Change::Add(rule("extra", "198.19.5.0/24"))]).unwrap_or_else(|e| panic!("{e}"));
+    let reverted = stage(&config(), &added, &[Change::Revert("extra".into())], NOW)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(reverted.overrides.is_empty());
+}
+
+#[test]
+fn reverting_what_has_no_live_change_says_so() {
+    let err = staged(&[Change::Revert("clients".into())]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+    assert!(err.to_string().contains("no live change"), "{err}");
+    assert_eq!(
+        staged(&[Change::Revert("ghost".into())])
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+    let state = with_penalty(&State::default(), "198.19.2.1", 1_000);
+    let err = stage(
+        &config(),
+        &state,
+        &[Change::Revert("penalty:198.19.2.1/32".into())],
+        NOW,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("penalty"), "{err}");
+}
+
+#[test]
+fn revert_all_drops_every_live_change_but_keeps_penalties() {
+    let state = with_penalty(&State::default(), "198.19.2.1", 5_000);
+    let changed = stage(
+        &config(),
+        &state,
+        &[
+            Change::Delete("clients".into()),
+            Change::Add(rule("extra", "198.19.5.0/24")),
+        ],
+        NOW,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(changed.override_since.len(), 2);
+    let reverted =
+        stage(&config(), &changed, &[Change::RevertAll], NOW).unwrap_or_else(|e| panic!("{e}"));
+    assert!(reverted.overrides.is_empty() && reverted.override_since.is_empty());
+    assert_eq!(reverted.penalties.len(), 1);
+}
+
+#[test]
+fn an_override_keeps_its_time_until_it_changes_again() {
+    let first = staged(&[Change::Delete("clients".into())]).unwrap_or_else(|e| panic!("{e}"));
+    let unrelated = stage(
+        &config(),
+        &first,
+        &[Change::Add(rule("extra", "198.19.5.0/24"))],
+        NOW + 60,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(unrelated.override_since.get("clients"), Some(&NOW));
+    assert_eq!(unrelated.override_since.get("extra"), Some(&(NOW + 60)));
 }

@@ -16,6 +16,7 @@ use std::{
 };
 
 pub use error::{ErrorKind, ServiceError};
+pub use views::reload_message;
 
 use crate::{
     attachments::Attachments,
@@ -214,6 +215,19 @@ impl Service {
         .map(|_| ())
     }
 
+    /// Returns rule `name` to what the config file says.
+    pub fn revert_rule(&mut self, name: &str) -> Result<()> {
+        self.apply_batch(&[Change::Revert(name.to_owned())])
+            .map(|_| ())
+    }
+
+    /// Returns every rule to the config file; the names reverted.
+    pub fn revert_all(&mut self) -> Result<Vec<String>> {
+        let names: Vec<String> = self.state.overrides.keys().cloned().collect();
+        self.apply_batch(&[Change::RevertAll])?;
+        Ok(names)
+    }
+
     pub fn delete_rule(&mut self, name: &str) -> Result<()> {
         self.apply_batch(&[Change::Delete(name.to_owned())])
             .map(|_| ())
@@ -223,7 +237,7 @@ impl Service {
     /// validation, one flip in the kernel, one save. If any change is
     /// refused, none is applied.
     pub fn apply_batch(&mut self, changes: &[Change]) -> Result<usize> {
-        let staged = rules::stage(&self.config, &self.state, changes)?;
+        let staged = rules::stage(&self.config, &self.state, changes, now_unix())?;
         let config = self.config.clone();
         self.commit(&config, staged)?;
         Ok(changes.len())

@@ -12,13 +12,37 @@ use limiter_common::{
 
 use super::{Result, Service, ServiceError};
 use crate::{
-    api::types::{BudgetState, Counters, ProgramIds, RuleView, SourceView, Status, VerdictCounts},
+    api::types::{
+        BudgetState, Counters, LiveOverride, ProgramIds, RuleView, SourceView, Status,
+        VerdictCounts,
+    },
     attach::Attached,
     config::{ActionConfig, ScopeConfig},
     rules::{InForce, source_bucket},
 };
 
 use super::monotonic_ns;
+
+/// What a reload says: that it applied, and which rules live changes still
+/// hold away from the file (a reload never undoes a live change).
+pub fn reload_message(overrides: &[LiveOverride]) -> String {
+    if overrides.is_empty() {
+        return "configuration reloaded; every rule is as the file says".into();
+    }
+    let names: Vec<String> = overrides
+        .iter()
+        .map(|o| format!("{} ({})", o.name, o.change))
+        .collect();
+    let (count, are) = match overrides.len() {
+        1 => ("1 rule".to_owned(), "is"),
+        n => (format!("{n} rules"), "are"),
+    };
+    format!(
+        "configuration reloaded; {count} {are} held by live changes, not the file: {}. \
+         `limiter-agent rules revert NAME` (or --all) returns them to the file",
+        names.join(", ")
+    )
+}
 
 impl Service {
     fn find(&self, name: &str) -> Result<&InForce> {
@@ -54,8 +78,32 @@ impl Service {
             origin: r.origin,
             rule: r.config.clone(),
             expires_at: r.expires_at,
+            live_since: (r.origin == crate::rules::Origin::Live)
+                .then(|| self.state.override_since.get(&r.def.name).copied())
+                .flatten(),
             counters: self.counters(id),
         }
+    }
+
+    /// Every rule a live change holds away from the config file.
+    pub fn live_overrides(&self) -> Vec<LiveOverride> {
+        self.state
+            .overrides
+            .iter()
+            .map(|(name, rule)| {
+                let in_file = self.config.file.rules.iter().any(|r| &r.name == name);
+                let change = match (rule, in_file) {
+                    (None, _) => "deleted",
+                    (Some(_), true) => "changed",
+                    (Some(_), false) => "added",
+                };
+                LiveOverride {
+                    name: name.clone(),
+                    change: change.into(),
+                    since: self.state.override_since.get(name).copied(),
+                }
+            })
+            .collect()
     }
 
     pub fn rules(&self) -> Vec<RuleView> {
@@ -222,6 +270,7 @@ impl Service {
                 as usize,
             active_generation: self.enforcer.active_generation(),
             config_generation: self.config_generation,
+            live_overrides: self.live_overrides(),
             reasons,
         }
     }
