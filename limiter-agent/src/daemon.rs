@@ -210,7 +210,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 let svc = shared.service.clone();
                 let result = tokio::task::spawn_blocking(move || {
                     let mut guard = svc.lock().map_err(|_| anyhow!("agent state lock poisoned"))?;
-                    guard.reload()?;
+                    guard.reload(&crate::service::Requester::Sighup)?;
                     Ok::<_, anyhow::Error>(crate::service::reload_message(&guard.live_overrides()))
                 })
                 .await;

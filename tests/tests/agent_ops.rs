@@ -335,3 +335,60 @@ fn a_live_change_is_shown_and_taken_back_with_revert() {
         serde_json::json!([])
     );
 }
+
+/// The agent's log lines from the audit trail.
+fn audit_lines(env: &AgentEnv) -> Vec<String> {
+    env.logs()
+        .lines()
+        .filter(|l| l.contains("audit"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_change_is_audited_with_who_asked_what_changed_and_the_result() {
+    let env = env_with(RULES);
+    env.cli_ok(&["rules", "change", "clients", "--packets", "1k/s"]);
+    let refused = env
+        .cli(&["rules", "change", "clients", "--dscp", "99"])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!refused.status.success());
+    env.cli_ok(&["penalize", "198.18.9.9", "--for", "1m", "--deny"]);
+    env.cli_ok(&["rules", "revert", "clients"]);
+    env.cli_ok(&["reload"]);
+    env.signal(libc::SIGHUP).unwrap_or_else(|e| panic!("{e:#}"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !audit_lines(&env).iter().any(|l| l.contains("SIGHUP")) {
+        assert!(
+            Instant::now() < deadline,
+            "no audit line for SIGHUP:\n{}",
+            env.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lines = audit_lines(&env);
+    let find = |words: &[&str]| {
+        lines
+            .iter()
+            .find(|l| words.iter().all(|w| l.contains(w)))
+            .unwrap_or_else(|| panic!("no audit line with {words:?} in:\n{}", lines.join("\n")))
+            .clone()
+    };
+    // Who: the CLI's credentials from the socket.
+    let change = find(&["change applied", "action=\"change\"", "what=\"clients\""]);
+    assert!(change.contains("uid 0 pid "), "{change}");
+    assert!(change.contains("(limiter-agent)"), "{change}");
+    assert!(
+        change.contains("40/s") && change.contains("1k/s"),
+        "{change}"
+    );
+    find(&["change refused", "action=\"change\"", "dscp"]);
+    find(&[
+        "change applied",
+        "action=\"penalize\"",
+        "penalty:198.18.9.9/32",
+    ]);
+    find(&["change applied", "action=\"revert\"", "what=\"clients\""]);
+    find(&["change applied", "action=\"reload\"", "uid 0"]);
+    find(&["change applied", "action=\"reload\"", "who=SIGHUP"]);
+}

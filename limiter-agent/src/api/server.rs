@@ -8,9 +8,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use axum::serve::IncomingStream;
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, FromRequest, Path as UrlPath, Query, Request, State},
+    extract::{
+        ConnectInfo, DefaultBodyLimit, FromRequest, Path as UrlPath, Query, Request, State,
+        connect_info::Connected,
+    },
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -22,7 +26,7 @@ use super::types::{Applied, ErrorBody, Offender, PenaltyRequest, RulePatch};
 use crate::{
     config::RuleConfig,
     rules::Change,
-    service::{ErrorKind, Service, ServiceError},
+    service::{ErrorKind, Requester, Service, ServiceError},
     shared::Shared,
 };
 
@@ -130,10 +134,14 @@ async fn show_rule(
     with_service(&s, move |svc| svc.rule(&name)).await.map(Json)
 }
 
-async fn add_rule(State(s): State<Shared>, Body(rule): Body<RuleConfig>) -> ApiResult<Applied> {
+async fn add_rule(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Body(rule): Body<RuleConfig>,
+) -> ApiResult<Applied> {
     with_service(&s, move |svc| {
         let name = rule.name.clone();
-        svc.add_rule(rule)?;
+        svc.add_rule(rule, &peer.requester())?;
         Ok(applied(svc, format!("rule {name:?} added")))
     })
     .await
@@ -142,11 +150,12 @@ async fn add_rule(State(s): State<Shared>, Body(rule): Body<RuleConfig>) -> ApiR
 
 async fn replace_rule(
     State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
     Body(rule): Body<RuleConfig>,
 ) -> ApiResult<Applied> {
     with_service(&s, move |svc| {
-        svc.replace_rule(&name, rule)?;
+        svc.replace_rule(&name, rule, &peer.requester())?;
         Ok(applied(svc, format!("rule {name:?} replaced")))
     })
     .await
@@ -155,11 +164,12 @@ async fn replace_rule(
 
 async fn patch_rule(
     State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
     Body(patch): Body<RulePatch>,
 ) -> ApiResult<Applied> {
     with_service(&s, move |svc| {
-        svc.patch_rule(&name, &patch)?;
+        svc.patch_rule(&name, &patch, &peer.requester())?;
         Ok(applied(svc, format!("rule {name:?} changed")))
     })
     .await
@@ -168,10 +178,11 @@ async fn patch_rule(
 
 async fn delete_rule(
     State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Applied> {
     with_service(&s, move |svc| {
-        svc.delete_rule(&name)?;
+        svc.delete_rule(&name, &peer.requester())?;
         Ok(applied(svc, format!("rule {name:?} deleted")))
     })
     .await
@@ -180,10 +191,11 @@ async fn delete_rule(
 
 async fn revert_rule(
     State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Applied> {
     with_service(&s, move |svc| {
-        svc.revert_rule(&name)?;
+        svc.revert_rule(&name, &peer.requester())?;
         Ok(applied(
             svc,
             format!("rule {name:?} reverted to the config file"),
@@ -193,9 +205,12 @@ async fn revert_rule(
     .map(Json)
 }
 
-async fn revert_all(State(s): State<Shared>) -> ApiResult<Applied> {
+async fn revert_all(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+) -> ApiResult<Applied> {
     with_service(&s, move |svc| {
-        let names = svc.revert_all()?;
+        let names = svc.revert_all(&peer.requester())?;
         let message = match names.as_slice() {
             [] => "no live changes: every rule is as the config file says".to_owned(),
             [one] => format!("rule {one:?} reverted to the config file"),
@@ -211,7 +226,11 @@ async fn revert_all(State(s): State<Shared>) -> ApiResult<Applied> {
     .map(Json)
 }
 
-async fn batch(State(s): State<Shared>, Body(changes): Body<Vec<Change>>) -> ApiResult<Applied> {
+async fn batch(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Body(changes): Body<Vec<Change>>,
+) -> ApiResult<Applied> {
     if changes.len() > MAX_BATCH {
         return Err(ApiError(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -222,7 +241,7 @@ async fn batch(State(s): State<Shared>, Body(changes): Body<Vec<Change>>) -> Api
         ));
     }
     with_service(&s, move |svc| {
-        let n = svc.apply_batch(&changes)?;
+        let n = svc.apply_batch(&changes, &peer.requester())?;
         Ok(applied(svc, format!("{n} changes applied together")))
     })
     .await
@@ -231,10 +250,11 @@ async fn batch(State(s): State<Shared>, Body(changes): Body<Vec<Change>>) -> Api
 
 async fn penalize(
     State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Body(request): Body<PenaltyRequest>,
 ) -> ApiResult<Applied> {
     with_service(&s, move |svc| {
-        let name = svc.penalize(&request)?;
+        let name = svc.penalize(&request, &peer.requester())?;
         Ok(applied(
             svc,
             format!("penalty {name:?} in force for {}", request.duration),
@@ -284,9 +304,12 @@ async fn top(State(s): State<Shared>, Query(q): Query<TopQuery>) -> ApiResult<Ve
     .map(Json)
 }
 
-async fn reload(State(s): State<Shared>) -> ApiResult<Applied> {
-    with_service(&s, |svc| {
-        svc.reload()?;
+async fn reload(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+) -> ApiResult<Applied> {
+    with_service(&s, move |svc| {
+        svc.reload(&peer.requester())?;
         Ok(applied(
             svc,
             crate::service::reload_message(&svc.live_overrides()),
@@ -296,7 +319,16 @@ async fn reload(State(s): State<Shared>) -> ApiResult<Applied> {
     .map(Json)
 }
 
-async fn detach(State(s): State<Shared>) -> ApiResult<Applied> {
+async fn detach(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+) -> ApiResult<Applied> {
+    tracing::info!(
+        target: "audit",
+        who = %peer.requester(),
+        action = "detach",
+        "detach requested: detaching from every interface and removing pins"
+    );
     let _ = s.detach.send(true);
     Ok(Json(Applied {
         config_generation: 0,
@@ -327,16 +359,50 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// The client at the other end of a control-socket connection, from the
+/// kernel's credentials of the socket (SO_PEERCRED): who asked, for the
+/// audit trail.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    uid: Option<u32>,
+    pid: Option<i32>,
+}
+
+impl Peer {
+    fn requester(self) -> Requester {
+        // Only root can open the socket; a missing uid is reported as such.
+        Requester::peer(self.uid.unwrap_or(u32::MAX), self.pid)
+    }
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(cred) => Self {
+                uid: Some(cred.uid()),
+                pid: cred.pid(),
+            },
+            Err(_) => Self {
+                uid: None,
+                pid: None,
+            },
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     listener: UnixListener,
     shared: Shared,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    axum::serve(listener, router(shared))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("control API")
+    axum::serve(
+        listener,
+        router(shared).into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .context("control API")
 }
 
 /// How long a blocking API call may take before a client gives up.

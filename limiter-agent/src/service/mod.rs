@@ -6,6 +6,7 @@
 //! fails at any step leaves the previous state in force. Read views are in
 //! `views.rs`.
 
+mod audit;
 mod error;
 mod views;
 
@@ -15,6 +16,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+pub use audit::Requester;
 pub use error::{ErrorKind, ServiceError};
 pub use views::reload_message;
 
@@ -193,62 +195,124 @@ impl Service {
             .collect()
     }
 
-    pub fn add_rule(&mut self, rule: RuleConfig) -> Result<()> {
-        self.apply_batch(&[Change::Add(rule)]).map(|_| ())
+    pub fn add_rule(&mut self, rule: RuleConfig, who: &Requester) -> Result<()> {
+        self.apply_batch(&[Change::Add(rule)], who).map(|_| ())
     }
 
-    pub fn replace_rule(&mut self, name: &str, rule: RuleConfig) -> Result<()> {
+    pub fn replace_rule(&mut self, name: &str, rule: RuleConfig, who: &Requester) -> Result<()> {
         if rule.name != name {
             return Err(ServiceError::NameMismatch {
                 body: rule.name,
                 path: name.to_owned(),
             });
         }
-        self.apply_batch(&[Change::Replace(rule)]).map(|_| ())
+        self.apply_batch(&[Change::Replace(rule)], who).map(|_| ())
     }
 
-    pub fn patch_rule(&mut self, name: &str, patch: &RulePatch) -> Result<()> {
-        self.apply_batch(&[Change::Patch {
+    pub fn patch_rule(&mut self, name: &str, patch: &RulePatch, who: &Requester) -> Result<()> {
+        let change = Change::Patch {
             name: name.to_owned(),
             patch: patch.clone(),
-        }])
-        .map(|_| ())
+        };
+        self.apply_batch(&[change], who).map(|_| ())
     }
 
     /// Returns rule `name` to what the config file says.
-    pub fn revert_rule(&mut self, name: &str) -> Result<()> {
-        self.apply_batch(&[Change::Revert(name.to_owned())])
+    pub fn revert_rule(&mut self, name: &str, who: &Requester) -> Result<()> {
+        self.apply_batch(&[Change::Revert(name.to_owned())], who)
             .map(|_| ())
     }
 
     /// Returns every rule to the config file; the names reverted.
-    pub fn revert_all(&mut self) -> Result<Vec<String>> {
+    pub fn revert_all(&mut self, who: &Requester) -> Result<Vec<String>> {
         let names: Vec<String> = self.state.overrides.keys().cloned().collect();
-        self.apply_batch(&[Change::RevertAll])?;
+        self.apply_batch(&[Change::RevertAll], who)?;
         Ok(names)
     }
 
-    pub fn delete_rule(&mut self, name: &str) -> Result<()> {
-        self.apply_batch(&[Change::Delete(name.to_owned())])
+    pub fn delete_rule(&mut self, name: &str, who: &Requester) -> Result<()> {
+        self.apply_batch(&[Change::Delete(name.to_owned())], who)
             .map(|_| ())
     }
 
     /// Applies `changes` in order as one change of the rule set: one
     /// validation, one flip in the kernel, one save. If any change is
-    /// refused, none is applied.
-    pub fn apply_batch(&mut self, changes: &[Change]) -> Result<usize> {
-        let staged = rules::stage(&self.config, &self.state, changes, now_unix())?;
-        let config = self.config.clone();
-        self.commit(&config, staged)?;
-        Ok(changes.len())
+    /// refused, none is applied. Each change is audited.
+    pub fn apply_batch(&mut self, changes: &[Change], who: &Requester) -> Result<usize> {
+        let touched: Vec<(&'static str, String)> =
+            changes.iter().flat_map(|c| self.touched_by(c)).collect();
+        let before: Vec<Option<RuleConfig>> = touched
+            .iter()
+            .map(|(_, name)| self.rule_config(name))
+            .collect();
+        let result = rules::stage(&self.config, &self.state, changes, now_unix())
+            .map_err(ServiceError::from);
+        let result = result.and_then(|staged| {
+            let config = self.config.clone();
+            self.commit(&config, staged)
+        });
+        for ((action, name), before) in touched.iter().zip(&before) {
+            let after = self.rule_config(name);
+            let outcome = match &result {
+                Ok(()) => Ok(self.config_generation),
+                Err(e) => Err(e as &dyn std::fmt::Display),
+            };
+            audit::record(who, action, name, before.as_ref(), after.as_ref(), outcome);
+        }
+        result.map(|()| changes.len())
     }
 
-    pub fn penalize(&mut self, request: &PenaltyRequest) -> Result<String> {
-        let penalty = request.decode().map_err(rules::RulesError::from)?;
+    /// (action, rule name) of what `change` touches, for the audit.
+    fn touched_by(&self, change: &Change) -> Vec<(&'static str, String)> {
+        match change {
+            Change::Add(rule) => vec![("add", rule.name.clone())],
+            Change::Replace(rule) => vec![("replace", rule.name.clone())],
+            Change::Patch { name, .. } => vec![("change", name.clone())],
+            Change::Delete(name) => vec![("delete", name.clone())],
+            Change::Revert(name) => vec![("revert", name.clone())],
+            Change::RevertAll => self
+                .state
+                .overrides
+                .keys()
+                .map(|name| ("revert", name.clone()))
+                .collect(),
+        }
+    }
+
+    /// The rule called `name` in force now, as written.
+    fn rule_config(&self, name: &str) -> Option<RuleConfig> {
+        self.in_force
+            .iter()
+            .find(|r| r.def.name == name)
+            .map(|r| r.config.clone())
+    }
+
+    pub fn penalize(&mut self, request: &PenaltyRequest, who: &Requester) -> Result<String> {
+        let penalty = match request.decode() {
+            Ok(penalty) => penalty,
+            Err(e) => {
+                let e = ServiceError::from(rules::RulesError::from(e));
+                audit::record(who, "penalize", &request.prefix, None, None, Err(&e));
+                return Err(e);
+            }
+        };
         let (staged, name) = rules::add_penalty(&self.state, penalty, now_unix());
+        let before = self.rule_config(&name);
         let config = self.config.clone();
-        self.commit(&config, staged)?;
-        Ok(name)
+        let result = self.commit(&config, staged);
+        let outcome = match &result {
+            Ok(()) => Ok(self.config_generation),
+            Err(e) => Err(e as &dyn std::fmt::Display),
+        };
+        audit::record(
+            who,
+            "penalize",
+            &name,
+            before.as_ref(),
+            self.rule_config(&name).as_ref(),
+            outcome,
+        );
+        result.map(|()| name)
     }
 
     /// Removes penalties whose time is up; returns their names.
@@ -256,19 +320,40 @@ impl Service {
         let Some((staged, expired)) = rules::expire(&self.state, now) else {
             return Ok(Vec::new());
         };
+        let before: Vec<Option<RuleConfig>> = expired.iter().map(|n| self.rule_config(n)).collect();
         let config = self.config.clone();
-        self.commit(&config, staged)?;
-        Ok(expired)
+        let result = self.commit(&config, staged);
+        for (name, before) in expired.iter().zip(&before) {
+            let outcome = match &result {
+                Ok(()) => Ok(self.config_generation),
+                Err(e) => Err(e as &dyn std::fmt::Display),
+            };
+            audit::record(
+                &Requester::Agent,
+                "expire",
+                name,
+                before.as_ref(),
+                None,
+                outcome,
+            );
+        }
+        result.map(|()| expired)
     }
 
     /// Re-reads the config file and applies it with the live changes on top.
     /// A bad file is refused; the rules in force stay as they were.
-    pub fn reload(&mut self) -> Result<()> {
+    pub fn reload(&mut self, who: &Requester) -> Result<()> {
         let result = self.try_reload();
         match &result {
             Ok(()) => self.last_reload_ok = Some(now_unix()),
             Err(_) => self.last_reload_failed = Some(now_unix()),
         }
+        let outcome = match &result {
+            Ok(()) => Ok(self.config_generation),
+            Err(e) => Err(e as &dyn std::fmt::Display),
+        };
+        let source = format!("config {}", self.config.source);
+        audit::record(who, "reload", &source, None, None, outcome);
         result
     }
 
