@@ -140,7 +140,7 @@ fn setup(rules: u32, sources: u32) -> Result<Setup> {
         dp.set_source_bucket(&key, &bucket)?;
     }
     let name = format!("{rules} rules, {sources} sources");
-    let memory = dp.map_memory()?;
+    let memory = dp.map_memory();
     let tracked = if sources > 1 {
         dp.tracked_sources()?
     } else {
