@@ -6,20 +6,9 @@ use std::os::fd::{AsFd as _, AsRawFd as _};
 use aya::maps::{IterableMap as _, MapData};
 use limiter_common::{Bucket, GENERATIONS, Reason, Rule, SourceKey, map_names};
 
-use super::{Datapath, DatapathError, Result, map_err, maps::clear_trie, program};
+use super::{Datapath, Result, map_err, maps::clear_trie};
 
 impl Datapath {
-    /// One of the reference programs benchmarks compare against
-    /// (`program_names::REFERENCE_*`), loaded on first use.
-    pub fn reference(&mut self, name: &'static str) -> Result<&mut aya::programs::Xdp> {
-        let prog: &mut aya::programs::Xdp = program(&mut self.ebpf, name)?;
-        if prog.fd().is_err() {
-            prog.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
-        Ok(prog)
-    }
-
     /// Creates or replaces a per-source bucket (benchmarks pre-fill the map).
     pub fn set_source_bucket(&mut self, key: &SourceKey, bucket: &Bucket) -> Result<()> {
         self.maps
