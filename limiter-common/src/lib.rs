@@ -43,12 +43,6 @@ pub mod program_names {
     /// TC where XDP has already decided: carries XDP's mark to `skb->mark`,
     /// never classifies or charges again.
     pub const TC_AFTER_XDP: &str = "limiter_tc_after_xdp";
-    /// A bare XDP_PASS: the benchmarks' baseline.
-    pub const REFERENCE_PASS: &str = "reference_pass";
-    /// One clock read, then XDP_PASS: the floor of any time-based limiter.
-    pub const REFERENCE_CLOCK: &str = "reference_clock";
-    /// A coarse clock read (the last tick's time) and XDP_PASS.
-    pub const REFERENCE_COARSE_CLOCK: &str = "reference_coarse_clock";
 }
 
 /// Default number of rules (rule ids); the rules array holds twice as many
@@ -367,6 +361,12 @@ pub mod bench {
     pub const FRAME_LEN: usize = 64;
     pub const GENERATOR: &str = "bench_generator";
     pub const REFERENCE_DROP: &str = "reference_drop";
+    /// A bare XDP_PASS: the per-packet benchmark's baseline.
+    pub const REFERENCE_PASS: &str = "reference_pass";
+    /// One clock read, then XDP_PASS: the floor of any time-based limiter.
+    pub const REFERENCE_CLOCK: &str = "reference_clock";
+    /// A coarse clock read (the last tick's time) and XDP_PASS.
+    pub const REFERENCE_COARSE_CLOCK: &str = "reference_coarse_clock";
     pub const CONFIG_MAP: &str = "GEN_CONFIG";
 
     /// How the generator builds each frame.

@@ -24,6 +24,10 @@ use limiter_common::{
     family,
 };
 
+/// `reference_pass`, `reference_clock`, `reference_coarse_clock`: the
+/// per-packet benchmark's baselines.
+mod reference;
+
 #[map(name = "GEN_CONFIG")]
 static GEN_CONFIG: Array<GeneratorConfig> = Array::with_max_entries(1, 0);
 

@@ -242,39 +242,3 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-/// The benchmarks' baseline: the cheapest possible XDP program, measured in
-/// the same run as limiter's so ratios are comparable. Never attached.
-#[xdp]
-pub fn reference_pass(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
-}
-
-/// The benchmarks' second baseline: one clock read, the floor of any
-/// time-based limiter on the machine measured (a read costs far more in some
-/// VMs than on bare metal). Never attached.
-#[xdp]
-pub fn reference_clock(_ctx: XdpContext) -> u32 {
-    // SAFETY: a helper call without arguments.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    // Use the value so the call cannot be dropped.
-    if now == 0 {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
-    }
-}
-
-/// The coarse clock (`bpf_ktime_get_coarse_ns`: the last tick's time, no
-/// clocksource read), for comparison with [`reference_clock`]. Never
-/// attached.
-#[xdp]
-pub fn reference_coarse_clock(_ctx: XdpContext) -> u32 {
-    // SAFETY: a helper call without arguments.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
-    if now == 0 {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
-    }
-}

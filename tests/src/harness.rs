@@ -1,11 +1,22 @@
 //! Loads the real programs and runs frames through them with
 //! BPF_PROG_TEST_RUN. Panics on failure: these are test fixtures.
+//!
+//! One load serves every test of a test binary: a [`Harness`] is a lock on
+//! it with every map reset, never a load of its own.
 
-use aya::programs::{TestRun, TestRunOptions};
+use std::{
+    cell::Cell,
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{TestRun, TestRunOptions},
+};
 use ipnet::IpNet;
 use limiter_agent::datapath::{Capacities, Datapath};
 use limiter_common::{
-    Action, Limit, MarkMeta, Reason, Rule, RuleCounters, Scope, dimension, verdict,
+    Action, Limit, MarkMeta, OverBudgetEvent, Reason, Rule, RuleCounters, Scope, dimension, verdict,
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -80,8 +91,54 @@ pub fn net(s: &str) -> IpNet {
     s.parse().unwrap_or_else(|e| panic!("test prefix {s}: {e}"))
 }
 
-pub struct Harness {
+/// The programs, loaded once per test binary (a load is a verifier pass:
+/// about 1.4 s natively, far more under QEMU) and handed to one test at a
+/// time.
+pub struct Loaded {
     pub dp: Datapath,
+    /// Taken at load (a ring has one reader); drained between tests.
+    events: RingBuf<MapData>,
+}
+
+/// The one load of this test binary. Its lock is held for a whole test, so
+/// tests run in parallel (without `--test-threads=1`) queue here instead of
+/// sharing state.
+static LOADED: Mutex<Option<Loaded>> = Mutex::new(None);
+
+thread_local! {
+    /// Whether this thread holds [`LOADED`]: taking it twice would hang.
+    static HOLDING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// One test's exclusive use of the programs, every map as a fresh load
+/// leaves it. Derefs to [`Loaded`], so `h.dp` is the data path.
+pub struct Harness {
+    loaded: MutexGuard<'static, Option<Loaded>>,
+}
+
+impl std::ops::Deref for Harness {
+    type Target = Loaded;
+    fn deref(&self) -> &Loaded {
+        match self.loaded.as_ref() {
+            Some(loaded) => loaded,
+            None => unreachable!("a Harness is only made around a load"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Harness {
+    fn deref_mut(&mut self) -> &mut Loaded {
+        match self.loaded.as_mut() {
+            Some(loaded) => loaded,
+            None => unreachable!("a Harness is only made around a load"),
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        HOLDING.with(|h| h.set(false));
+    }
 }
 
 pub struct XdpRun {
@@ -108,11 +165,57 @@ impl Harness {
         })
     }
 
+    /// The programs with `capacities`, all state reset. Loads them on the
+    /// first call of the binary, and again only when `capacities` differ
+    /// from the load's. Waits while another test holds them; panics if this
+    /// thread does (drop the first `Harness` before making another).
     pub fn with_capacities(capacities: Capacities) -> Self {
-        match Datapath::load(capacities) {
-            Ok(dp) => Self { dp },
-            Err(e) => panic!("loading the programs failed: {e:?}"),
+        if HOLDING.with(Cell::get) {
+            panic!("this thread holds a Harness already: drop it before making another");
         }
+        // A test that panicked while holding the lock poisoned it; the
+        // reset below makes the state good again.
+        let mut loaded = LOADED.lock().unwrap_or_else(PoisonError::into_inner);
+        let reuse = loaded
+            .as_ref()
+            .is_some_and(|l| l.dp.capacities() == capacities);
+        if !reuse {
+            // Drop the old load first: its maps count against memory.
+            *loaded = None;
+            let mut dp = match Datapath::load(capacities) {
+                Ok(dp) => dp,
+                Err(e) => panic!("loading the programs failed: {e:?}"),
+            };
+            let events = dp.take_events().unwrap_or_else(|e| panic!("{e}"));
+            *loaded = Some(Loaded { dp, events });
+        }
+        // Set only once a Harness exists to clear it again on drop.
+        HOLDING.with(|h| h.set(true));
+        let mut harness = Self { loaded };
+        if reuse {
+            harness.reset();
+        }
+        harness
+    }
+
+    /// Every map back to the state of a fresh load, no events queued.
+    pub fn reset(&mut self) {
+        self.dp
+            .reset_all_state()
+            .unwrap_or_else(|e| panic!("resetting the maps: {e}"));
+        self.events();
+    }
+
+    /// Every over-budget event queued since the last call (or the reset).
+    pub fn events(&mut self) -> Vec<OverBudgetEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            assert_eq!(item.len(), size_of::<OverBudgetEvent>());
+            // SAFETY: the item is exactly one OverBudgetEvent written by the
+            // program.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<OverBudgetEvent>()) });
+        }
+        out
     }
 
     /// Installs `rule` at slot == id, for every prefix.

@@ -2,7 +2,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use limiter_common::{Action, OverBudgetEvent, Reason, SourceKey, dimension, family, verdict};
+use limiter_common::{Action, Reason, SourceKey, dimension, family, verdict};
 use limiter_tests::{frame::*, harness::*};
 
 fn v4(last: u8) -> Ipv4Addr {
@@ -322,7 +322,6 @@ fn going_over_budget_emits_one_event_per_source_per_second() {
         RuleSpec::new(7, Action::Drop).packets(1, 2),
         &["198.18.0.0/15", "2001:db8::/32"],
     );
-    let mut events = h.dp.take_events().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(h.xdp_many(&udp4(v4(1)), 10), (2, 8));
     assert_eq!(h.xdp_many(&udp4(v4(2)), 10), (2, 8));
     assert_eq!(h.xdp_many(&Frame::v6(v6(3), L4::Udp).build(), 10), (2, 8));
@@ -331,14 +330,7 @@ fn going_over_budget_emits_one_event_per_source_per_second() {
         (2, 0),
         "within budget: no event"
     );
-    let mut got = Vec::new();
-    while let Some(item) = events.next() {
-        assert_eq!(item.len(), size_of::<OverBudgetEvent>());
-        // SAFETY: the item is exactly one OverBudgetEvent written by the program.
-        let event: OverBudgetEvent =
-            unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<OverBudgetEvent>()) };
-        got.push(event);
-    }
+    let got = h.events();
     assert_eq!(got.len(), 3, "{got:?}");
     let sources: Vec<_> = got.iter().map(|e| (e.family, e.addr)).collect();
     let mut a1 = [0u8; 16];
@@ -425,4 +417,62 @@ fn a_generation_flip_switches_the_whole_rule_set_at_once() {
     h.rule(RuleSpec::new(2, Action::Deny), &["198.18.9.0/24"]);
     assert_eq!(h.xdp(&other).0, XDP_PASS);
     assert_eq!(h.reason(Reason::NoRule), 1);
+}
+
+/// Tests share one load of the programs: a new `Harness` must see nothing of
+/// the one before, in any map.
+#[test]
+fn a_new_harness_sees_nothing_of_the_last_one() {
+    let last_slot = 2 * 1024 - 1;
+    let per_source = RuleSpec::new(3, Action::Drop).packets(1, 1);
+    let shared = RuleSpec::new(4, Action::Drop).packets(1, 1).shared();
+    {
+        let mut h = Harness::new();
+        h.rule(per_source, &["198.18.1.0/24", "2001:db8::/32"]);
+        h.rule(shared, &["198.18.2.0/24"]);
+        h.dp.set_rule(last_slot, &per_source.0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        h.dp.set_prefix(1, net("198.18.3.0/24"), last_slot)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(h.xdp_many(&udp4(v4(1)), 3), (1, 2));
+        assert_eq!(h.xdp_many(&Frame::v6(v6(1), L4::Udp).build(), 2), (1, 1));
+        assert_eq!(h.xdp_many(&udp4(Ipv4Addr::new(198, 18, 2, 1)), 2), (1, 1));
+        assert_eq!(h.xdp(&arp()).0, XDP_PASS);
+        h.dp.set_active_generation(1)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(h.dp.tracked_sources().unwrap_or_else(|e| panic!("{e}")), 2);
+        // The drops' over-budget events stay queued: the next one must not
+        // see them either.
+    }
+    let mut h = Harness::new();
+    let empty = limiter_common::Rule::EMPTY;
+    for slot in [3, 4, last_slot] {
+        assert_eq!(h.dp.rule(slot).unwrap_or_else(|e| panic!("{e}")), empty);
+    }
+    for generation in [0, 1] {
+        for addr in ["198.18.1.1", "198.18.3.1", "2001:db8::1"] {
+            let found =
+                h.dp.lookup_prefix(generation, addr.parse().unwrap_or_else(|e| panic!("{e}")));
+            assert_eq!(found.unwrap_or_else(|e| panic!("{e}")), None, "{addr}");
+        }
+    }
+    assert_eq!(
+        h.dp.active_generation().unwrap_or_else(|e| panic!("{e}")),
+        0
+    );
+    assert_eq!(h.counters(3), limiter_common::RuleCounters::default());
+    assert_eq!(h.counters(4), limiter_common::RuleCounters::default());
+    assert_eq!(
+        h.dp.shared_bucket(4).unwrap_or_else(|e| panic!("{e}")),
+        limiter_common::Bucket::default()
+    );
+    assert_eq!(h.dp.tracked_sources().unwrap_or_else(|e| panic!("{e}")), 0);
+    assert_eq!(
+        h.dp.reason_counters().unwrap_or_else(|e| panic!("{e}")),
+        [0; Reason::COUNT as usize]
+    );
+    assert_eq!(h.events(), []);
+    // And it works like a fresh load: the same source gets its whole burst.
+    h.rule(per_source, &["198.18.1.0/24"]);
+    assert_eq!(h.xdp_many(&udp4(v4(1)), 2), (1, 1));
 }

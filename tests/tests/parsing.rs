@@ -141,6 +141,7 @@ fn ipv6_extension_headers_are_walked() {
         vec![Ext::Fragment { offset: 0 }],
     ];
     for chain in chains {
+        assert_source_found(&with_ext(Frame::v6(SRC6, L4::Udp), chain.clone()));
         // The SYN behind the chain must be seen as a SYN.
         let mut h = Harness::new();
         h.rule(
@@ -149,7 +150,6 @@ fn ipv6_extension_headers_are_walked() {
         );
         let frame = with_ext(Frame::v6(SRC6, L4::Tcp { flags: TCP_SYN }), chain.clone()).build();
         assert_eq!(h.xdp_many(&frame, 3), (1, 2), "chain {chain:?}");
-        assert_source_found(&with_ext(Frame::v6(SRC6, L4::Udp), chain));
     }
 }
 
@@ -200,7 +200,8 @@ fn fragments_are_charged_and_only_the_first_carries_l4() {
         8
     );
 
-    // A packet budget limits fragments like any packet.
+    // A packet budget limits fragments like any packet, from a fresh state.
+    drop(h);
     let mut h = Harness::new();
     h.rule(
         RuleSpec::new(7, Action::Drop).packets(1, 2),

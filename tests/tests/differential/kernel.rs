@@ -1,9 +1,8 @@
-//! The kernel side: one loaded data path reused across cases. Each case gets
-//! fresh rule ids, so counters, shared buckets and per-source buckets of
-//! earlier cases can never be seen; the programs are reloaded when ids or
-//! source-map room run low.
+//! The kernel side: the test binary's one load, reused across cases. Each
+//! case gets fresh rule ids, so counters, shared buckets and per-source
+//! buckets of earlier cases can never be seen; all state is reset when ids
+//! or source-map room run low.
 
-use aya::maps::{MapData, RingBuf};
 use ipnet::IpNet;
 use limiter_agent::datapath::Capacities;
 use limiter_common::{Bucket, OverBudgetEvent, Reason, RuleCounters};
@@ -16,14 +15,13 @@ use crate::rules::{PrefixTarget, TableSpec};
 
 const MAX_RULES: u32 = 4096;
 /// Per-source buckets a load may create: twice what is ever used before a
-/// reload, so the LRU never evicts (an eviction would hand a source a fresh
+/// reset, so the LRU never evicts (an eviction would hand a source a fresh
 /// burst the model does not expect).
 const MAX_SOURCES: u32 = 1 << 16;
-const SOURCES_PER_LOAD: usize = (MAX_SOURCES / 2) as usize;
+const SOURCES_PER_RESET: usize = (MAX_SOURCES / 2) as usize;
 
 pub struct Kernel {
     harness: Harness,
-    events: RingBuf<MapData>,
     next_id: u32,
     sources_used: usize,
 }
@@ -41,15 +39,14 @@ pub struct Run {
 }
 
 impl Kernel {
+    /// The binary's one load (`Harness`), every map reset.
     pub fn load() -> Self {
-        let mut harness = Harness::with_capacities(Capacities {
+        let harness = Harness::with_capacities(Capacities {
             max_rules: MAX_RULES,
             max_sources: MAX_SOURCES,
         });
-        let events = harness.dp.take_events().unwrap_or_else(|e| panic!("{e}"));
         Self {
             harness,
-            events,
             next_id: 1,
             sources_used: 0,
         }
@@ -59,8 +56,11 @@ impl Kernel {
     /// returns the model's view of it.
     pub fn install(&mut self, spec: &TableSpec, frames: usize) -> RuleTable {
         let ids_needed = spec.rules.len() as u32 + 1;
-        if self.next_id + ids_needed >= MAX_RULES || self.sources_used + frames > SOURCES_PER_LOAD {
-            *self = Self::load();
+        if self.next_id + ids_needed >= MAX_RULES || self.sources_used + frames > SOURCES_PER_RESET
+        {
+            self.harness.reset();
+            self.next_id = 1;
+            self.sources_used = 0;
         }
         self.sources_used += frames;
         let ids: Vec<u32> = (0..spec.rules.len() as u32)
@@ -129,14 +129,7 @@ impl Kernel {
 
     /// Every over-budget event queued since the last call.
     pub fn take_events(&mut self) -> Vec<OverBudgetEvent> {
-        let mut out = Vec::new();
-        while let Some(item) = self.events.next() {
-            assert_eq!(item.len(), size_of::<OverBudgetEvent>());
-            // SAFETY: the item is exactly one OverBudgetEvent written by the
-            // program.
-            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<OverBudgetEvent>()) });
-        }
-        out
+        self.harness.events()
     }
 }
 

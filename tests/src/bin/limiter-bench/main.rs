@@ -11,12 +11,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::{
+    Ebpf,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
 use clap::Parser;
 use limiter_agent::datapath::{Capacities, Datapath};
-use limiter_common::{
-    Action, Bucket, SourceKey, dimension, family, program_names, rate::fine_time,
-};
+use limiter_common::{Action, Bucket, SourceKey, bench, dimension, family, rate::fine_time};
 use limiter_tests::{
     frame::{Frame, L4},
     harness::{RuleSpec, net},
@@ -140,7 +141,7 @@ fn setup(rules: u32, sources: u32) -> Result<Setup> {
         dp.set_source_bucket(&key, &bucket)?;
     }
     let name = format!("{rules} rules, {sources} sources");
-    let memory = dp.map_memory()?;
+    let memory = dp.map_memory();
     let tracked = if sources > 1 {
         dp.tracked_sources()?
     } else {
@@ -155,6 +156,14 @@ fn setup(rules: u32, sources: u32) -> Result<Setup> {
         memory.prefixes_v6 as f64 / 1048576.0,
     );
     Ok(Setup { name, dp })
+}
+
+/// A reference program of the benchmark object, by name.
+fn reference<'a>(object: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let prog = object
+        .program_mut(name)
+        .with_context(|| format!("{name} missing from the benchmark object"))?;
+    Ok(prog.try_into()?)
 }
 
 fn run(prog: &mut Xdp, frame: &[u8], repeat: u32) -> Result<f64> {
@@ -242,21 +251,21 @@ fn packet_suite(args: &Args) -> Result<()> {
             setup: 0,
             label: "bare XDP_PASS (baseline)".into(),
             frame: frame_for(PASS, false),
-            reference: Some(program_names::REFERENCE_PASS),
+            reference: Some(bench::REFERENCE_PASS),
             samples: Vec::new(),
         },
         Variant {
             setup: 0,
             label: "one clock read + XDP_PASS".into(),
             frame: frame_for(PASS, false),
-            reference: Some(program_names::REFERENCE_CLOCK),
+            reference: Some(bench::REFERENCE_CLOCK),
             samples: Vec::new(),
         },
         Variant {
             setup: 0,
             label: "one coarse clock read + XDP_PASS".into(),
             frame: frame_for(PASS, false),
-            reference: Some(program_names::REFERENCE_COARSE_CLOCK),
+            reference: Some(bench::REFERENCE_COARSE_CLOCK),
             samples: Vec::new(),
         },
     ];
@@ -281,12 +290,17 @@ fn packet_suite(args: &Args) -> Result<()> {
         let prog = setups[v.setup].dp.xdp()?;
         run(prog, &v.frame, 10)?;
     }
+    let mut references = Ebpf::load(limiter_agent::ebpf::BENCH_OBJECT)?;
+    for v in &variants {
+        if let Some(name) = v.reference {
+            reference(&mut references, name)?.load()?;
+        }
+    }
     for _ in 0..args.runs {
         for v in variants.iter_mut() {
-            let dp = &mut setups[v.setup].dp;
             let prog = match v.reference {
-                Some(name) => dp.reference(name)?,
-                None => dp.xdp()?,
+                Some(name) => reference(&mut references, name)?,
+                None => setups[v.setup].dp.xdp()?,
             };
             v.samples.push(run(prog, &v.frame, args.repeat)?);
         }
