@@ -8,11 +8,9 @@ use serde::Serialize;
 use crate::{
     api::{
         client::{Client, ClientError, segment},
-        types::{
-            Applied, Offender, Origin, PenaltyRequest, ProgramIds, RuleView, SourceView, Status,
-        },
+        types::{Applied, Offender, PenaltyRequest, RuleView, SourceView, Status},
     },
-    config::{ActionConfig, Config, Quantity, RuleConfig, RuleFields},
+    config::{ActionConfig, Config, RuleConfig, RuleFields},
     pins::PinScope,
 };
 
@@ -123,32 +121,6 @@ pub async fn revert(client: &Client, out: &Output, name: Option<&str>) -> Result
     Ok(())
 }
 
-/// A Unix time for people: "2026-11-30 10:15:02 UTC (3m 5s ago)", or
-/// "(in 4m)" for one to come.
-pub fn when(unix: u64, now: u64) -> String {
-    let at = std::time::UNIX_EPOCH + Duration::from_secs(unix);
-    let stamp = humantime::format_rfc3339_seconds(at)
-        .to_string()
-        .replace('T', " ")
-        .replace('Z', " UTC");
-    let relative = if unix <= now {
-        format!(
-            "{} ago",
-            humantime::format_duration(Duration::from_secs(now - unix))
-        )
-    } else {
-        format!(
-            "in {}",
-            humantime::format_duration(Duration::from_secs(unix - now))
-        )
-    };
-    format!("{stamp} ({relative})")
-}
-
-fn now_unix() -> u64 {
-    crate::service::now_unix()
-}
-
 pub async fn delete(client: &Client, out: &Output, name: &str) -> Result {
     let path = format!("/v1/rules/{}", segment(name));
     let a: Applied = client
@@ -172,22 +144,6 @@ pub async fn penalize(client: &Client, out: &Output, request: &PenaltyRequest) -
         .await?;
     applied(out, &a);
     Ok(())
-}
-
-fn budget_text(rate: &Option<String>, burst: &Option<Quantity>) -> String {
-    match (rate, burst) {
-        (None, _) => "-".into(),
-        (Some(r), None) => r.clone(),
-        (Some(r), Some(b)) => format!("{r} (burst {b})"),
-    }
-}
-
-fn origin_word(origin: Origin) -> &'static str {
-    match origin {
-        Origin::Config => "config",
-        Origin::Live => "live",
-        Origin::Penalty => "penalty",
-    }
 }
 
 fn print_rules(rules: &[RuleView]) {
@@ -308,23 +264,6 @@ pub async fn inspect(client: &Client, out: &Output, address: &str) -> Result {
         }
     });
     Ok(())
-}
-
-/// "xdp id 12, tc after xdp id 14": the kernel's ids of the programs in use.
-fn program_ids(ids: &ProgramIds) -> String {
-    let named: Vec<String> = [
-        ("xdp", ids.xdp),
-        ("tc", ids.tc),
-        ("tc after xdp", ids.tc_after_xdp),
-    ]
-    .into_iter()
-    .filter_map(|(name, id)| id.map(|id| format!("{name} id {id}")))
-    .collect();
-    if named.is_empty() {
-        "none attached".to_owned()
-    } else {
-        named.join(", ")
-    }
 }
 
 pub async fn status(client: &Client, out: &Output) -> Result {
@@ -503,3 +442,6 @@ pub fn print_check(config: &Config) {
 
 #[cfg(test)]
 mod tests;
+mod words;
+
+use words::{budget_text, now_unix, origin_word, program_ids, when};

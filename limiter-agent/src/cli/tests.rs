@@ -3,6 +3,7 @@
 use clap::Parser as _;
 
 use super::*;
+use crate::{api::types::ProgramIds, config::Quantity};
 
 /// `rules add` / `rules change` arguments as clap reads them.
 #[derive(clap::Parser)]

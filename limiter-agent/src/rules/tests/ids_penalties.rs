@@ -1,0 +1,152 @@
+//! Rule ids, penalties, bucket masking and labels.
+
+use super::*;
+
+#[test]
+fn ids_are_kept_for_rules_that_stay() {
+    let first = plan(&config(), State::default()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.fresh_ids, [0, 1]);
+    let again = plan(&config(), first.state.clone()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(again.fresh_ids.is_empty());
+    assert_eq!(again.state.ids, first.state.ids);
+}
+
+#[test]
+fn a_new_rule_gets_the_lowest_free_id() {
+    let first = plan(&config(), State::default()).unwrap_or_else(|e| panic!("{e}"));
+    // Delete clients (id 0), add two rules: the first takes id 0 again.
+    let state = stage(
+        &config(),
+        &first.state,
+        &[
+            Change::Delete("clients".into()),
+            Change::Add(rule("a", "198.19.5.0/24")),
+            Change::Add(rule("b", "198.19.6.0/24")),
+        ],
+        NOW,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let next = plan(&config(), state).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(next.fresh_ids, [0, 2]);
+    assert_eq!(next.state.ids.get("partners"), Some(&1));
+    assert!(!next.state.ids.contains_key("clients"));
+}
+
+#[test]
+fn ids_of_rules_gone_are_given_back() {
+    let mut state = State::default();
+    state.ids.insert("gone".into(), 0);
+    state.ids.insert("gone-too".into(), 1);
+    let planned = plan(&config_with_capacity(2), state).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(planned.fresh_ids, [0, 1]);
+    assert!(!planned.state.ids.contains_key("gone"));
+}
+
+#[test]
+fn every_id_indexes_the_kernel_maps() {
+    // Capacity 2 holds ids 0 and 1; a state file may still hold id 2 (ids
+    // once started at 1): that rule gets a fresh id in range.
+    let mut state = State::default();
+    state.ids.insert("partners".into(), 2);
+    let planned = plan(&config_with_capacity(2), state).unwrap_or_else(|e| panic!("{e}"));
+    assert!(planned.state.ids.values().all(|id| *id < 2), "{planned:?}");
+    assert_eq!(planned.fresh_ids, [0, 1]);
+}
+
+#[test]
+fn running_out_of_ids_is_refused_with_the_capacity() {
+    let rules = compose(&config(), &State::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut ids = std::collections::BTreeMap::new();
+    let err = assign_ids(&rules, &mut ids, 1).unwrap_err();
+    assert_eq!(err.to_string(), "no free rule id: capacity.rules is 1");
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+}
+
+// Penalties
+
+#[test]
+fn a_deny_penalty_is_a_deny_rule_named_after_its_prefix() {
+    let p = penalty_request("198.18.0.1", "5m")
+        .decode()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.rule.name, "penalty:198.18.0.1/32");
+    assert_eq!(p.rule.action, ActionConfig::Deny);
+    assert_eq!(p.duration, Duration::from_secs(300));
+}
+
+#[test]
+fn bad_penalties_are_refused_with_the_reason() {
+    let err = |r: PenaltyRequest| r.decode().unwrap_err().to_string();
+    assert!(err(penalty_request("198.18.0.1/8", "5m")).contains("host bits"));
+    assert!(err(penalty_request("198.18.0.1", "0s")).contains("at least 1s"));
+    assert!(err(penalty_request("198.18.0.1", "soon")).contains("30s, 5m"));
+    let mut both = penalty_request("198.18.0.1", "5m");
+    both.packets = Some("10/s".into());
+    assert!(err(both).contains("not both"));
+    let mut neither = penalty_request("198.18.0.1", "5m");
+    neither.deny = false;
+    assert!(err(neither).contains("not both"));
+}
+
+#[test]
+fn a_budget_penalty_limits_instead_of_denying() {
+    let mut request = penalty_request("2001:db8::/48", "30s");
+    request.deny = false;
+    request.packets = Some("1/s".into());
+    let p = request.decode().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.rule.action, ActionConfig::Drop);
+    assert_eq!(p.rule.fields().packets.as_deref(), Some("1/s"));
+}
+
+#[test]
+fn a_penalty_expires_at_its_time_and_not_before() {
+    let p = penalty_request("198.18.0.1", "1m")
+        .decode()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (state, name) = add_penalty(&State::default(), p, 1_000);
+    assert_eq!(state.penalties[&name].expires_at, 1_060);
+    assert!(expire(&state, 1_059).is_none());
+    let Some((after, expired)) = expire(&state, 1_060) else {
+        panic!("not expired at its time");
+    };
+    assert_eq!(expired, [name]);
+    assert!(after.penalties.is_empty());
+}
+
+#[test]
+fn a_second_penalty_on_a_prefix_replaces_the_first() {
+    let p = |d: &str| {
+        penalty_request("198.18.0.1", d)
+            .decode()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (state, _) = add_penalty(&State::default(), p("1m"), 0);
+    let (state, name) = add_penalty(&state, p("1h"), 0);
+    assert_eq!(state.penalties.len(), 1);
+    assert_eq!(state.penalties[&name].expires_at, 3_600);
+}
+
+// Buckets and labels
+
+#[test]
+fn a_source_is_masked_to_the_rules_prefix_length() {
+    let rules = compose(&config(), &State::default()).unwrap_or_else(|e| panic!("{e}"));
+    let addr: IpAddr = "2001:db8:1:2:3:4:5:6"
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let bucket = source_bucket(addr, &rules[1].def);
+    // IPv6 sources are budgeted per /64 by default.
+    assert_eq!(bucket.prefix.to_string(), "2001:db8:1:2::/64");
+    assert!(bucket.prefix.contains(&addr));
+    let v4: IpAddr = "198.18.7.9".parse().unwrap_or_else(|e| panic!("{e}"));
+    let bucket = source_bucket(v4, &rules[0].def);
+    assert_eq!(bucket.prefix.to_string(), "198.18.7.9/32");
+    assert_eq!(&bucket.addr[..4], &[198, 18, 7, 9]);
+    assert_eq!(bucket.family, limiter_common::family::IPV4);
+}
+
+#[test]
+fn an_unknown_rule_id_is_labelled_by_number() {
+    assert_eq!(rule_label(Some("clients"), 1), "clients");
+    assert_eq!(rule_label(None, 7), "#7");
+}
