@@ -31,6 +31,8 @@ pub struct Repairs {
     pub interfaces_lost: u64,
     /// Rule sets written back after something else changed the kernel's.
     pub rules_rewritten: u64,
+    /// Links whose program something else replaced, given ours back.
+    pub programs_restored: u64,
 }
 
 /// An interface by its namespace (`None`: the agent's own) and name.
@@ -51,7 +53,14 @@ struct Interface {
     ifindex: Option<u32>,
     /// The agent's own handles on the interface's links: a link stays
     /// attached while one is open, even when its pin is removed.
-    links: Vec<(PathBuf, Option<FdLink>)>,
+    links: Vec<HeldLink>,
+}
+
+/// One of an interface's links, by kind, pin and the agent's handle.
+struct HeldLink {
+    kind: LinkKind,
+    pin: PathBuf,
+    handle: Option<FdLink>,
 }
 
 impl Interface {
@@ -59,10 +68,14 @@ impl Interface {
         let ns = self.config.netns.as_deref();
         self.links = LinkKind::ALL
             .iter()
-            .map(|kind| pins.link(ns, &self.config.name, *kind))
-            .filter_map(|pin| {
+            .filter_map(|kind| {
+                let pin = pins.link(ns, &self.config.name, *kind);
                 let link = PinnedLink::from_pin(&pin).ok()?;
-                Some((pin, Some(FdLink::from(link))))
+                Some(HeldLink {
+                    kind: *kind,
+                    pin,
+                    handle: Some(FdLink::from(link)),
+                })
             })
             .collect();
     }
@@ -86,6 +99,61 @@ impl Interface {
         }
     }
 
+    /// A link of this interface running a program that is not ours
+    /// (another agent or a hand-made `bpftool` swapped it in): which, and
+    /// the program ids found and expected.
+    fn foreign_program(&self, dp: &Datapath) -> Option<String> {
+        use limiter_common::program_names;
+        self.links.iter().find_map(|held| {
+            let ours = match held.kind {
+                LinkKind::XdpNative | LinkKind::XdpGeneric => program_names::XDP,
+                LinkKind::Tc if self.attached.xdp_mode.is_some() => program_names::TC_AFTER_XDP,
+                LinkKind::Tc => program_names::TC,
+            };
+            let expected = dp.program_id(ours)?;
+            let found = held.handle.as_ref()?.info().ok()?.program_id();
+            (found != expected).then(|| {
+                format!(
+                    "the {} link runs program id {found}, not this agent's {expected}",
+                    held.kind.pin_name()
+                )
+            })
+        })
+    }
+
+    /// Puts this agent's programs back into the interface's links (adopting
+    /// a link swaps the program in atomically: no moment without one).
+    fn restore_programs(
+        &mut self,
+        dp: &mut Datapath,
+        pins: &Pins,
+        foreign: &str,
+        repairs: &mut Repairs,
+    ) {
+        tracing::warn!(
+            interface = self.describe(),
+            "{foreign}: something other than this agent replaced it; putting this agent's back"
+        );
+        self.links.clear();
+        let mut created = Vec::new();
+        match attach::attach_one(dp, pins, &self.config, &mut created) {
+            Ok(fresh) => {
+                self.attached = fresh;
+                repairs.programs_restored += 1;
+            }
+            Err(e) => {
+                for pin in &created {
+                    attach::unpin(pin);
+                }
+                tracing::error!(
+                    interface = self.describe(),
+                    "putting the programs back failed (retrying in a second): {e:#}"
+                );
+            }
+        }
+        self.hold_links(pins);
+    }
+
     /// One round for this interface; `pins` and `repairs` are the owner's.
     fn supervise(&mut self, dp: &mut Datapath, pins: &Pins, repairs: &mut Repairs) {
         let now = current_ifindex(&self.config);
@@ -96,6 +164,8 @@ impl Interface {
                 if lost {
                     // Attach afresh next round, as for a new interface.
                     self.ifindex = None;
+                } else if let Some(foreign) = self.foreign_program(dp) {
+                    self.restore_programs(dp, pins, &foreign, repairs);
                 }
             }
             (Some(_), None) => {
@@ -227,26 +297,26 @@ fn repin_maps(pins: &Pins, dp: &Datapath, repairs: &mut Repairs) {
 
 /// Pins again the `links` whose pins were removed. Returns how many, and
 /// whether a link was lost (pinning failed: the link detached).
-fn repin_links(links: &mut [(PathBuf, Option<FdLink>)]) -> (u64, bool) {
+fn repin_links(links: &mut [HeldLink]) -> (u64, bool) {
     let mut repinned = 0;
     let mut lost = false;
-    for (pin, held) in links {
-        if pin.exists() {
+    for held in links {
+        if held.pin.exists() {
             continue;
         }
-        let Some(link) = held.take() else {
+        let Some(link) = held.handle.take() else {
             lost = true;
             continue;
         };
-        match link.pin(&*pin) {
+        match link.pin(&held.pin) {
             Ok(pinned) => {
-                *held = Some(FdLink::from(pinned));
+                held.handle = Some(FdLink::from(pinned));
                 repinned += 1;
-                tracing::warn!(pin = %pin.display(), "a link pin was removed under the agent: pinned again");
+                tracing::warn!(pin = %held.pin.display(), "a link pin was removed under the agent: pinned again");
             }
             // The handle went with the failed call: the link detaches.
             Err(e) => {
-                tracing::error!(pin = %pin.display(), "pinning a link again: {e}");
+                tracing::error!(pin = %held.pin.display(), "pinning a link again: {e}");
                 lost = true;
             }
         }

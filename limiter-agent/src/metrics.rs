@@ -312,7 +312,7 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
         "limiter_repairs_total",
         "What the agent put back by itself: interfaces re-attached after they came back, \
          pins re-created after they were removed, interfaces lost, rule sets written back \
-         after something else changed them.",
+         and programs put back after something else changed them.",
         MetricType::COUNTER,
     );
     let r = snapshot.repairs;
@@ -320,6 +320,7 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
     repairs.add(&[("kind", "repinned")], r.repinned as f64);
     repairs.add(&[("kind", "interface_lost")], r.interfaces_lost as f64);
     repairs.add(&[("kind", "rules_rewritten")], r.rules_rewritten as f64);
+    repairs.add(&[("kind", "program_restored")], r.programs_restored as f64);
     out.push(repairs.0);
 
     let mut build = Family::new(

@@ -392,3 +392,72 @@ fn every_change_is_audited_with_who_asked_what_changed_and_the_result() {
     find(&["change applied", "action=\"reload\"", "uid 0"]);
     find(&["change applied", "action=\"reload\"", "who=SIGHUP"]);
 }
+
+/// The pin of the agent's XDP link for its interface.
+fn xdp_link_pin(env: &AgentEnv) -> std::path::PathBuf {
+    let links = env.pin_path.join("links");
+    std::fs::read_dir(&links)
+        .unwrap_or_else(|e| panic!("{}: {e}", links.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(":xdp-native"))
+        .unwrap_or_else(|| panic!("no XDP link pinned under {}", links.display()))
+}
+
+fn link_program_id(pin: &std::path::Path) -> u32 {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let link = PinnedLink::from_pin(pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    FdLink::from(link)
+        .info()
+        .unwrap_or_else(|e| panic!("link info: {e}"))
+        .program_id()
+}
+
+#[test]
+fn a_program_swapped_into_the_agents_link_is_put_back() {
+    use aya::programs::{
+        Xdp,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    };
+    let env = env_with(RULES);
+    let pin = xdp_link_pin(&env);
+    let ours = link_program_id(&pin);
+    // Swap another XDP program into the link, as a stray agent or
+    // `bpftool` might: the benchmarks' bare XDP_PASS.
+    let mut object = aya::Ebpf::load(limiter_agent::ebpf::BENCH_OBJECT)
+        .unwrap_or_else(|e| panic!("loading the benchmark object: {e}"));
+    let foreign: &mut Xdp = object
+        .program_mut(limiter_common::bench::REFERENCE_PASS)
+        .unwrap_or_else(|| panic!("no reference program"))
+        .try_into()
+        .unwrap_or_else(|e| panic!("{e}"));
+    foreign.load().unwrap_or_else(|e| panic!("{e}"));
+    let link = PinnedLink::from_pin(&pin).unwrap_or_else(|e| panic!("{e}"));
+    let link = XdpLink::try_from(FdLink::from(link)).unwrap_or_else(|e| panic!("{e}"));
+    foreign
+        .attach_to_link(link)
+        .unwrap_or_else(|e| panic!("swapping the program: {e}"));
+    assert_ne!(link_program_id(&pin), ours, "the swap took effect");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while link_program_id(&pin) != ours {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not put its program back:\n{}",
+            env.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        env.logs().contains("putting this agent's back"),
+        "{}",
+        env.logs()
+    );
+    let metrics = env.scrape().unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        metrics.contains(r#"limiter_repairs_total{kind="program_restored"} 1"#),
+        "{metrics}"
+    );
+    drop(object);
+}
