@@ -19,9 +19,15 @@ use limiter_agent::{
     about = "Kernel-level per-client traffic budgets"
 )]
 struct Cli {
-    /// The running agent's control socket.
-    #[arg(long, global = true, env = "LIMITER_SOCKET", default_value = defaults::CONTROL_SOCKET)]
-    socket: PathBuf,
+    /// The running agent's control socket, for client commands (default:
+    /// the `control_socket` of --config, else /run/limiter/control.sock)
+    #[arg(long, global = true, env = "LIMITER_SOCKET")]
+    socket: Option<PathBuf>,
+    /// The configuration file: `run` enforces it (without one: the embedded,
+    /// monitor-only default), `check` checks it, and client commands find
+    /// the agent (its control socket and pin path) through it
+    #[arg(long, short, global = true, env = "LIMITER_CONFIG")]
+    config: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -33,9 +39,6 @@ struct Cli {
 enum Command {
     /// Load the programs, attach, and serve until SIGTERM/SIGINT (SIGHUP reloads)
     Run {
-        /// Configuration file (without one: the embedded, monitor-only default)
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// Also attach to this interface (repeatable), in auto XDP mode
         #[arg(long = "interface", short = 'i')]
         interfaces: Vec<String>,
@@ -44,10 +47,7 @@ enum Command {
         log_format: cli::LogFormat,
     },
     /// Validate a configuration file and print what it would enforce
-    Check {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
+    Check,
     /// Re-read the configuration file (like SIGHUP); a bad file changes nothing
     Reload,
     /// Interfaces, modes, program ids, rule and source counts
@@ -69,9 +69,10 @@ enum Command {
     },
     /// Detach from every interface and remove all pins (stops enforcement)
     Detach {
-        /// Pin directory, when no agent is running
-        #[arg(long, default_value = defaults::PIN_PATH)]
-        pin_path: PathBuf,
+        /// Pin directory, when no agent is running (default: the `pin_path`
+        /// of --config, else /sys/fs/bpf/limiter)
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
     },
 }
 
@@ -115,12 +116,59 @@ fn main() -> ExitCode {
     runtime.block_on(dispatch(cli))
 }
 
+/// Where client commands find the agent: (control socket, pin path), from
+/// the flags, else the config file, else the defaults.
+fn agent_paths(cli: &Cli) -> Result<(PathBuf, PathBuf), String> {
+    let from_file = match &cli.config {
+        Some(path) => {
+            let config = Config::load(path).map_err(|e| {
+                format!("{e}\n(--config is read to find the agent's control socket and pins)")
+            })?;
+            Some(config.file.agent)
+        }
+        None => None,
+    };
+    let socket = cli
+        .socket
+        .clone()
+        .or_else(|| from_file.as_ref().map(|a| a.control_socket.clone()))
+        .unwrap_or_else(|| PathBuf::from(defaults::CONTROL_SOCKET));
+    let pins = from_file
+        .map(|a| a.pin_path)
+        .unwrap_or_else(|| PathBuf::from(defaults::PIN_PATH));
+    Ok((socket, pins))
+}
+
 async fn dispatch(cli: Cli) -> ExitCode {
-    let client = limiter_agent::api::client::Client::new(&cli.socket);
     let out = cli::Output { json: cli.json };
+    if let Command::Run { .. } = cli.command
+        && cli.socket.is_some()
+    {
+        eprintln!(
+            "error: `run` serves the control socket its config names ([agent] control_socket); \
+             --socket (or LIMITER_SOCKET) only tells client commands where to find it. Set \
+             control_socket in the config file instead"
+        );
+        return ExitCode::from(2);
+    }
+    // `run` and `check` use --config as the file to enforce or check.
+    let is_client = !matches!(cli.command, Command::Run { .. } | Command::Check);
+    let paths = if is_client {
+        agent_paths(&cli)
+    } else {
+        Ok((PathBuf::new(), PathBuf::new()))
+    };
+    let (socket, config_pins) = match paths {
+        Ok(paths) => paths,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let client = limiter_agent::api::client::Client::new(&socket);
+    let config = cli.config;
     let result = match cli.command {
         Command::Run {
-            config,
             interfaces,
             log_format,
         } => {
@@ -133,7 +181,11 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 }
             };
         }
-        Command::Check { config } => {
+        Command::Check => {
+            let Some(config) = config else {
+                eprintln!("error: check needs the file to check: --config FILE");
+                return ExitCode::from(2);
+            };
             return match Config::load(&config) {
                 Ok(c) => {
                     cli::print_check(&c);
@@ -158,7 +210,10 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Penalize(request) => cli::penalize(&client, &out, &request).await,
         Command::Inspect { address } => cli::inspect(&client, &out, &address).await,
         Command::Top { limit, watch } => cli::top(&client, &out, limit, watch).await,
-        Command::Detach { pin_path } => cli::detach(&client, &out, &pin_path).await,
+        Command::Detach { pin_path } => {
+            let pin_path = pin_path.unwrap_or(config_pins);
+            cli::detach(&client, &out, &pin_path).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

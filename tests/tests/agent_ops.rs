@@ -461,3 +461,55 @@ fn a_program_swapped_into_the_agents_link_is_put_back() {
     );
     drop(object);
 }
+
+#[test]
+fn client_commands_find_the_agent_through_its_config_and_run_refuses_a_socket_flag() {
+    let env = env_with(RULES);
+    let status = |args: &[&str], envs: &[(&str, &std::path::Path)]| {
+        Command::new(agent_binary())
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_os_str())))
+            .env_remove("LIMITER_SOCKET")
+            .output()
+            .unwrap_or_else(|e| panic!("running the CLI: {e}"))
+    };
+    // No --socket: the config file says where the control socket is.
+    let config = env.config.to_string_lossy().into_owned();
+    let out = status(&["--json", "--config", &config, "status"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = status(&["--json", "status"], &[("LIMITER_CONFIG", &env.config)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        answer["state_file"],
+        env.state_file.to_string_lossy().as_ref()
+    );
+
+    // `run --socket` is refused, not ignored, and starts nothing.
+    let out = status(
+        &[
+            "run",
+            "--config",
+            &config,
+            "--socket",
+            "/tmp/elsewhere.sock",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("control_socket"), "{stderr}");
+    // `check` needs the file it checks.
+    let out = status(&["check"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config FILE"));
+}
