@@ -351,7 +351,25 @@ fn print_top(rows: &[Offender]) {
 
 pub async fn top(client: &Client, out: &Output, limit: usize, watch: bool) -> Result {
     loop {
-        let rows: Vec<Offender> = client.get(&format!("/v1/top?limit={limit}")).await?;
+        let rows: Vec<Offender> = match client.get(&format!("/v1/top?limit={limit}")).await {
+            Ok(rows) => rows,
+            // Watching outlives an agent restart: say so and keep trying.
+            Err(ClientError::Unreachable { .. }) if watch => {
+                if !out.json {
+                    print!("\x1b[2J\x1b[H");
+                }
+                eprintln!(
+                    "limiter top: no agent at {} (restarting?); trying again every second \
+                     (Ctrl-C to quit)",
+                    client.socket().display()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         if watch && !out.json {
             // Clear the screen and go home, like top.
             print!("\x1b[2J\x1b[H");

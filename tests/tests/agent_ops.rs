@@ -513,3 +513,40 @@ fn client_commands_find_the_agent_through_its_config_and_run_refuses_a_socket_fl
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config FILE"));
 }
+
+#[test]
+fn top_watch_keeps_watching_through_an_agent_restart() {
+    let mut env = env_with(RULES);
+    let mut child = Command::new(agent_binary())
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["top", "--watch", "--limit", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(1_500));
+    env.kill9().unwrap_or_else(|e| panic!("{e:#}"));
+    std::thread::sleep(Duration::from_millis(2_000));
+    assert!(
+        matches!(child.try_wait(), Ok(None)),
+        "top --watch gave up when the agent went away"
+    );
+    env.start().unwrap_or_else(|e| panic!("{e:#}"));
+    std::thread::sleep(Duration::from_millis(2_500));
+    let still_running = matches!(child.try_wait(), Ok(None));
+    // Our own child: end it and read what it drew.
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(still_running, "{stderr}");
+    assert!(stderr.contains("no agent at"), "{stderr}");
+    // Screens were drawn before the restart and again after it.
+    let after = stdout.rsplit("trying again").next().unwrap_or(&stdout);
+    let screens = stdout
+        .matches("sources over budget in the last 60 s")
+        .count();
+    assert!(screens >= 3, "{screens} screens: {stdout:?}");
+    assert!(!after.is_empty(), "{stdout:?}");
+}
