@@ -102,6 +102,13 @@ enum RulesCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // Client output piped into `head` or `grep -m1` ends quietly when
+        // the reader goes, as with any Unix tool, instead of panicking on
+        // EPIPE. (The daemon keeps SIGPIPE ignored: its sockets need it.)
+        // SAFETY: signal(2) with a standard disposition, before any thread.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
@@ -188,7 +195,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
             };
             return match Config::load(&config) {
                 Ok(c) => {
-                    cli::print_check(&c);
+                    cli::print_check(&c, &out);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -548,3 +548,83 @@ fn top_watch_keeps_watching_through_an_agent_restart() {
         .count();
     assert!(screens >= 3, "{screens} screens: {stdout:?}");
 }
+
+#[test]
+fn cli_output_piped_into_head_ends_quietly() {
+    use std::io::BufRead as _;
+    // More output than a pipe holds (64 KiB), so the CLI is still writing
+    // when the reader goes.
+    let dir = std::env::temp_dir().join(format!("limiter-head-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let config = dir.join("many.toml");
+    let rules: String = (0..3_000u32)
+        .map(|i| {
+            format!(
+                "[[rule]]\nname = \"r{i}\"\nprefixes = [\"198.18.{}.{}/32\"]\naction = \"drop\"\npackets = \"10/s\"\n",
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    std::fs::write(&config, format!("[capacity]\nrules = 4096\n{rules}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Command::new(agent_binary())
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Read one line, then go away like `head -1`.
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let mut first = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut first)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(first.contains("valid"), "{first}");
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn check_prints_each_rule_with_its_budgets_as_written_and_json_on_request() {
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/limiter.example.toml");
+    let run = |json: bool| {
+        let mut command = Command::new(agent_binary());
+        if json {
+            command.arg("--json");
+        }
+        let out = command
+            .arg("--config")
+            .arg(&example)
+            .arg("check")
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = run(false);
+    assert!(text.contains("rule api-clients: drop"), "{text}");
+    assert!(text.contains("packets         2k/s (burst 4k)"), "{text}");
+    assert!(
+        text.contains("bytes           200Mbit/s (burst 4MiB)"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&run(true)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(json["valid"], true);
+    let rules = json["rules"].as_array().map(Vec::len).unwrap_or(0);
+    assert_eq!(rules, text.matches("\n  rule ").count(), "{json}");
+    assert_eq!(
+        limiter_tests::scenario::rule(&json["rules"], "api-clients").map(|r| &r["packets"]),
+        Some(&serde_json::json!("2k/s"))
+    );
+}
