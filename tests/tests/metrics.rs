@@ -157,16 +157,7 @@ fn a_scrape_passes_promtool_and_equals_the_kernel_counters() {
         ) >= 1.0
     );
     // Every metric the Grafana dashboard uses is exported.
-    let dashboard = include_str!("../../docs/grafana/limiter-dashboard.json");
-    let json: serde_json::Value =
-        serde_json::from_str(dashboard).unwrap_or_else(|e| panic!("dashboard JSON: {e}"));
-    let exprs: Vec<String> = json["panels"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
-        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
-        .collect();
+    let exprs = dashboard_queries();
     assert!(exprs.len() >= 10, "{exprs:?}");
     for expr in &exprs {
         for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
@@ -234,13 +225,23 @@ struct PrometheusServer {
 
 impl PrometheusServer {
     fn start(target_port: u16, dir: &std::path::Path) -> Self {
+        Self::start_scraping(&[target_port], dir)
+    }
+
+    /// A server scraping every agent of `target_ports`, as one job.
+    fn start_scraping(target_ports: &[u16], dir: &std::path::Path) -> Self {
         let port = free_port().unwrap_or_else(|e| panic!("{e:#}"));
         let config = dir.join("prometheus.yml");
+        let targets: Vec<String> = target_ports
+            .iter()
+            .map(|p| format!("'127.0.0.1:{p}'"))
+            .collect();
         std::fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: limiter\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+                 scrape_configs:\n  - job_name: limiter\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
             ),
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -258,6 +259,24 @@ impl PrometheusServer {
             port,
             dir: dir.to_owned(),
         }
+    }
+
+    /// An instant query's answer: its samples, or Prometheus's error.
+    fn try_query(&self, promql: &str) -> Result<Vec<serde_json::Value>, String> {
+        let body = http_get(
+            self.port,
+            &format!("/api/v1/query?query={}", encode(promql)),
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        if json["status"] != "success" {
+            return Err(format!("{}: {}", json["errorType"], json["error"]));
+        }
+        Ok(json["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
     }
 
     /// An instant query's samples: (labels, value).
@@ -307,6 +326,68 @@ impl Drop for PrometheusServer {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(self.dir.join("prometheus-data"));
     }
+}
+
+fn encode(promql: &str) -> String {
+    promql
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The dashboard's queries, with its variables at "All".
+fn dashboard_queries() -> Vec<String> {
+    let dashboard = include_str!("../../docs/grafana/limiter-dashboard.json");
+    let json: serde_json::Value =
+        serde_json::from_str(dashboard).unwrap_or_else(|e| panic!("dashboard JSON: {e}"));
+    json["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .map(|e| e.replace("$job", ".*").replace("$instance", ".*"))
+        .collect()
+}
+
+#[test]
+fn every_dashboard_query_works_with_two_agents_scraped_at_once() {
+    let first = started(5);
+    let second = started(5);
+    let prometheus =
+        PrometheusServer::start_scraping(&[first.metrics_port, second.metrics_port], &first.dir);
+    // Both agents scraped: one build_info series each.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while prometheus.query("limiter_build_info").len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped both agents"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 10, "{queries:?}");
+    for query in &queries {
+        if let Err(e) = prometheus.try_query(query) {
+            panic!("dashboard query fails with two agents: {query}\n  {e}");
+        }
+    }
+    // Per-agent panels show both agents.
+    let generations = prometheus
+        .try_query("limiter_config_generation{job=~\".*\", instance=~\".*\"}")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(generations.len(), 2, "{generations:?}");
+    let attached = queries
+        .iter()
+        .find(|q| q.contains("group_left"))
+        .unwrap_or_else(|| panic!("no attached-interfaces query in {queries:?}"));
+    let rows = prometheus
+        .try_query(attached)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rows.len(), 2, "{attached}: {rows:?}");
 }
 
 #[test]
