@@ -485,6 +485,12 @@ pub fn print_check(config: &Config, out: &Output) {
             config.file.capacity.rules,
             count(config.file.capacity.sources as usize, "source", "sources"),
         );
+        if config.file.rules.is_empty() {
+            println!(
+                "  no rules: nothing is limited or counted per rule (every packet passes as \
+                 no_rule); add [[rule]] entries"
+            );
+        }
         for r in &config.file.rules {
             let f = r.fields();
             println!(

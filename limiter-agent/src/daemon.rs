@@ -64,6 +64,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
             netns: None,
         });
     }
+    if config.rules.is_empty() {
+        tracing::warn!(
+            "the config has no rules: nothing is limited or counted per rule (every packet passes \
+             as no_rule) until rules are added"
+        );
+    }
     if config.file.interfaces.is_empty() {
         tracing::warn!(
             "no interface configured: nothing is enforced until one is (--interface or [[interface]])"

@@ -160,6 +160,14 @@ pub enum ConfigProblem {
     /// Not TOML, or not the shape of the file (unknown key, wrong type).
     #[error("{}", .0.message().trim())]
     Toml(toml::de::Error),
+    /// A number of the wrong size for its field, said in the field's terms.
+    #[error("`{key}`: {message}")]
+    Number {
+        key: String,
+        message: String,
+        #[source]
+        source: toml::de::Error,
+    },
     #[error("capacity.{field} is 0: set it to at least 1")]
     ZeroCapacity { field: &'static str },
     #[error(

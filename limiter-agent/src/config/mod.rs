@@ -50,6 +50,57 @@ pub mod defaults {
 /// What runs when no `--config` is given: observe only, on every source.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 
+/// serde's words for a number that does not fit its field ("invalid value:
+/// integer `-1`, expected u32") in the field's terms: its key, the range it
+/// takes. Other errors pass through as toml words them.
+fn number_problem(text: &str, error: toml::de::Error) -> ConfigProblem {
+    let message = error.message().trim();
+    let key = error.span().and_then(|span| {
+        let line_start = text[..span.start.min(text.len())]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
+        let (key, _) = text[line_start..].split_once('=')?;
+        let key = key.trim();
+        (!key.is_empty() && !key.contains(['[', '"', '\n'])).then(|| key.to_owned())
+    });
+    let Some(key) = key else {
+        return ConfigProblem::Toml(error);
+    };
+    // The field's own range where it has one, else its type's.
+    let field_range = match key.as_str() {
+        "source_prefix_v4" => Some("0 to 32"),
+        "source_prefix_v6" => Some("0 to 128"),
+        "dscp" => Some("0 to 63"),
+        _ => None,
+    };
+    let range = |kind: &str| {
+        field_range.or(match kind {
+            "u8" => Some("0 to 255"),
+            "u16" => Some("0 to 65535"),
+            "u32" => Some("0 to 4294967295"),
+            "u64" | "usize" => Some("0 to 18446744073709551615"),
+            _ => None,
+        })
+    };
+    let number = message.split('`').nth(1).unwrap_or("the number");
+    let plain = if let Some(kind) = message
+        .strip_prefix("invalid value: integer `")
+        .and_then(|rest| rest.split("expected ").nth(1))
+        && let Some(range) = range(kind.trim())
+    {
+        format!("{number} is out of range: write a whole number from {range}")
+    } else if message.starts_with("invalid type: integer") && message.contains("i128") {
+        format!("{number} is too large for any field here")
+    } else {
+        return ConfigProblem::Toml(error);
+    };
+    ConfigProblem::Number {
+        key,
+        message: plain,
+        source: error,
+    }
+}
+
 /// What `source` says for the embedded default (no file).
 const EMBEDDED_SOURCE: &str = "<embedded default>";
 
@@ -110,7 +161,7 @@ impl Config {
         };
         let file: ConfigFile = toml::from_str(text).map_err(|e| {
             let line = e.span().map_or(1, |span| line_of(text, &span));
-            at(line, ConfigProblem::Toml(e))
+            at(line, number_problem(text, e))
         })?;
         let field_at = |table, field: &str, problem| at(line_of_field(text, table, field), problem);
         check_file(&file, field_at)?;

@@ -297,3 +297,43 @@ fn errors_keep_their_cause() {
     };
     assert!(std::error::Error::source(&err).is_some(), "{err}");
 }
+
+#[test]
+fn numbers_out_of_their_field_s_range_name_the_field_and_the_range() {
+    let rule = |extra: &str| {
+        format!(
+            "[[rule]]\nname = \"a\"\nprefixes = [\"198.18.0.0/16\"]\naction = \"mark\"\npackets = \"10/s\"\n{extra}\n"
+        )
+    };
+    let error = |text: &str| match Config::parse(text, Path::new("t.toml")) {
+        Ok(_) => panic!("accepted: {text}"),
+        Err(e) => e.to_string(),
+    };
+    let negative = error(&rule("source_prefix_v4 = -1"));
+    assert_eq!(
+        negative,
+        "t.toml:6: `source_prefix_v4`: -1 is out of range: write a whole number from 0 to 32"
+    );
+    let byte = error(&rule("dscp = 300"));
+    assert!(
+        byte.ends_with("`dscp`: 300 is out of range: write a whole number from 0 to 63"),
+        "{byte}"
+    );
+    let huge = error(&rule("packet_burst = 99999999999999999999"));
+    assert!(
+        huge.contains("`packet_burst`: 99999999999999999999 is too large"),
+        "{huge}"
+    );
+    let capacity = error("[capacity]\nrules = -3\n");
+    assert!(
+        capacity.contains("`rules`: -3 is out of range"),
+        "{capacity}"
+    );
+    // Nothing about i128 or u32: types the user never wrote.
+    for text in [negative, byte, huge, capacity] {
+        assert!(
+            !text.contains("i128") && !text.contains("u32") && !text.contains("u8"),
+            "{text}"
+        );
+    }
+}
