@@ -67,7 +67,7 @@ fn running_out_of_ids_is_refused_with_the_capacity() {
 #[test]
 fn a_deny_penalty_is_a_deny_rule_named_after_its_prefix() {
     let p = penalty_request("198.18.0.1", "5m")
-        .decode()
+        .decode(MAX)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p.rule.name, "penalty:198.18.0.1/32");
     assert_eq!(p.rule.action, ActionConfig::Deny);
@@ -76,16 +76,55 @@ fn a_deny_penalty_is_a_deny_rule_named_after_its_prefix() {
 
 #[test]
 fn bad_penalties_are_refused_with_the_reason() {
-    let err = |r: PenaltyRequest| r.decode().unwrap_err().to_string();
+    let err = |r: PenaltyRequest| r.decode(MAX).unwrap_err().to_string();
     assert!(err(penalty_request("198.18.0.1/8", "5m")).contains("host bits"));
     assert!(err(penalty_request("198.18.0.1", "0s")).contains("at least 1s"));
     assert!(err(penalty_request("198.18.0.1", "soon")).contains("30s, 5m"));
     let mut both = penalty_request("198.18.0.1", "5m");
     both.packets = Some("10/s".into());
-    assert!(err(both).contains("not both"));
+    assert_eq!(
+        err(both),
+        r#"give either "deny": true or a budget ("packets" and/or "bytes"), not both"#
+    );
+}
+
+#[test]
+fn a_penalty_with_neither_deny_nor_budget_says_to_give_one_in_api_fields() {
     let mut neither = penalty_request("198.18.0.1", "5m");
     neither.deny = false;
-    assert!(err(neither).contains("not both"));
+    let err = neither.decode(MAX).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        r#"give either "deny": true or a budget ("packets" and/or "bytes")"#
+    );
+    assert!(!err.contains("--"), "API errors speak API fields: {err}");
+}
+
+#[test]
+fn a_duration_without_unit_is_refused_naming_the_units() {
+    let err = penalty_request("198.18.0.1", "30")
+        .decode(MAX)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("30s, 5m, 1h or 7d"), "{err}");
+}
+
+#[test]
+fn a_penalty_longer_than_the_maximum_is_refused_naming_it_and_where_to_change_it() {
+    assert!(penalty_request("198.18.0.1", "7d").decode(MAX).is_ok());
+    let err = penalty_request("198.18.0.1", "8d")
+        .decode(MAX)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"8d\"")
+            && err.contains("7days")
+            && err.contains("`max_penalty` in the [agent] section"),
+        "{err}"
+    );
+    let short = Duration::from_secs(3_600);
+    assert!(penalty_request("198.18.0.1", "61m").decode(short).is_err());
+    assert!(penalty_request("198.18.0.1", "1h").decode(short).is_ok());
 }
 
 #[test]
@@ -93,7 +132,7 @@ fn a_budget_penalty_limits_instead_of_denying() {
     let mut request = penalty_request("2001:db8::/48", "30s");
     request.deny = false;
     request.packets = Some("1/s".into());
-    let p = request.decode().unwrap_or_else(|e| panic!("{e}"));
+    let p = request.decode(MAX).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p.rule.action, ActionConfig::Drop);
     assert_eq!(p.rule.fields().packets.as_deref(), Some("1/s"));
 }
@@ -101,9 +140,10 @@ fn a_budget_penalty_limits_instead_of_denying() {
 #[test]
 fn a_penalty_expires_at_its_time_and_not_before() {
     let p = penalty_request("198.18.0.1", "1m")
-        .decode()
+        .decode(MAX)
         .unwrap_or_else(|e| panic!("{e}"));
-    let (state, name) = add_penalty(&State::default(), p, 1_000);
+    let (state, staged) = add_penalty(&State::default(), p, 1_000);
+    let name = staged.name;
     assert_eq!(state.penalties[&name].expires_at, 1_060);
     assert!(expire(&state, 1_059).is_none());
     let Some((after, expired)) = expire(&state, 1_060) else {
@@ -114,16 +154,27 @@ fn a_penalty_expires_at_its_time_and_not_before() {
 }
 
 #[test]
-fn a_second_penalty_on_a_prefix_replaces_the_first() {
+fn a_second_penalty_on_a_prefix_replaces_the_first_and_says_so() {
     let p = |d: &str| {
         penalty_request("198.18.0.1", d)
-            .decode()
+            .decode(MAX)
             .unwrap_or_else(|e| panic!("{e}"))
     };
-    let (state, _) = add_penalty(&State::default(), p("1m"), 0);
-    let (state, name) = add_penalty(&state, p("1h"), 0);
+    let (state, first) = add_penalty(&State::default(), p("1m"), 0);
+    assert_eq!(first.replaced, None);
+    assert_eq!(
+        first.message("1m"),
+        "penalty \"penalty:198.18.0.1/32\" in force for 1m (until 1970-01-01 00:01:00 UTC)"
+    );
+    let (state, second) = add_penalty(&state, p("1h"), 0);
     assert_eq!(state.penalties.len(), 1);
-    assert_eq!(state.penalties[&name].expires_at, 3_600);
+    assert_eq!(state.penalties[&second.name].expires_at, 3_600);
+    assert_eq!(second.replaced.as_ref().map(|p| p.expires_at), Some(60));
+    assert_eq!(
+        second.message("1h"),
+        "penalty \"penalty:198.18.0.1/32\" in force for 1h (until 1970-01-01 01:00:00 UTC); \
+         it replaced the penalty on the same prefix (deny, until 1970-01-01 00:01:00 UTC)"
+    );
 }
 
 // Buckets and labels
