@@ -31,7 +31,7 @@ use locate::{Table, line_of, line_of_field};
 pub use rule::{
     ActionConfig, Quantity, RuleConfig, RuleFields, RulePatch, ScopeConfig, UnknownWord,
 };
-pub use validate::{Budget, RuleDef, parse_prefix, validate_rules};
+pub use validate::{Budget, RuleDef, parse_prefix, validate_rule_set, validate_rules};
 
 /// Defaults, in one place.
 pub mod defaults {

@@ -177,6 +177,72 @@ fn a_second_penalty_on_a_prefix_replaces_the_first_and_says_so() {
     );
 }
 
+#[test]
+fn a_penalty_on_a_rules_own_prefix_wins_it_while_it_lasts() {
+    // `clients` holds 198.18.0.0/16; a penalty on exactly that prefix.
+    let state = with_penalty(&State::default(), "198.18.0.0/16", 2_000);
+    let rules = compose(&config(), &state).unwrap_or_else(|e| panic!("{e}"));
+    let prefixes = |name: &str| -> Vec<String> {
+        rules
+            .iter()
+            .find(|r| r.def.name == name)
+            .map(|r| r.def.prefixes.iter().map(ToString::to_string).collect())
+            .unwrap_or_else(|| panic!("no rule {name}"))
+    };
+    assert_eq!(prefixes("penalty:198.18.0.0/16"), ["198.18.0.0/16"]);
+    assert!(
+        prefixes("clients").is_empty(),
+        "the kernel gets it from the penalty"
+    );
+    // As written, the rule keeps its prefix (views show the file's rule).
+    let clients = rules.iter().find(|r| r.def.name == "clients");
+    assert_eq!(clients.map(|r| r.config.prefixes().len()), Some(1));
+    // Only that prefix: `partners` keeps its other one when one is taken.
+    let state = with_penalty(&State::default(), "2001:db8:1::/48", 2_000);
+    let rules = compose(&config(), &state).unwrap_or_else(|e| panic!("{e}"));
+    let partners = rules.iter().find(|r| r.def.name == "partners");
+    assert_eq!(
+        partners.map(|r| r
+            .def
+            .prefixes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()),
+        Some(vec!["198.19.0.0/24".to_owned()])
+    );
+    // Expired: the rule has its prefix back.
+    let Some((after, _)) = expire(
+        &with_penalty(&State::default(), "198.18.0.0/16", 2_000),
+        2_000,
+    ) else {
+        panic!("not expired");
+    };
+    let rules = compose(&config(), &after).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rules.len(), 2);
+    assert_eq!(
+        rules[0]
+            .def
+            .prefixes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["198.18.0.0/16"]
+    );
+}
+
+#[test]
+fn two_rules_still_cannot_share_a_prefix() {
+    // Shadowing is for penalties only: a live rule on a file rule's prefix
+    // is refused as before.
+    let err = staged(&[Change::Add(rule("more", "198.18.0.0/16"))])
+        .and_then(|state| compose(&config(), &state).map(|_| state))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("already in rule \"clients\""),
+        "{err}"
+    );
+}
+
 // Buckets and labels
 
 #[test]
