@@ -39,11 +39,12 @@ fuzz_target!(|data: &[u8]| {
     }
     // POST /v1/penalties
     if let Ok(Json(request)) = Json::<PenaltyRequest>::from_bytes(data)
-        && let Ok(penalty) = request.decode()
+        && let Ok(penalty) = request.decode(EXAMPLE.max_penalty)
     {
-        assert!(penalty.duration.as_secs() >= 1);
+        assert!(penalty.duration.as_secs() >= 1 && penalty.duration <= EXAMPLE.max_penalty);
         apply_rule(&penalty.rule);
-        let (state, name) = rules::add_penalty(&State::default(), penalty, 0);
+        let (state, staged) = rules::add_penalty(&State::default(), penalty, 0);
+        let name = staged.name;
         assert!(name.starts_with(rules::PENALTY_PREFIX), "{name}");
         check_plan(&EXAMPLE, state);
     }

@@ -138,7 +138,19 @@ pub async fn reload(client: &Client, out: &Output) -> Result {
     Ok(())
 }
 
+/// The CLI's own words for what the API would refuse in its fields: a
+/// penalty needs `--deny` or a budget (clap already refuses both).
+fn check_penalize_flags(request: &PenaltyRequest) -> std::result::Result<(), ClientError> {
+    if !request.deny && request.packets.is_none() && request.bytes.is_none() {
+        return Err(ClientError::Rejected(
+            "give either --deny or a budget (--packets and/or --bytes)".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub async fn penalize(client: &Client, out: &Output, request: &PenaltyRequest) -> Result {
+    check_penalize_flags(request)?;
     let a: Applied = client
         .call(Method::POST, "/v1/penalties", Some(request))
         .await?;
@@ -146,33 +158,48 @@ pub async fn penalize(client: &Client, out: &Output, request: &PenaltyRequest) -
     Ok(())
 }
 
-fn print_rules(rules: &[RuleView]) {
-    println!(
-        "{:<28} {:>5} {:<8} {:<8} {:<30} {:<22} {:>12} {:>12} {:>12}",
+/// `rules list` as lines: a header, then one line a rule; `now` for the
+/// time left of penalties.
+fn rules_table(rules: &[RuleView], now: u64) -> Vec<String> {
+    let line = |c: [&str; 10]| {
+        format!(
+            "{:<28} {:>5} {:<8} {:<8} {:<30} {:<22} {:<12} {:>12} {:>12} {:>12}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
+        )
+    };
+    let mut lines = vec![line([
         "NAME",
         "ID",
         "ORIGIN",
         "ACTION",
         "PREFIXES",
         "PACKETS",
+        "EXPIRES",
         "PASSED",
         "DROPPED",
-        "OVER(MARK/MON)"
-    );
+        "OVER(MARK/MON)",
+    ])];
     for r in rules {
         let over = r.counters.packets.marked + r.counters.packets.would_drop;
-        println!(
-            "{:<28} {:>5} {:<8} {:<8} {:<30} {:<22} {:>12} {:>12} {:>12}",
-            r.name,
-            r.id,
+        lines.push(line([
+            &r.name,
+            &r.id.to_string(),
             origin_word(r.origin),
-            r.rule.action,
-            r.rule.prefixes().join(","),
-            budget_text(&r.rule.fields().packets, &r.rule.fields().packet_burst),
-            r.counters.packets.passed,
-            r.counters.packets.dropped,
-            over,
-        );
+            &r.rule.action.to_string(),
+            &r.rule.prefixes().join(","),
+            &budget_text(&r.rule.fields().packets, &r.rule.fields().packet_burst),
+            &expires_in(r.expires_at, now),
+            &r.counters.packets.passed.to_string(),
+            &r.counters.packets.dropped.to_string(),
+            &over.to_string(),
+        ]));
+    }
+    lines
+}
+
+fn print_rules(rules: &[RuleView]) {
+    for line in rules_table(rules, now_unix()) {
+        println!("{line}");
     }
 }
 
@@ -523,4 +550,4 @@ pub fn print_check(config: &Config, out: &Output) {
 mod tests;
 mod words;
 
-use words::{budget_text, now_unix, origin_word, program_ids, when};
+use words::{budget_text, expires_in, now_unix, origin_word, program_ids, when};

@@ -254,11 +254,8 @@ async fn penalize(
     Body(request): Body<PenaltyRequest>,
 ) -> ApiResult<Applied> {
     with_service(&s, move |svc| {
-        let name = svc.penalize(&request, &peer.requester())?;
-        Ok(applied(
-            svc,
-            format!("penalty {name:?} in force for {}", request.duration),
-        ))
+        let message = svc.penalize(&request, &peer.requester())?;
+        Ok(applied(svc, message))
     })
     .await
     .map(Json)

@@ -170,3 +170,63 @@ fn a_reload_names_the_rules_live_changes_hold() {
     ];
     assert!(reload_message(&two).contains("2 rules are held"));
 }
+
+#[test]
+fn rules_list_has_a_column_for_the_time_a_penalty_has_left() {
+    use crate::api::types::{Counters, Origin};
+    let penalty = RuleView {
+        name: "penalty:198.18.0.1/32".into(),
+        id: 3,
+        origin: Origin::Penalty,
+        rule: RuleConfig::new(
+            "penalty:198.18.0.1/32",
+            ActionConfig::Deny,
+            RuleFields {
+                prefixes: Some(vec!["198.18.0.1/32".into()]),
+                ..RuleFields::default()
+            },
+        ),
+        expires_at: Some(1_300),
+        live_since: None,
+        counters: Counters::default(),
+    };
+    let lines = rules_table(&[penalty], 1_000);
+    assert!(lines[0].contains(" EXPIRES "), "{}", lines[0]);
+    let column = lines[0].find("EXPIRES").unwrap_or_default();
+    assert_eq!(
+        lines[1].get(column..column + 5),
+        Some("in 5m"),
+        "{}",
+        lines[1]
+    );
+}
+
+#[test]
+fn expiry_reads_as_time_left() {
+    assert_eq!(expires_in(None, 10), "-");
+    assert_eq!(expires_in(Some(10), 10), "due");
+    assert_eq!(expires_in(Some(3_725), 0), "in 1h 2m 5s");
+}
+
+#[test]
+fn penalize_without_deny_or_budget_is_refused_in_flags() {
+    let request = PenaltyRequest {
+        prefix: "198.18.0.1".into(),
+        duration: "5m".into(),
+        deny: false,
+        packets: None,
+        packet_burst: None,
+        bytes: None,
+        byte_burst: None,
+    };
+    let err = check_penalize_flags(&request).unwrap_err().to_string();
+    assert!(
+        err.contains("--deny or a budget (--packets and/or --bytes)"),
+        "{err}"
+    );
+    let budget = PenaltyRequest {
+        packets: Some("1/s".into()),
+        ..request
+    };
+    assert!(check_penalize_flags(&budget).is_ok());
+}

@@ -28,6 +28,19 @@ pub(super) fn when(unix: u64, now: u64) -> String {
     format!("{stamp} ({relative})")
 }
 
+/// The time left of a penalty, for a column: "in 4m 5s", "due" once its
+/// time is up (the agent removes it within a second), "-" for other rules.
+pub(super) fn expires_in(expires_at: Option<u64>, now: u64) -> String {
+    match expires_at {
+        None => "-".to_owned(),
+        Some(at) if at <= now => "due".to_owned(),
+        Some(at) => format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs(at - now))
+        ),
+    }
+}
+
 pub(super) fn now_unix() -> u64 {
     crate::service::now_unix()
 }

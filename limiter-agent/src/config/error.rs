@@ -186,6 +186,10 @@ pub enum ConfigProblem {
         "interface {0:?} has xdp = \"off\" and tc = false: nothing to attach; set tc = true or remove it"
     )]
     NothingToAttach(String),
+    #[error(
+        "agent.max_penalty {0:?} is not a duration of at least 1s: write e.g. \"7d\", \"12h\" or \"30m\""
+    )]
+    MaxPenalty(String),
     #[error("interface {0:?} is listed twice")]
     InterfaceTwice(String),
     #[error(transparent)]

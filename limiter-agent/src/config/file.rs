@@ -30,6 +30,9 @@ pub struct AgentSection {
     pub state_file: PathBuf,
     /// The control API's Unix socket.
     pub control_socket: PathBuf,
+    /// The longest a penalty may last, e.g. "7d" (`Config::max_penalty`
+    /// holds it parsed).
+    pub max_penalty: String,
 }
 
 impl Default for AgentSection {
@@ -38,6 +41,7 @@ impl Default for AgentSection {
             pin_path: defaults::PIN_PATH.into(),
             state_file: defaults::STATE_FILE.into(),
             control_socket: defaults::CONTROL_SOCKET.into(),
+            max_penalty: defaults::MAX_PENALTY.into(),
         }
     }
 }

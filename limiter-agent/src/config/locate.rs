@@ -15,6 +15,8 @@ type Keys = BTreeMap<String, Spanned<IgnoredAny>>;
 #[derive(Default, Deserialize)]
 struct Located {
     #[serde(default)]
+    agent: Option<Spanned<Keys>>,
+    #[serde(default)]
     capacity: Option<Spanned<Keys>>,
     #[serde(default)]
     metrics: Option<Spanned<Keys>>,
@@ -27,6 +29,7 @@ struct Located {
 /// A table of the file that validation refers to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Table {
+    Agent,
     Capacity,
     Metrics,
     /// The n-th `[[interface]]`.
@@ -42,6 +45,7 @@ pub fn line_of_field(text: &str, table: Table, field: &str) -> usize {
     // error still names the file.
     let located: Located = toml::from_str(text).unwrap_or_default();
     let keys = match table {
+        Table::Agent => located.agent.as_ref(),
         Table::Capacity => located.capacity.as_ref(),
         Table::Metrics => located.metrics.as_ref(),
         Table::Interface(i) => located.interface.get(i),

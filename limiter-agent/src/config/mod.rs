@@ -16,7 +16,10 @@ mod rule;
 pub mod units;
 mod validate;
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 pub use error::{
     ConfigError, ConfigProblem, Family, FieldError, PrefixError, Problem, RuleSetError,
@@ -28,13 +31,16 @@ use locate::{Table, line_of, line_of_field};
 pub use rule::{
     ActionConfig, Quantity, RuleConfig, RuleFields, RulePatch, ScopeConfig, UnknownWord,
 };
-pub use validate::{Budget, RuleDef, parse_prefix, validate_rules};
+pub use validate::{Budget, RuleDef, parse_prefix, validate_rule_set, validate_rules};
 
 /// Defaults, in one place.
 pub mod defaults {
     pub const PIN_PATH: &str = "/sys/fs/bpf/limiter";
     pub const STATE_FILE: &str = "/var/lib/limiter/state.json";
     pub const CONTROL_SOCKET: &str = "/run/limiter/control.sock";
+    /// The longest a penalty may last: a week, long enough for any incident
+    /// and short enough that a forgotten one ends.
+    pub const MAX_PENALTY: &str = "7d";
     pub const MAX_RULES: u32 = limiter_common::DEFAULT_MAX_RULES;
     pub const MAX_SOURCES: u32 = limiter_common::DEFAULT_MAX_SOURCES;
     pub const SOURCE_PREFIX_V4: u32 = 32;
@@ -126,6 +132,8 @@ impl std::fmt::Display for ConfigSource {
 pub struct Config {
     pub file: ConfigFile,
     pub rules: Vec<RuleDef>,
+    /// `[agent] max_penalty`, parsed.
+    pub max_penalty: Duration,
     pub source: ConfigSource,
 }
 
@@ -165,6 +173,16 @@ impl Config {
         })?;
         let field_at = |table, field: &str, problem| at(line_of_field(text, table, field), problem);
         check_file(&file, field_at)?;
+        let max_penalty = units::parse_duration(&file.agent.max_penalty)
+            .ok()
+            .filter(|d| d.as_secs() >= 1)
+            .ok_or_else(|| {
+                field_at(
+                    Table::Agent,
+                    "max_penalty",
+                    ConfigProblem::MaxPenalty(file.agent.max_penalty.clone()),
+                )
+            })?;
         let rules = validate_rules(&file.rules, file.capacity.rules).map_err(|e| {
             let (index, field) = e.at();
             field_at(Table::Rule(index), field, e.into())
@@ -172,6 +190,7 @@ impl Config {
         Ok(Self {
             file,
             rules,
+            max_penalty,
             source: ConfigSource::File(path.to_owned()),
         })
     }

@@ -334,6 +334,35 @@ fn numbers_out_of_their_field_s_range_name_the_field_and_the_range() {
         assert!(
             !text.contains("i128") && !text.contains("u32") && !text.contains("u8"),
             "{text}"
+
+fn max_penalty_defaults_to_a_week_and_is_read_with_units() {
+    let config = parse(&rule("action = \"deny\"")).unwrap();
+    assert_eq!(
+        config.max_penalty,
+        std::time::Duration::from_secs(7 * 86_400)
+    );
+    let config = parse(&format!(
+        "[agent]\nmax_penalty = \"12h\"\n{}",
+        rule("action = \"deny\"")
+    ))
+    .unwrap();
+    assert_eq!(
+        config.max_penalty,
+        std::time::Duration::from_secs(12 * 3_600)
+    );
+}
+
+#[test]
+fn a_bad_max_penalty_names_its_field_line_and_what_to_write() {
+    for bad in ["\"soon\"", "\"0s\"", "\"30\""] {
+        let text = format!(
+            "[agent]\n\nmax_penalty = {bad}\n{}",
+            rule("action = \"deny\"")
+        );
+        let err = parse(&text).unwrap_err();
+        assert!(
+            err.starts_with("test.toml:3: agent.max_penalty") && err.contains("\"7d\""),
+            "{bad}: {err}"
         );
     }
 }

@@ -52,7 +52,9 @@ pub enum UnitError {
         what: &'static str,
         unit: &'static str,
     },
-    #[error("{text:?}: {source} (write e.g. 30s, 5m, 1h)")]
+    #[error("{text:?}: a duration needs a unit: write e.g. 30s, 5m, 1h or 7d")]
+    DurationWithoutUnit { text: String },
+    #[error("{text:?}: {source} (write e.g. 30s, 5m, 1h or 7d)")]
     Duration {
         text: String,
         #[source]
@@ -232,7 +234,13 @@ pub fn parse_byte_rate(text: &str) -> Result<u64> {
 
 /// A duration: `30s`, `5m`, `1h30m`.
 pub fn parse_duration(text: &str) -> Result<Duration> {
-    humantime::parse_duration(text.trim()).map_err(|source| UnitError::Duration {
+    let trimmed = text.trim();
+    // humantime's own words for this ("30sec or 30ms") name units nobody
+    // here writes.
+    if !trimmed.is_empty() && trimmed.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(UnitError::DurationWithoutUnit { text: text.into() });
+    }
+    humantime::parse_duration(trimmed).map_err(|source| UnitError::Duration {
         text: text.into(),
         source,
     })
@@ -331,5 +339,14 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for bare in ["30", " 30 ", "1.5"] {
+            let err = parse_duration(bare).unwrap_err().to_string();
+            assert!(
+                err.contains("needs a unit") && err.contains("30s, 5m, 1h or 7d"),
+                "{bare}: {err}"
+            );
+            assert!(!err.contains("30sec"), "{bare}: {err}");
+        }
     }
 }

@@ -290,6 +290,20 @@ impl RuleConfig {
 /// family's trie holds `capacity` prefixes for each of the two generations;
 /// the enforcer writes a generation without ever holding more).
 pub fn validate_rules(rules: &[RuleConfig], capacity: u32) -> Result<Vec<RuleDef>, RuleSetError> {
+    validate_rule_set(rules, capacity, rules.len())
+}
+
+/// [`validate_rules`] where the rules from index `shadowing` on (the
+/// penalties) may hold a prefix that an earlier rule holds too: the later
+/// rule wins it, and the earlier rule's [`RuleDef`] goes without it (the
+/// kernel's trie has one entry per prefix) until the later rule is gone.
+/// Only exactly equal prefixes are taken; a longer prefix inside a rule's
+/// needs nothing taken, the trie's longest match gives it to its rule.
+pub fn validate_rule_set(
+    rules: &[RuleConfig],
+    capacity: u32,
+    shadowing: usize,
+) -> Result<Vec<RuleDef>, RuleSetError> {
     let mut out: Vec<RuleDef> = Vec::with_capacity(rules.len());
     let mut owners: HashMap<IpNet, usize> = HashMap::new();
     let mut names: HashSet<&str> = HashSet::new();
@@ -304,15 +318,22 @@ pub fn validate_rules(rules: &[RuleConfig], capacity: u32) -> Result<Vec<RuleDef
             return Err(fail(FieldError::new("name", Problem::NameTaken)));
         }
         for p in &def.prefixes {
-            if let Some(owner) = owners.insert(*p, index) {
-                return Err(fail(FieldError::new(
-                    "prefixes",
-                    Problem::PrefixTaken {
-                        prefix: *p,
-                        owner: rules[owner].name.clone(),
-                    },
-                )));
+            let Some(owner) = owners.insert(*p, index) else {
+                continue;
+            };
+            if index >= shadowing && owner < shadowing {
+                if let Some(shadowed) = out.get_mut(owner) {
+                    shadowed.prefixes.retain(|q| q != p);
+                }
+                continue;
             }
+            return Err(fail(FieldError::new(
+                "prefixes",
+                Problem::PrefixTaken {
+                    prefix: *p,
+                    owner: rules[owner].name.clone(),
+                },
+            )));
         }
         out.push(def);
     }

@@ -20,7 +20,10 @@ pub struct InForce {
 }
 
 /// Builds the rule list in force from the config, the live overrides and
-/// the penalties, and validates it as one rule set.
+/// the penalties, and validates it as one rule set. A penalty on a prefix
+/// that a rule also holds wins that prefix while it lasts: the rule's
+/// [`RuleDef`] (what the kernel is given) goes without it, its config (as
+/// written) keeps it, and it is the rule's again once the penalty is gone.
 pub fn compose(config: &Config, state: &State) -> Result<Vec<InForce>, RulesError> {
     let mut configs: Vec<(RuleConfig, Origin, Option<u64>)> = Vec::new();
     for rule in &config.file.rules {
@@ -38,6 +41,7 @@ pub fn compose(config: &Config, state: &State) -> Result<Vec<InForce>, RulesErro
             configs.push((rule.clone(), Origin::Live, None));
         }
     }
+    let first_penalty = configs.len();
     for penalty in state.penalties.values() {
         configs.push((
             penalty.rule.clone(),
@@ -46,7 +50,7 @@ pub fn compose(config: &Config, state: &State) -> Result<Vec<InForce>, RulesErro
         ));
     }
     let plain: Vec<RuleConfig> = configs.iter().map(|c| c.0.clone()).collect();
-    let defs = config::validate_rules(&plain, config.file.capacity.rules)?;
+    let defs = config::validate_rule_set(&plain, config.file.capacity.rules, first_penalty)?;
     Ok(configs
         .into_iter()
         .zip(defs)

@@ -22,7 +22,10 @@ pub use change::{Change, stage};
 pub use compose::{InForce, compose};
 pub use error::{ErrorKind, RulesError};
 pub use ids::assign_ids;
-pub use penalty::{PENALTY_PREFIX, PenaltyError, PenaltyRequest, PenaltyRule, add_penalty, expire};
+pub use penalty::{
+    PENALTY_PREFIX, PenaltyError, PenaltyRequest, PenaltyRule, Staged as StagedPenalty,
+    add_penalty, expire,
+};
 
 use crate::{config::Config, state::State};
 

@@ -20,7 +20,7 @@ pub const PENALTY_PREFIX: &str = "penalty:";
 pub struct PenaltyRequest {
     /// Address or prefix, e.g. 198.18.7.9 or 2001:db8:7::/48
     pub prefix: String,
-    /// How long, e.g. 30s, 5m, 1h
+    /// How long, e.g. 30s, 5m, 1h, 7d (at most `[agent] max_penalty`)
     #[arg(long = "for")]
     pub duration: String,
     /// Drop everything from the prefix
@@ -49,8 +49,16 @@ pub enum PenaltyError {
     Duration(#[source] units::UnitError),
     #[error("a penalty lasts at least 1s")]
     TooShort,
-    #[error("give either --deny or a budget (packets and/or bytes), not both")]
-    DenyOrBudget,
+    #[error(
+        "{duration:?} is longer than a penalty may last ({max}): give a shorter duration, \
+         or raise `max_penalty` in the [agent] section of the config file and restart the agent"
+    )]
+    TooLong { duration: String, max: String },
+    /// Worded in the API's fields; the CLI checks its flags before sending.
+    #[error("give either \"deny\": true or a budget (\"packets\" and/or \"bytes\")")]
+    NeitherDenyNorBudget,
+    #[error("give either \"deny\": true or a budget (\"packets\" and/or \"bytes\"), not both")]
+    DenyAndBudget,
     #[error("penalty for {prefix}: {error}")]
     Rule {
         prefix: String,
@@ -66,16 +74,25 @@ pub struct PenaltyRule {
 }
 
 impl PenaltyRequest {
-    /// Checks the request and builds its rule.
-    pub fn decode(&self) -> Result<PenaltyRule, PenaltyError> {
+    /// Checks the request and builds its rule; `max` is the longest a
+    /// penalty may last (`Config::max_penalty`).
+    pub fn decode(&self, max: Duration) -> Result<PenaltyRule, PenaltyError> {
         let prefix = config::parse_prefix(&self.prefix).map_err(PenaltyError::Prefix)?;
         let duration = units::parse_duration(&self.duration).map_err(PenaltyError::Duration)?;
         if duration.as_secs() == 0 {
             return Err(PenaltyError::TooShort);
         }
+        if duration > max {
+            return Err(PenaltyError::TooLong {
+                duration: self.duration.clone(),
+                max: humantime::format_duration(max).to_string(),
+            });
+        }
         let has_budget = self.packets.is_some() || self.bytes.is_some();
-        if self.deny == has_budget {
-            return Err(PenaltyError::DenyOrBudget);
+        match (self.deny, has_budget) {
+            (false, false) => return Err(PenaltyError::NeitherDenyNorBudget),
+            (true, true) => return Err(PenaltyError::DenyAndBudget),
+            _ => {}
         }
         let action = if self.deny {
             ActionConfig::Deny
@@ -100,20 +117,65 @@ impl PenaltyRequest {
     }
 }
 
-/// `state` with `penalty` in force until `now` + its duration (replacing a
-/// penalty on the same prefix); returns the penalty's rule name.
-pub fn add_penalty(state: &State, penalty: PenaltyRule, now: u64) -> (State, String) {
+/// What [`add_penalty`] staged: the penalty's rule name, when it ends,
+/// and the penalty on the same prefix it replaces, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Staged {
+    pub name: String,
+    pub expires_at: u64,
+    pub replaced: Option<Penalty>,
+}
+
+impl Staged {
+    /// The answer to the request: what is in force, for how long, and
+    /// which earlier penalty it replaced.
+    pub fn message(&self, duration: &str) -> String {
+        let mut message = format!(
+            "penalty {:?} in force for {duration} (until {})",
+            self.name,
+            unix_words(self.expires_at)
+        );
+        if let Some(old) = &self.replaced {
+            message.push_str(&format!(
+                "; it replaced the penalty on the same prefix ({}, until {})",
+                old.rule.action,
+                unix_words(old.expires_at)
+            ));
+        }
+        message
+    }
+}
+
+/// "2026-11-30 10:15:02 UTC".
+fn unix_words(unix: u64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(unix);
+    humantime::format_rfc3339_seconds(at)
+        .to_string()
+        .replace('T', " ")
+        .replace('Z', " UTC")
+}
+
+/// `state` with `penalty` in force until `now` + its duration; a penalty on
+/// the same prefix is replaced (and returned in [`Staged::replaced`]).
+pub fn add_penalty(state: &State, penalty: PenaltyRule, now: u64) -> (State, Staged) {
     let mut staged = state.clone();
     let name = penalty.rule.name.clone();
     let expires_at = now.saturating_add(penalty.duration.as_secs());
-    staged.penalties.insert(
+    let replaced = staged.penalties.insert(
         name.clone(),
         Penalty {
             rule: penalty.rule,
             expires_at,
         },
     );
-    (staged, name)
+    (
+        staged,
+        Staged {
+            name,
+            expires_at,
+            replaced,
+        },
+    )
 }
 
 /// `state` without the penalties whose time is up at `now`, and their

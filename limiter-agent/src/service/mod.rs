@@ -287,8 +287,10 @@ impl Service {
             .map(|r| r.config.clone())
     }
 
+    /// Puts a penalty in force; the answer says until when, and which
+    /// penalty on the same prefix it replaced.
     pub fn penalize(&mut self, request: &PenaltyRequest, who: &Requester) -> Result<String> {
-        let penalty = match request.decode() {
+        let penalty = match request.decode(self.config.max_penalty) {
             Ok(penalty) => penalty,
             Err(e) => {
                 let e = ServiceError::from(rules::RulesError::from(e));
@@ -296,8 +298,9 @@ impl Service {
                 return Err(e);
             }
         };
-        let (staged, name) = rules::add_penalty(&self.state, penalty, now_unix());
-        let before = self.rule_config(&name);
+        let (staged, penalty) = rules::add_penalty(&self.state, penalty, now_unix());
+        let name = &penalty.name;
+        let before = self.rule_config(name);
         let config = self.config.clone();
         let result = self.commit(&config, staged);
         let outcome = match &result {
@@ -307,12 +310,12 @@ impl Service {
         audit::record(
             who,
             "penalize",
-            &name,
+            name,
             before.as_ref(),
-            self.rule_config(&name).as_ref(),
+            self.rule_config(name).as_ref(),
             outcome,
         );
-        result.map(|()| name)
+        result.map(|()| penalty.message(&request.duration))
     }
 
     /// Removes penalties whose time is up; returns their names.

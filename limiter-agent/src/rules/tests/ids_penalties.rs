@@ -67,7 +67,7 @@ fn running_out_of_ids_is_refused_with_the_capacity() {
 #[test]
 fn a_deny_penalty_is_a_deny_rule_named_after_its_prefix() {
     let p = penalty_request("198.18.0.1", "5m")
-        .decode()
+        .decode(MAX)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p.rule.name, "penalty:198.18.0.1/32");
     assert_eq!(p.rule.action, ActionConfig::Deny);
@@ -76,16 +76,55 @@ fn a_deny_penalty_is_a_deny_rule_named_after_its_prefix() {
 
 #[test]
 fn bad_penalties_are_refused_with_the_reason() {
-    let err = |r: PenaltyRequest| r.decode().unwrap_err().to_string();
+    let err = |r: PenaltyRequest| r.decode(MAX).unwrap_err().to_string();
     assert!(err(penalty_request("198.18.0.1/8", "5m")).contains("host bits"));
     assert!(err(penalty_request("198.18.0.1", "0s")).contains("at least 1s"));
     assert!(err(penalty_request("198.18.0.1", "soon")).contains("30s, 5m"));
     let mut both = penalty_request("198.18.0.1", "5m");
     both.packets = Some("10/s".into());
-    assert!(err(both).contains("not both"));
+    assert_eq!(
+        err(both),
+        r#"give either "deny": true or a budget ("packets" and/or "bytes"), not both"#
+    );
+}
+
+#[test]
+fn a_penalty_with_neither_deny_nor_budget_says_to_give_one_in_api_fields() {
     let mut neither = penalty_request("198.18.0.1", "5m");
     neither.deny = false;
-    assert!(err(neither).contains("not both"));
+    let err = neither.decode(MAX).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        r#"give either "deny": true or a budget ("packets" and/or "bytes")"#
+    );
+    assert!(!err.contains("--"), "API errors speak API fields: {err}");
+}
+
+#[test]
+fn a_duration_without_unit_is_refused_naming_the_units() {
+    let err = penalty_request("198.18.0.1", "30")
+        .decode(MAX)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("30s, 5m, 1h or 7d"), "{err}");
+}
+
+#[test]
+fn a_penalty_longer_than_the_maximum_is_refused_naming_it_and_where_to_change_it() {
+    assert!(penalty_request("198.18.0.1", "7d").decode(MAX).is_ok());
+    let err = penalty_request("198.18.0.1", "8d")
+        .decode(MAX)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"8d\"")
+            && err.contains("7days")
+            && err.contains("`max_penalty` in the [agent] section"),
+        "{err}"
+    );
+    let short = Duration::from_secs(3_600);
+    assert!(penalty_request("198.18.0.1", "61m").decode(short).is_err());
+    assert!(penalty_request("198.18.0.1", "1h").decode(short).is_ok());
 }
 
 #[test]
@@ -93,7 +132,7 @@ fn a_budget_penalty_limits_instead_of_denying() {
     let mut request = penalty_request("2001:db8::/48", "30s");
     request.deny = false;
     request.packets = Some("1/s".into());
-    let p = request.decode().unwrap_or_else(|e| panic!("{e}"));
+    let p = request.decode(MAX).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p.rule.action, ActionConfig::Drop);
     assert_eq!(p.rule.fields().packets.as_deref(), Some("1/s"));
 }
@@ -101,9 +140,10 @@ fn a_budget_penalty_limits_instead_of_denying() {
 #[test]
 fn a_penalty_expires_at_its_time_and_not_before() {
     let p = penalty_request("198.18.0.1", "1m")
-        .decode()
+        .decode(MAX)
         .unwrap_or_else(|e| panic!("{e}"));
-    let (state, name) = add_penalty(&State::default(), p, 1_000);
+    let (state, staged) = add_penalty(&State::default(), p, 1_000);
+    let name = staged.name;
     assert_eq!(state.penalties[&name].expires_at, 1_060);
     assert!(expire(&state, 1_059).is_none());
     let Some((after, expired)) = expire(&state, 1_060) else {
@@ -114,16 +154,93 @@ fn a_penalty_expires_at_its_time_and_not_before() {
 }
 
 #[test]
-fn a_second_penalty_on_a_prefix_replaces_the_first() {
+fn a_second_penalty_on_a_prefix_replaces_the_first_and_says_so() {
     let p = |d: &str| {
         penalty_request("198.18.0.1", d)
-            .decode()
+            .decode(MAX)
             .unwrap_or_else(|e| panic!("{e}"))
     };
-    let (state, _) = add_penalty(&State::default(), p("1m"), 0);
-    let (state, name) = add_penalty(&state, p("1h"), 0);
+    let (state, first) = add_penalty(&State::default(), p("1m"), 0);
+    assert_eq!(first.replaced, None);
+    assert_eq!(
+        first.message("1m"),
+        "penalty \"penalty:198.18.0.1/32\" in force for 1m (until 1970-01-01 00:01:00 UTC)"
+    );
+    let (state, second) = add_penalty(&state, p("1h"), 0);
     assert_eq!(state.penalties.len(), 1);
-    assert_eq!(state.penalties[&name].expires_at, 3_600);
+    assert_eq!(state.penalties[&second.name].expires_at, 3_600);
+    assert_eq!(second.replaced.as_ref().map(|p| p.expires_at), Some(60));
+    assert_eq!(
+        second.message("1h"),
+        "penalty \"penalty:198.18.0.1/32\" in force for 1h (until 1970-01-01 01:00:00 UTC); \
+         it replaced the penalty on the same prefix (deny, until 1970-01-01 00:01:00 UTC)"
+    );
+}
+
+#[test]
+fn a_penalty_on_a_rules_own_prefix_wins_it_while_it_lasts() {
+    // `clients` holds 198.18.0.0/16; a penalty on exactly that prefix.
+    let state = with_penalty(&State::default(), "198.18.0.0/16", 2_000);
+    let rules = compose(&config(), &state).unwrap_or_else(|e| panic!("{e}"));
+    let prefixes = |name: &str| -> Vec<String> {
+        rules
+            .iter()
+            .find(|r| r.def.name == name)
+            .map(|r| r.def.prefixes.iter().map(ToString::to_string).collect())
+            .unwrap_or_else(|| panic!("no rule {name}"))
+    };
+    assert_eq!(prefixes("penalty:198.18.0.0/16"), ["198.18.0.0/16"]);
+    assert!(
+        prefixes("clients").is_empty(),
+        "the kernel gets it from the penalty"
+    );
+    // As written, the rule keeps its prefix (views show the file's rule).
+    let clients = rules.iter().find(|r| r.def.name == "clients");
+    assert_eq!(clients.map(|r| r.config.prefixes().len()), Some(1));
+    // Only that prefix: `partners` keeps its other one when one is taken.
+    let state = with_penalty(&State::default(), "2001:db8:1::/48", 2_000);
+    let rules = compose(&config(), &state).unwrap_or_else(|e| panic!("{e}"));
+    let partners = rules.iter().find(|r| r.def.name == "partners");
+    assert_eq!(
+        partners.map(|r| r
+            .def
+            .prefixes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()),
+        Some(vec!["198.19.0.0/24".to_owned()])
+    );
+    // Expired: the rule has its prefix back.
+    let Some((after, _)) = expire(
+        &with_penalty(&State::default(), "198.18.0.0/16", 2_000),
+        2_000,
+    ) else {
+        panic!("not expired");
+    };
+    let rules = compose(&config(), &after).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rules.len(), 2);
+    assert_eq!(
+        rules[0]
+            .def
+            .prefixes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["198.18.0.0/16"]
+    );
+}
+
+#[test]
+fn two_rules_still_cannot_share_a_prefix() {
+    // Shadowing is for penalties only: a live rule on a file rule's prefix
+    // is refused as before.
+    let err = staged(&[Change::Add(rule("more", "198.18.0.0/16"))])
+        .and_then(|state| compose(&config(), &state).map(|_| state))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("already in rule \"clients\""),
+        "{err}"
+    );
 }
 
 // Buckets and labels

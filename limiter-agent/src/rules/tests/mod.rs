@@ -15,6 +15,9 @@ use crate::{
 /// The time changes are staged at in these tests (Unix seconds).
 pub(super) const NOW: u64 = 1_000;
 
+/// The longest penalty in these tests: the default, a week.
+pub(super) const MAX: Duration = Duration::from_secs(7 * 86_400);
+
 /// A config file with `clients` (drop) and `partners` (mark), capacity 8.
 pub(super) fn config() -> Config {
     config_with_capacity(8)
@@ -86,7 +89,7 @@ pub(super) fn penalty_request(prefix: &str, duration: &str) -> PenaltyRequest {
 }
 
 pub(super) fn with_penalty(state: &State, prefix: &str, expires_at: u64) -> State {
-    let rule = match penalty_request(prefix, "1m").decode() {
+    let rule = match penalty_request(prefix, "1m").decode(MAX) {
         Ok(p) => p.rule,
         Err(e) => panic!("{e}"),
     };
