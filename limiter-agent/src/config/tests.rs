@@ -334,7 +334,11 @@ fn numbers_out_of_their_field_s_range_name_the_field_and_the_range() {
         assert!(
             !text.contains("i128") && !text.contains("u32") && !text.contains("u8"),
             "{text}"
+        );
+    }
+}
 
+#[test]
 fn max_penalty_defaults_to_a_week_and_is_read_with_units() {
     let config = parse(&rule("action = \"deny\"")).unwrap();
     assert_eq!(
