@@ -13,7 +13,7 @@ use axum::{
     Json, Router,
     extract::{
         ConnectInfo, DefaultBodyLimit, FromRequest, Path as UrlPath, Query, Request, State,
-        connect_info::Connected,
+        connect_info::Connected, rejection::JsonRejection,
     },
     http::{HeaderMap, Method, StatusCode, header},
     middleware::{self, Next},
@@ -70,6 +70,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(request, state).await {
             Ok(Json(value)) => Ok(Self(value)),
+            Err(JsonRejection::MissingJsonContentType(rejection)) => Err(ApiError(
+                rejection.status(),
+                "this call takes a JSON body: send it with the header \
+                 `Content-Type: application/json`"
+                    .to_owned(),
+            )),
             Err(rejection) => Err(ApiError(rejection.status(), rejection.body_text())),
         }
     }
