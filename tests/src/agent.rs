@@ -282,14 +282,51 @@ pub fn api_call(
     path: &str,
     body: Option<&str>,
 ) -> Result<(u16, String)> {
+    let answer = api_exchange(socket, method, path, Some("application/json"), body)?;
+    Ok((answer.code, answer.body))
+}
+
+/// An answer of the control API.
+#[derive(Debug)]
+pub struct Answer {
+    pub code: u16,
+    /// The status line and the headers, as sent.
+    pub head: String,
+    pub body: String,
+}
+
+impl Answer {
+    /// The value of header `name` (case-insensitive), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then_some(value.trim())
+        })
+    }
+}
+
+/// One HTTP/1.0 request on the agent's control socket with the given
+/// `Content-Type` header (none when `None`).
+pub fn api_exchange(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: Option<&str>,
+) -> Result<Answer> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::os::unix::net::UnixStream::connect(socket)
         .with_context(|| format!("connecting to {}", socket.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = body.unwrap_or("");
+    let content_type = content_type
+        .map(|t| format!("Content-Type: {t}\r\n"))
+        .unwrap_or_default();
     write!(
         stream,
-        "{method} {path} HTTP/1.0\r\nHost: limiter\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.0\r\nHost: limiter\r\n{content_type}\
          Content-Length: {}\r\n\r\n",
         body.len()
     )?;
@@ -320,13 +357,29 @@ pub fn api_call(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .with_context(|| format!("no status code in {head:?}"))?;
-    Ok((code, body.to_owned()))
+    Ok(Answer {
+        code,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    })
 }
 
 impl AgentEnv {
     /// A request on this environment's control socket.
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
         api_call(&self.socket, method, path, body)
+    }
+
+    /// A request on this environment's control socket with the given
+    /// `Content-Type` (none when `None`), answered with its headers.
+    pub fn api_with(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Option<&str>,
+    ) -> Result<Answer> {
+        api_exchange(&self.socket, method, path, content_type, body)
     }
 
     /// The rules in force in the kernel, read from the pinned maps (not
