@@ -87,6 +87,16 @@ impl Limit {
         })
     }
 
+    /// The largest burst [`Limit::new`] takes at `rate_per_sec` (0 for a
+    /// rate it refuses).
+    pub const fn max_burst(rate_per_sec: u64) -> u64 {
+        if rate_per_sec == 0 || rate_per_sec > Self::MAX_RATE {
+            return 0;
+        }
+        let interval = (NANOS_PER_SEC << FINE_SHIFT).div_ceil(rate_per_sec);
+        ((1u64 << 62) - 1) / interval
+    }
+
     /// No budget in this dimension.
     pub const UNLIMITED: Self = Self {
         interval: 0,

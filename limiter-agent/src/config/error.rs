@@ -80,9 +80,15 @@ pub enum Problem {
     #[error("{rate}/s is more than the kernel representation holds (at most {max}/s); lower it")]
     RateTooHigh { rate: u64, max: u64 },
     #[error(
-        "{burst} at {rate}/s cannot be held by the kernel (burst × interval exceeds its clock range); lower the burst"
+        "{burst} is more than the kernel can hold at {rate}: at most {max} at that rate \
+         (burst × interval must fit its clock range); lower the burst"
     )]
-    BurstTooLarge { burst: u64, rate: u64 },
+    BurstTooLarge {
+        burst: u64,
+        /// The rate as the user wrote it.
+        rate: String,
+        max: u64,
+    },
     #[error("allow and deny rules take no budget; use drop, mark or monitor to limit")]
     BudgetWithoutLimit,
     #[error("this action needs a budget: set packets, bytes or new_connections")]

@@ -104,7 +104,7 @@ fn bad_inputs_are_refused_with_line_field_and_reason() {
         (
             &rule("action = \"drop\"\npackets = \"1/s\"\npacket_burst = 5000000000"),
             6,
-            "cannot be held by the kernel",
+            "is more than the kernel can hold at 1/s: at most 70368 at that rate",
         ),
         (&rule("action = \"drop\""), 4, "needs a budget"),
         (

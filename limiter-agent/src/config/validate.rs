@@ -154,7 +154,8 @@ impl Dimension {
             Err(LimitError::ZeroRate | LimitError::ZeroBurst | LimitError::BurstTooLarge) => {
                 Err(burst_err(Problem::BurstTooLarge {
                     burst,
-                    rate: rate_per_sec,
+                    rate: rate.clone(),
+                    max: Limit::max_burst(rate_per_sec),
                 }))
             }
         }

@@ -226,3 +226,18 @@ fn impossible_limits_are_refused_with_a_reason() {
     assert_eq!(Limit::new(1, u64::MAX / 2), Err(LimitError::BurstTooLarge));
     assert!(Limit::new(Limit::MAX_RATE, 1).is_ok());
 }
+
+#[test]
+fn the_largest_burst_a_rate_holds_is_accepted_and_one_more_is_not() {
+    for rate in [1, 7, 1_000, 125_000_000, Limit::MAX_RATE] {
+        let max = Limit::max_burst(rate);
+        assert!(max >= 1, "rate {rate}");
+        assert!(Limit::new(rate, max).is_ok(), "rate {rate} burst {max}");
+        assert!(
+            Limit::new(rate, max + 1).is_err(),
+            "rate {rate} burst {}",
+            max + 1
+        );
+    }
+    assert_eq!(Limit::max_burst(0), 0);
+}
