@@ -182,6 +182,14 @@ impl Service {
         Ok(())
     }
 
+    /// A change's result as the audit trail records it.
+    fn outcome<'a>(&self, result: &'a Result<()>) -> Result<u64, &'a dyn std::fmt::Display> {
+        match result {
+            Ok(()) => Ok(self.config_generation),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The kernel's view of the rules in force now.
     fn kernel_rules(&self) -> Vec<crate::enforcer::KernelRule> {
         self.in_force
@@ -253,10 +261,7 @@ impl Service {
         });
         for ((action, name), before) in touched.iter().zip(&before) {
             let after = self.rule_config(name);
-            let outcome = match &result {
-                Ok(()) => Ok(self.config_generation),
-                Err(e) => Err(e as &dyn std::fmt::Display),
-            };
+            let outcome = self.outcome(&result);
             audit::record(who, action, name, before.as_ref(), after.as_ref(), outcome);
         }
         result.map(|()| changes.len())
@@ -303,10 +308,7 @@ impl Service {
         let before = self.rule_config(name);
         let config = self.config.clone();
         let result = self.commit(&config, staged);
-        let outcome = match &result {
-            Ok(()) => Ok(self.config_generation),
-            Err(e) => Err(e as &dyn std::fmt::Display),
-        };
+        let outcome = self.outcome(&result);
         audit::record(
             who,
             "penalize",
@@ -327,10 +329,7 @@ impl Service {
         let config = self.config.clone();
         let result = self.commit(&config, staged);
         for (name, before) in expired.iter().zip(&before) {
-            let outcome = match &result {
-                Ok(()) => Ok(self.config_generation),
-                Err(e) => Err(e as &dyn std::fmt::Display),
-            };
+            let outcome = self.outcome(&result);
             audit::record(
                 &Requester::Agent,
                 "expire",
@@ -351,10 +350,7 @@ impl Service {
             Ok(()) => self.last_reload_ok = Some(now_unix()),
             Err(_) => self.last_reload_failed = Some(now_unix()),
         }
-        let outcome = match &result {
-            Ok(()) => Ok(self.config_generation),
-            Err(e) => Err(e as &dyn std::fmt::Display),
-        };
+        let outcome = self.outcome(&result);
         let source = format!("config {}", self.config.source);
         audit::record(who, "reload", &source, None, None, outcome);
         result
