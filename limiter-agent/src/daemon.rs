@@ -338,9 +338,9 @@ async fn consume_events(
                 {
                     let Ok(mut offenders) = shared.offenders.lock() else { return };
                     let now = Instant::now();
-                    for (event, epoch, rule) in attributed {
+                    for (event, epoch) in attributed {
                         if offenders.record(&event, epoch, now) {
-                            new_offenders.push((event, epoch, rule));
+                            new_offenders.push((event, epoch));
                         }
                     }
                 }
@@ -348,12 +348,19 @@ async fn consume_events(
                     second = Instant::now();
                     logged_this_second = 0;
                 }
-                for (event, epoch, rule) in new_offenders {
-                    if logged_this_second >= OFFENDER_LOG_PER_SEC {
-                        break;
-                    }
-                    logged_this_second += 1;
-                    let key = crate::events::OffenderKey::of(&event, epoch);
+                // Names only for the few lines logged, not for every event.
+                let room = OFFENDER_LOG_PER_SEC.saturating_sub(logged_this_second) as usize;
+                let logged: Vec<_> = new_offenders.into_iter().take(room).collect();
+                logged_this_second += logged.len() as u32;
+                let names: Vec<String> = match shared.service.lock() {
+                    Ok(service) => logged
+                        .iter()
+                        .map(|(e, _)| crate::rules::rule_label(service.rule_name(e.rule_id), e.rule_id))
+                        .collect(),
+                    Err(_) => return,
+                };
+                for ((event, epoch), rule) in logged.iter().zip(names) {
+                    let key = crate::events::OffenderKey::of(event, *epoch);
                     tracing::info!(rule, source = key.source(), "source went over budget");
                 }
             }
@@ -361,24 +368,20 @@ async fn consume_events(
     }
 }
 
-/// Each event with the time its rule got its id and the rule's name;
-/// events of rules deleted since, or raised before their id was given to
-/// the rule now holding it, are dropped. `None` if the service is gone.
+/// Each event with the time its rule got its id; events of rules deleted
+/// since, or raised before their id was given to the rule now holding it,
+/// are dropped. `None` if the service is gone.
 fn attribute(
     shared: &Shared,
     events: Vec<limiter_common::OverBudgetEvent>,
-) -> Option<Vec<(limiter_common::OverBudgetEvent, u64, String)>> {
+) -> Option<Vec<(limiter_common::OverBudgetEvent, u64)>> {
     let service = shared.service.lock().ok()?;
     Some(
         events
             .into_iter()
             .filter_map(|event| {
                 let epoch = service.rule_epoch(event.rule_id)?;
-                (event.timestamp_ns >= epoch).then(|| {
-                    let rule =
-                        crate::rules::rule_label(service.rule_name(event.rule_id), event.rule_id);
-                    (event, epoch, rule)
-                })
+                (event.timestamp_ns >= epoch).then_some((event, epoch))
             })
             .collect(),
     )
