@@ -16,7 +16,10 @@ use limiter_agent::{
     rules,
     state::State,
 };
-use limiter_common::{Limit, dimension};
+use limiter_common::{
+    Limit, dimension,
+    rate::{FINE_SHIFT, MAX_UNITS_PER_PACKET},
+};
 
 /// The documented example configuration: rules of every action and scope
 /// for patches, batches and state files to change.
@@ -60,24 +63,33 @@ fn check_kernel_form(def: &RuleDef, id: u32) {
     assert!(kernel.source_prefix_v4 <= 32, "{def:?}");
     assert!(kernel.source_prefix_v6 <= 128, "{def:?}");
     assert!(kernel.dscp <= 63, "{def:?}");
-    for (dim, budget) in [
-        (dimension::PACKETS, def.packets),
-        (dimension::BYTES, def.bytes),
-        (dimension::SYNS, def.new_connections),
+    for (dim, budget, max_units) in [
+        (dimension::PACKETS, &def.packets, 1),
+        (dimension::BYTES, &def.bytes, MAX_UNITS_PER_PACKET),
+        (dimension::SYNS, &def.new_connections, 1),
     ] {
         let limit = kernel.limits[dim];
         match budget {
             None => assert_eq!(limit, Limit::UNLIMITED, "{def:?}"),
             Some(Budget {
-                rate_per_sec,
+                written,
+                rate,
                 burst,
                 ..
             }) => {
                 assert!(
                     !limit.is_unlimited(),
-                    "validated budget {rate_per_sec}/s burst {burst} reached the kernel as unlimited: {def:?}"
+                    "validated budget {written} burst {burst} reached the kernel as unlimited: {def:?}"
                 );
-                assert_eq!(Limit::new(rate_per_sec, burst), Ok(limit), "{def:?}");
+                assert_eq!(
+                    Limit::from_rate(*rate, *burst, max_units),
+                    Ok(limit),
+                    "{def:?}"
+                );
+                // Never more than written: the kernel's interval is at least
+                // the exact one.
+                let exact = (u128::from(rate.per_ns) << FINE_SHIFT) / u128::from(rate.count);
+                assert!(u128::from(limit.interval) >= exact, "{def:?}");
             }
         }
     }

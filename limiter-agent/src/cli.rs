@@ -281,9 +281,9 @@ pub async fn inspect(client: &Client, out: &Output, address: &str) -> Result {
         }
         for b in &v.budgets {
             println!(
-                "  {:<16} {}/s burst {}: {} available{}",
+                "  {:<16} {} burst {}: {} available{}",
                 b.dimension,
-                b.rate_per_sec,
+                b.rate,
                 b.burst,
                 b.available,
                 if b.over_budget { ", OVER BUDGET" } else { "" }

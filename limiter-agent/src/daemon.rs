@@ -126,6 +126,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
         &config.file.interfaces,
     )?;
     service.attachments = Some(attachments);
+    // The programs just replaced held the maps of an older layout.
+    match pins.remove_stale_maps() {
+        Ok(removed) if removed.is_empty() => {}
+        Ok(removed) => tracing::info!(
+            pins = %pins.maps_dir().display(),
+            "removed the pins of maps an older version used: {}",
+            removed.join(", ")
+        ),
+        Err(e) => tracing::warn!("could not remove the pins of an older version's maps: {e:#}"),
+    }
     for a in service.attached() {
         tracing::info!(
             interface = %a.interface,

@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use limiter_common::map_names;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -101,11 +102,37 @@ impl Pins {
         ))
     }
 
-    /// Whether maps were pinned by an earlier agent.
+    /// Whether maps were pinned by an earlier agent: any of today's (a
+    /// map of an older layout is not adopted, but one of today's beside it
+    /// is, with its content).
     pub fn has_maps(&self) -> bool {
-        self.maps_dir()
-            .join(limiter_common::map_names::RULES)
-            .exists()
+        let dir = self.maps_dir();
+        map_names::ALL.iter().any(|name| dir.join(name).exists())
+    }
+
+    /// Removes the pins of maps this version does not use (older layouts,
+    /// see `map_names`), and says which. Call once this agent's programs are
+    /// attached: the programs they replaced held those maps.
+    pub fn remove_stale_maps(&self) -> Result<Vec<String>> {
+        let dir = self.maps_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+        };
+        let mut removed = Vec::new();
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(map_names::PREFIX) || map_names::ALL.contains(&name.as_str()) {
+                continue;
+            }
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+            removed.push(name);
+        }
+        removed.sort();
+        Ok(removed)
     }
 
     /// Mounts bpffs at the nearest `/sys/fs/bpf` if the pin directory is not
@@ -340,6 +367,34 @@ fn mount_bpffs(at: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_pins_of_older_map_layouts_are_removed() {
+        let root = std::env::temp_dir().join(format!("limiter-pins-{}", std::process::id()));
+        let pins = Pins::new(&root);
+        let maps = pins.maps_dir();
+        assert_eq!(
+            pins.remove_stale_maps().ok(),
+            Some(Vec::new()),
+            "no directory yet"
+        );
+        std::fs::create_dir_all(&maps).unwrap();
+        assert!(!pins.has_maps());
+        for name in [
+            "LIM_SRC_V1",
+            "LIM_REASON_V1",
+            map_names::SOURCE_BUCKETS,
+            "operator-notes",
+        ] {
+            std::fs::write(maps.join(name), b"").unwrap();
+        }
+        assert!(pins.has_maps(), "today's LIM_SRC map is adopted");
+        let removed = pins.remove_stale_maps().unwrap();
+        assert_eq!(removed, ["LIM_REASON_V1", "LIM_SRC_V1"]);
+        assert!(maps.join(map_names::SOURCE_BUCKETS).exists());
+        assert!(maps.join("operator-notes").exists(), "not ours: left alone");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn link_pin_names_stay_what_older_agents_pinned() {

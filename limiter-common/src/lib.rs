@@ -11,14 +11,20 @@ use core::mem::size_of;
 pub use rate::Limit;
 
 /// Map names. The kernel keeps 15 bytes of a map name; a `_v<N>` suffix
-/// changes whenever a layout changes so a pinned map of an old layout is never
-/// adopted by mistake.
+/// changes whenever a layout or the meaning of a field changes, so a pinned
+/// map of an old layout is never adopted by mistake (the agent removes such
+/// pins once its own programs are attached).
 pub mod map_names {
-    pub const RULES: &str = "LIM_RULES_V1";
+    /// Every map name starts with this (older layouts' too).
+    pub const PREFIX: &str = "LIM_";
+    /// V2: intervals and TATs in 2^-14 ns (V1: 2^-16 ns).
+    pub const RULES: &str = "LIM_RULES_V2";
     pub const PREFIXES_V4: &str = "LIM_PFX4_V1";
     pub const PREFIXES_V6: &str = "LIM_PFX6_V1";
-    pub const SOURCE_BUCKETS: &str = "LIM_SRC_V1";
-    pub const SHARED_BUCKETS: &str = "LIM_SHARED_V1";
+    /// V2: TATs in 2^-14 ns.
+    pub const SOURCE_BUCKETS: &str = "LIM_SRC_V2";
+    /// V2: TATs in 2^-14 ns.
+    pub const SHARED_BUCKETS: &str = "LIM_SHARED_V2";
     pub const RULE_COUNTERS: &str = "LIM_RCNT_V1";
     pub const REASON_COUNTERS: &str = "LIM_REASON_V2";
     pub const EVENTS: &str = "LIM_EVENTS_V1";

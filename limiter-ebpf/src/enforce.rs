@@ -16,7 +16,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie:
 use limiter_common::{
     Action, Bucket, EVENT_INTERVAL_NS, OverBudgetEvent, Reason, Rule, Scope, SourceKey, dimension,
     family, mask_addr,
-    rate::{clamp_debt, conform, fine_time, is_stale},
+    rate::{clamp_debt, conform, fine_time, is_stale, lags_far_behind},
     verdict,
 };
 
@@ -225,16 +225,19 @@ fn charge<P: Packet>(pkt: &P, rule: &Rule, ip: &IpPacket, wire_len: u32) -> bool
     // Check every dimension before charging any, so a packet refused by one
     // budget is not charged to the others.
     for (dim, (limit, units)) in rule.limits.iter().zip(units).enumerate() {
-        if limit.is_unlimited() || (dim == dimension::SYNS && !ip.syn) {
+        if limit.is_unlimited() {
             continue;
         }
         // SAFETY: dim < COUNT, inside the tat array.
         let tat_ptr = unsafe { tat_ptrs.add(dim) };
-        // SAFETY: as above.
-        let seen = unsafe { core::ptr::read_volatile(tat_ptr) };
-        let tat = if stale { now } else { seen };
+        // Every limited dimension, charged by this packet or not, so none
+        // lags past what the wrapping clock can tell.
+        let tat = refresh(tat_ptr, stale, now);
+        if dim == dimension::SYNS && !ip.syn {
+            continue;
+        }
         if conform(tat, now, limit.cost(units), limit.tolerance).is_none() {
-            clear_debt(tat_ptr, seen, now, limit.tolerance);
+            clear_debt(tat_ptr, tat, now, limit.tolerance);
             exceeded |= 1 << dim;
         }
     }
@@ -245,7 +248,7 @@ fn charge<P: Packet>(pkt: &P, rule: &Rule, ip: &IpPacket, wire_len: u32) -> bool
             }
             // SAFETY: as above.
             let tat_ptr = unsafe { tat_ptrs.add(dim) };
-            if !charge_one(tat_ptr, now, stale, limit.cost(units), limit.tolerance) {
+            if !charge_one(tat_ptr, now, limit.cost(units), limit.tolerance) {
                 exceeded |= 1 << dim;
                 break;
             }
@@ -258,26 +261,39 @@ fn charge<P: Packet>(pkt: &P, rule: &Rule, ip: &IpPacket, wire_len: u32) -> bool
     false
 }
 
+/// The TAT to charge against. A stale bucket, or a TAT lagging far behind
+/// (see `rate::REANCHOR_LAG_NS`), is a full bucket: `now` is written back so
+/// the next packet reads it right too. If another CPU moved the TAT
+/// meanwhile, its value is fresh and is used instead.
+#[inline(always)]
+fn refresh(tat_ptr: *mut u64, stale: bool, now: u64) -> u64 {
+    // SAFETY: tat_ptr is inside a live map value (see charge).
+    let seen = unsafe { core::ptr::read_volatile(tat_ptr) };
+    if !(stale || lags_far_behind(seen, now)) {
+        return seen;
+    }
+    // SAFETY: as above; the kernel accepts BPF_CMPXCHG on map values.
+    let previous = unsafe { compare_exchange(tat_ptr, seen, now) };
+    if previous == seen { now } else { previous }
+}
+
 /// One dimension's compare-and-swap loop.
 #[inline(always)]
-fn charge_one(tat_ptr: *mut u64, now: u64, stale: bool, cost: u64, tolerance: u64) -> bool {
+fn charge_one(tat_ptr: *mut u64, now: u64, cost: u64, tolerance: u64) -> bool {
     // SAFETY: tat_ptr is inside a live map value (see charge).
     let mut seen = unsafe { core::ptr::read_volatile(tat_ptr) };
-    let mut stale = stale;
     for _ in 0..CAS_ATTEMPTS {
-        let base = if stale { now } else { seen };
-        let Some(new_tat) = conform(base, now, cost, tolerance) else {
+        let Some(new_tat) = conform(seen, now, cost, tolerance) else {
             clear_debt(tat_ptr, seen, now, tolerance);
             return false;
         };
-        // SAFETY: as above; the kernel accepts BPF_CMPXCHG on map values.
+        // SAFETY: as above.
         let previous = unsafe { compare_exchange(tat_ptr, seen, new_tat) };
         if previous == seen {
             return true;
         }
-        // Another CPU charged first: retry against its TAT, which is fresh.
+        // Another CPU charged first: retry against its TAT.
         seen = previous;
-        stale = false;
     }
     false
 }

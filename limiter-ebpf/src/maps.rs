@@ -11,7 +11,7 @@ use limiter_common::{
 };
 
 /// Rules by slot (both generations' slots; the agent assigns them).
-#[map(name = "LIM_RULES_V1")]
+#[map(name = "LIM_RULES_V2")]
 pub static RULES: Array<Rule> = Array::with_max_entries(DEFAULT_MAX_RULES * GENERATIONS, 0);
 
 /// The active rule-set generation (one u32, 0 or 1).
@@ -30,12 +30,12 @@ pub static PREFIXES_V6: LpmTrie<[u8; 17], u32> =
     LpmTrie::with_max_entries(DEFAULT_MAX_RULES * GENERATIONS, 0);
 
 /// Per-source buckets. LRU: a flood of new sources evicts the idlest.
-#[map(name = "LIM_SRC_V1")]
+#[map(name = "LIM_SRC_V2")]
 pub static SOURCE_BUCKETS: LruHashMap<SourceKey, Bucket> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SOURCES, 0);
 
 /// Shared-scope buckets by rule id: an array, so they are never evicted.
-#[map(name = "LIM_SHARED_V1")]
+#[map(name = "LIM_SHARED_V2")]
 pub static SHARED_BUCKETS: Array<Bucket> = Array::with_max_entries(DEFAULT_MAX_RULES, 0);
 
 /// Per-rule, per-CPU counters by rule id.

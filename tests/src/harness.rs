@@ -61,6 +61,13 @@ impl RuleSpec {
         self
     }
 
+    /// Any budget the representation holds (`3/min`, `10GB/day`), by
+    /// [`dimension`].
+    pub fn limit(mut self, dim: usize, limit: Limit) -> Self {
+        self.0.limits[dim] = limit;
+        self
+    }
+
     pub fn shared(mut self) -> Self {
         self.0.scope = Scope::Shared as u32;
         self

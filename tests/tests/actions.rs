@@ -2,7 +2,11 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use limiter_common::{Action, Reason, SourceKey, dimension, family, verdict};
+use limiter_common::{
+    Action, Limit, Reason, SourceKey, dimension, family,
+    rate::{FINE_SHIFT, NANOS_PER_SEC, Rate},
+    verdict,
+};
 use limiter_tests::{frame::*, harness::*};
 
 fn v4(last: u8) -> Ipv4Addr {
@@ -217,6 +221,76 @@ fn a_live_budget_change_applies_to_the_next_packet_and_keeps_state() {
     h.rule(RuleSpec::new(1, Action::Monitor).packets(1, 5), &[]);
     assert_eq!(h.xdp(&frame).0, XDP_PASS);
     assert_eq!(h.packets(1), [5, 5, 0, 1]);
+}
+
+fn v4_key(rule_id: u32, src: Ipv4Addr) -> SourceKey {
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&src.octets());
+    SourceKey {
+        rule_id,
+        family: family::IPV4,
+        addr,
+    }
+}
+
+/// Moves one dimension's TAT of a source's bucket back by `ns`: the time
+/// the bucket would have had to refill, without waiting for it.
+fn age_tat(h: &mut Harness, key: &SourceKey, dim: usize, ns: u64) {
+    let mut bucket =
+        h.dp.source_bucket(key)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no bucket for {key:?}"));
+    bucket.tat[dim] = bucket.tat[dim].wrapping_sub(ns << FINE_SHIFT);
+    h.dp.set_source_bucket(key, &bucket)
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn a_per_minute_budget_gives_one_packet_back_every_twenty_seconds() {
+    let mut h = Harness::new();
+    let three_a_minute = Rate {
+        count: 3,
+        per_ns: 60 * NANOS_PER_SEC,
+    };
+    let limit = Limit::from_rate(three_a_minute, 3, 1).unwrap_or_else(|e| panic!("{e:?}"));
+    h.rule(
+        RuleSpec::new(1, Action::Drop).limit(dimension::PACKETS, limit),
+        &["198.18.0.0/15"],
+    );
+    let frame = udp4(v4(1));
+    assert_eq!(h.xdp_many(&frame, 4), (3, 1));
+    let key = v4_key(1, v4(1));
+    // 19 s later nothing is back yet (the test itself takes well under the
+    // remaining second)...
+    age_tat(&mut h, &key, dimension::PACKETS, 19 * NANOS_PER_SEC);
+    assert_eq!(h.xdp_many(&frame, 1), (0, 1));
+    // ...at 20 s exactly one packet is.
+    age_tat(&mut h, &key, dimension::PACKETS, NANOS_PER_SEC);
+    assert_eq!(h.xdp_many(&frame, 2), (1, 1));
+}
+
+#[test]
+fn a_connection_budget_left_untouched_for_days_is_still_full() {
+    // A long-lived connection keeps the bucket busy with packets for nine
+    // days while no new connection comes; the connection budget must read
+    // full, not lag so far that the wrapping clock reads it as far ahead.
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(1, Action::Drop)
+            .packets(1_000_000, 1_000_000)
+            .syns(1, 2),
+        &["198.18.0.0/15"],
+    );
+    let syn = Frame::v4(v4(1), L4::Tcp { flags: TCP_SYN }).build();
+    let data = Frame::v4(v4(1), L4::Tcp { flags: TCP_ACK }).build();
+    assert_eq!(h.xdp_many(&syn, 1), (1, 0));
+    let key = v4_key(1, v4(1));
+    for _ in 0..3 {
+        // Three days without a connection, the bucket seen all along.
+        age_tat(&mut h, &key, dimension::SYNS, 3 * 86_400 * NANOS_PER_SEC);
+        assert_eq!(h.xdp_many(&data, 1), (1, 0));
+    }
+    assert_eq!(h.xdp_many(&syn, 3), (2, 1));
 }
 
 #[test]

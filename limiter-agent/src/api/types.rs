@@ -58,11 +58,14 @@ pub struct LiveOverride {
 /// rule's current value. Its fields are a rule's, defined once in config.
 pub use crate::config::RulePatch;
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct BudgetState {
     /// "packets", "bytes" or "new_connections".
     pub dimension: String,
-    pub rate_per_sec: u64,
+    /// As written in the rule: `3/min`, `1Gbit/s`.
+    pub rate: String,
+    /// The same rate in units per second (for graphs; `rate` is exact).
+    pub rate_per_sec: f64,
     pub burst: u64,
     /// Units the bucket would admit at once right now.
     pub available: u64,
@@ -70,7 +73,7 @@ pub struct BudgetState {
 }
 
 /// `GET /v1/sources/{address}`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct SourceView {
     pub address: String,
     /// The rule that matches (most specific prefix), if any.

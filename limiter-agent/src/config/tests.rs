@@ -6,8 +6,13 @@ fn parse(text: &str) -> Result<Config, String> {
     Config::parse(text, Path::new("test.toml")).map_err(|e| e.to_string())
 }
 
-fn rate_burst(budget: Option<Budget>) -> Option<(u64, u64)> {
-    budget.map(|b| (b.rate_per_sec, b.burst))
+/// Rate per second (for rates that are whole per second) and burst.
+fn rate_burst(budget: &Option<Budget>) -> Option<(u64, u64)> {
+    budget.as_ref().map(|b| {
+        let second = limiter_common::rate::NANOS_PER_SEC;
+        assert_eq!(second % b.rate.per_ns, 0, "{b:?}");
+        (b.rate.count * (second / b.rate.per_ns), b.burst)
+    })
 }
 
 fn rule(body: &str) -> String {
@@ -41,9 +46,9 @@ fn a_full_rule_parses_with_units() {
     ))
     .unwrap();
     let r = &c.rules[0];
-    assert_eq!(rate_burst(r.packets), Some((10_000, 20_000)));
-    assert_eq!(rate_burst(r.bytes), Some((12_500_000, 2 << 20)));
-    assert_eq!(rate_burst(r.new_connections), Some((100, 50)));
+    assert_eq!(rate_burst(&r.packets), Some((10_000, 20_000)));
+    assert_eq!(rate_burst(&r.bytes), Some((12_500_000, 2 << 20)));
+    assert_eq!(rate_burst(&r.new_connections), Some((100, 50)));
     assert_eq!(
         (r.scope, r.dscp, r.skb_mark),
         (ScopeConfig::Shared, 46, 119)
@@ -51,14 +56,52 @@ fn a_full_rule_parses_with_units() {
 }
 
 #[test]
-fn bursts_default_to_one_second() {
+fn bursts_default_to_the_amount_written_for_one_interval() {
+    let burst = |body: &str| -> Vec<Option<u64>> {
+        let c = parse(&rule(&format!("action = \"drop\"\n{body}"))).unwrap();
+        let r = &c.rules[0];
+        [&r.packets, &r.bytes, &r.new_connections]
+            .map(|b| b.as_ref().map(|b| b.burst))
+            .to_vec()
+    };
+    // Never below one full-size frame.
+    assert_eq!(
+        burst("packets = \"500/s\"\nbytes = \"1000B/s\""),
+        [Some(500), Some(1514), None]
+    );
+    // "3 new connections a minute": 3 at once, then one every 20 s.
+    assert_eq!(
+        burst("new_connections = \"3/min\"\nbytes = \"10GB/day\""),
+        [None, Some(10_000_000_000), Some(3)]
+    );
+    assert_eq!(burst("packets = \"0.5/s\""), [Some(1), None, None]);
+}
+
+#[test]
+fn rates_with_any_interval_reach_the_kernel_exactly() {
+    use limiter_common::rate::{FINE_SHIFT, NANOS_PER_SEC};
     let c = parse(&rule(
-        "action = \"drop\"\npackets = \"500/s\"\nbytes = \"1000B/s\"",
+        "action = \"drop\"\npackets = \"90/min\"\nbytes = \"10GB/day\"\n\
+         byte_burst = \"10GB\"\nnew_connections = \"0.5/s\"",
     ))
     .unwrap();
-    assert_eq!(c.rules[0].packets.unwrap().burst, 500);
-    // Never below one full-size frame.
-    assert_eq!(c.rules[0].bytes.unwrap().burst, 1514);
+    let r = &c.rules[0];
+    let limits = r.limits();
+    // 90/min: one packet every 2/3 s, rounded up to the next fine unit.
+    let fine_sec = u128::from(NANOS_PER_SEC) << FINE_SHIFT;
+    assert_eq!(u128::from(limits[0].interval), (fine_sec * 2).div_ceil(3));
+    assert_eq!(
+        r.packets.as_ref().map(|b| b.written.as_str()),
+        Some("90/min")
+    );
+    // A day's bytes at once.
+    assert_eq!(limits[1].burst(), 10_000_000_000);
+    assert_eq!(
+        u128::from(limits[1].interval),
+        (fine_sec * 86_400).div_ceil(10_000_000_000)
+    );
+    // 0.5/s: one every 2 s exactly.
+    assert_eq!(u128::from(limits[2].interval), fine_sec * 2);
 }
 
 /// Each bad input is refused with the file, the line of the field at fault
@@ -94,7 +137,22 @@ fn bad_inputs_are_refused_with_line_field_and_reason() {
         (
             &rule("action = \"drop\"\npackets = \"100000000000000/s\""),
             5,
-            "more than the kernel representation holds",
+            "100000000000000/s is more than the kernel's clock holds (at most 16384000000000/s)",
+        ),
+        (
+            &rule("action = \"drop\"\npackets = \"1/s\"\nbytes = \"1kB/day\""),
+            6,
+            "`bytes`: 1kB/day is slower than the kernel's clock holds: write at least 1 byte every 4 s, e.g. 25kB/day",
+        ),
+        (
+            &rule("action = \"drop\"\nnew_connections = \"1/day\"\nconnection_burst = 4"),
+            6,
+            "`connection_burst`: 4 is more than the kernel can hold at 1/day: at most 3 at that rate",
+        ),
+        (
+            &rule("action = \"drop\"\npackets = \"-5/s\""),
+            5,
+            "`packets`: \"-5/s\" is negative: write a positive number, e.g. 100/s, 3/min or 10k/day",
         ),
         (
             &rule("action = \"drop\"\npackets = \"1/s\"\npacket_burst = \"9000000000000T\""),
@@ -104,7 +162,7 @@ fn bad_inputs_are_refused_with_line_field_and_reason() {
         (
             &rule("action = \"drop\"\npackets = \"1/s\"\npacket_burst = 5000000000"),
             6,
-            "is more than the kernel can hold at 1/s: at most 70368 at that rate",
+            "is more than the kernel can hold at 1/s: at most 281474 at that rate",
         ),
         (&rule("action = \"drop\""), 4, "needs a budget"),
         (

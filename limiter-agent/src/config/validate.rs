@@ -8,20 +8,22 @@ use ipnet::IpNet;
 use limiter_common::{
     Limit,
     dimension::{self, COUNT as DIMENSIONS},
-    rate::LimitError,
+    rate::{LimitError, MAX_UNITS_PER_PACKET, Rate},
 };
 
 use super::{
     ActionConfig, Quantity, RuleConfig, ScopeConfig, defaults,
     error::{Family, FieldError, PrefixError, Problem, RuleSetError},
-    units::{self, UnitError},
+    units::{self, ParsedRate, UnitError},
 };
 
-/// A validated budget: the rate and burst as written, and the kernel's form
-/// of them (only validation makes one).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A validated budget: the rate as written and held exactly, the burst, and
+/// the kernel's form of them (only validation makes one).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Budget {
-    pub rate_per_sec: u64,
+    /// As the user wrote it (`3/min`, `1Gbit/s`): how it is shown back.
+    pub written: String,
+    pub rate: Rate,
     pub burst: u64,
     limit: Limit,
 }
@@ -55,9 +57,9 @@ impl RuleDef {
     pub fn limits(&self) -> [Limit; DIMENSIONS] {
         let mut limits = [Limit::UNLIMITED; DIMENSIONS];
         for (dim, budget) in [
-            (dimension::PACKETS, self.packets),
-            (dimension::BYTES, self.bytes),
-            (dimension::SYNS, self.new_connections),
+            (dimension::PACKETS, &self.packets),
+            (dimension::BYTES, &self.bytes),
+            (dimension::SYNS, &self.new_connections),
         ] {
             if let Some(budget) = budget {
                 limits[dim] = budget.limit;
@@ -71,10 +73,14 @@ impl RuleDef {
 struct Dimension {
     rate_field: &'static str,
     burst_field: &'static str,
-    parse_rate: fn(&str) -> Result<u64, UnitError>,
+    parse_rate: fn(&str) -> Result<ParsedRate, UnitError>,
     parse_burst: fn(&str) -> Result<u64, UnitError>,
     /// The smallest burst that admits one packet.
     min_burst: u64,
+    /// The most units one packet is charged.
+    max_units: u64,
+    /// The slowest rate the kernel holds, as advice.
+    slowest: &'static str,
 }
 
 const PACKETS: Dimension = Dimension {
@@ -83,6 +89,8 @@ const PACKETS: Dimension = Dimension {
     parse_rate: units::parse_rate,
     parse_burst: units::parse_count,
     min_burst: 1,
+    max_units: 1,
+    slowest: "1 every 3 days, e.g. 1/day",
 };
 
 const BYTES: Dimension = Dimension {
@@ -91,6 +99,8 @@ const BYTES: Dimension = Dimension {
     parse_rate: units::parse_byte_rate,
     parse_burst: units::parse_bytes,
     min_burst: defaults::MIN_BYTE_BURST,
+    max_units: MAX_UNITS_PER_PACKET,
+    slowest: "1 byte every 4 s, e.g. 25kB/day",
 };
 
 const NEW_CONNECTIONS: Dimension = Dimension {
@@ -99,6 +109,8 @@ const NEW_CONNECTIONS: Dimension = Dimension {
     parse_rate: units::parse_rate,
     parse_burst: units::parse_count,
     min_burst: 1,
+    max_units: 1,
+    slowest: "1 every 3 days, e.g. 1/day",
 };
 
 impl Dimension {
@@ -125,37 +137,40 @@ impl Dimension {
                 None => Ok(None),
             };
         };
-        let rate_per_sec =
-            (self.parse_rate)(rate).map_err(|e| FieldError::new(self.rate_field, e))?;
-        // Default burst: one second's worth (at least the minimum).
-        let burst = burst.unwrap_or(rate_per_sec.max(self.min_burst));
+        let rate_err = |problem: Problem| FieldError::new(self.rate_field, problem);
+        let parsed = (self.parse_rate)(rate).map_err(|e| rate_err(e.into()))?;
+        // Default burst: the amount written for one interval (`3/min`: 3),
+        // at least the minimum.
+        let burst = burst.unwrap_or(parsed.per_interval.max(self.min_burst));
         if burst < self.min_burst {
             return Err(burst_err(Problem::BurstTooSmall {
                 burst,
                 min: self.min_burst,
             }));
         }
-        match Limit::new(rate_per_sec, burst) {
+        match Limit::from_rate(parsed.rate, burst, self.max_units) {
             Ok(limit) => Ok(Some(Budget {
-                rate_per_sec,
+                written: rate.trim().to_owned(),
+                rate: parsed.rate,
                 burst,
                 limit,
             })),
-            Err(LimitError::RateTooHigh) => Err(FieldError::new(
-                self.rate_field,
-                Problem::RateTooHigh {
-                    rate: rate_per_sec,
-                    max: Limit::MAX_RATE,
-                },
-            )),
-            // Parsing refuses a zero rate (less than one per second) and
-            // the minimum refuses a zero burst: what is left is a burst too
-            // large for the kernel's clock.
+            Err(LimitError::RateTooHigh) => Err(rate_err(Problem::RateTooHigh {
+                rate: rate.clone(),
+                max: Limit::MAX_RATE,
+            })),
+            Err(LimitError::RateTooLow) => Err(rate_err(Problem::RateTooLow {
+                rate: rate.clone(),
+                slowest: self.slowest,
+            })),
+            // Parsing refuses a zero rate and the minimum refuses a zero
+            // burst: what is left is a burst too large for the kernel's
+            // clock.
             Err(LimitError::ZeroRate | LimitError::ZeroBurst | LimitError::BurstTooLarge) => {
                 Err(burst_err(Problem::BurstTooLarge {
                     burst,
                     rate: rate.clone(),
-                    max: Limit::max_burst(rate_per_sec),
+                    max: Limit::max_burst(parsed.rate),
                 }))
             }
         }

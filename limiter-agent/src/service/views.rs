@@ -206,9 +206,9 @@ impl Service {
         view.tracked = bucket.is_some();
         let now = fine_time(monotonic_ns());
         for (dim, (name, budget)) in [
-            ("packets", rule.def.packets),
-            ("bytes", rule.def.bytes),
-            ("new_connections", rule.def.new_connections),
+            ("packets", &rule.def.packets),
+            ("bytes", &rule.def.bytes),
+            ("new_connections", &rule.def.new_connections),
         ]
         .into_iter()
         .enumerate()
@@ -221,7 +221,8 @@ impl Service {
             };
             view.budgets.push(BudgetState {
                 dimension: name.into(),
-                rate_per_sec: budget.rate_per_sec,
+                rate: budget.written.clone(),
+                rate_per_sec: budget.rate.per_sec_f64(),
                 burst: budget.burst,
                 available: avail,
                 over_budget: avail == 0,

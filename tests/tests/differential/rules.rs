@@ -73,7 +73,12 @@ impl fmt::Debug for TableSpec {
             ] {
                 let l = r.limits[dim];
                 if !l.is_unlimited() {
-                    write!(f, " {name} {}/s burst {}", l.rate_per_sec(), l.burst())?;
+                    write!(
+                        f,
+                        " {name} {:.3}/s burst {}",
+                        l.rate_per_sec_f64(),
+                        l.burst()
+                    )?;
                 }
             }
             writeln!(f, ", dscp {} mark {:#x}", r.dscp, r.skb_mark)?;
