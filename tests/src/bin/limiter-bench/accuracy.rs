@@ -1,6 +1,7 @@
 //! Accuracy (`limiter-bench accuracy`): one source sends at 1.5x, 10x and
 //! 100x its budget from both CPUs at once; the admitted amount must be
-//! within 1% of rate x time + burst. Also a shared-scope rule with 1,000
+//! within 1% of rate x time + burst. Also a per-minute budget (3000/min)
+//! and a shared-scope rule with 1,000
 //! sources. Traffic comes from AF_PACKET senders on both CPUs, paced to the
 //! packet; the admitted count is the kernel's own counter.
 
@@ -9,7 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
 use limiter_agent::datapath::{Capacities, Datapath};
-use limiter_common::{Action, bench::FRAME_LEN, verdict};
+use limiter_common::{
+    Action, Limit,
+    bench::FRAME_LEN,
+    dimension,
+    rate::{NANOS_PER_SEC, Rate},
+    verdict,
+};
 use limiter_tests::{
     gateway::Gateway,
     harness::{RuleSpec, net},
@@ -28,7 +35,8 @@ struct Case {
     offered: u64,
     /// Units per packet the budget counts (1 for packets, frame bytes).
     units: u64,
-    rate: u64,
+    /// Units per second.
+    rate: f64,
     burst: u64,
 }
 
@@ -101,10 +109,28 @@ pub fn suite(seconds: f64, out_dir: &std::path::Path) -> Result<()> {
             sources: 1,
             offered: (RATE as f64 * mult) as u64,
             units: 1,
-            rate: RATE,
+            rate: RATE as f64,
             burst: BURST,
         });
     }
+    // A per-minute budget, held as written (3,000 per 60 s, not 50/s).
+    let per_minute = Rate {
+        count: 3_000,
+        per_ns: 60 * NANOS_PER_SEC,
+    };
+    cases.push(Case {
+        label: "3000/min, target 10x".into(),
+        spec: RuleSpec::new(1, Action::Drop).limit(
+            dimension::PACKETS,
+            Limit::from_rate(per_minute, BURST, 1)
+                .map_err(|e| anyhow::anyhow!("3000/min: {e:?}"))?,
+        ),
+        sources: 1,
+        offered: 500,
+        units: 1,
+        rate: per_minute.per_sec_f64(),
+        burst: BURST,
+    });
     let byte_rate = RATE * frame_bytes;
     for mult in [1.5f64, 10.0, 100.0] {
         cases.push(Case {
@@ -113,7 +139,7 @@ pub fn suite(seconds: f64, out_dir: &std::path::Path) -> Result<()> {
             sources: 1,
             offered: (RATE as f64 * mult) as u64,
             units: frame_bytes,
-            rate: byte_rate,
+            rate: byte_rate as f64,
             burst: BURST * frame_bytes,
         });
     }
@@ -123,7 +149,7 @@ pub fn suite(seconds: f64, out_dir: &std::path::Path) -> Result<()> {
         sources: 1000,
         offered: RATE * 10,
         units: 1,
-        rate: RATE,
+        rate: RATE as f64,
         burst: BURST,
     });
 
@@ -167,11 +193,11 @@ pub fn suite(seconds: f64, out_dir: &std::path::Path) -> Result<()> {
         } else {
             c.bytes[verdict::PASSED]
         };
-        let expected = case.rate as f64 * window.as_secs_f64() + case.burst as f64;
+        let expected = case.rate * window.as_secs_f64() + case.burst as f64;
         let seen = c.packets[verdict::PASSED] + c.packets[verdict::DROPPED];
         // What reached the program, measured rather than assumed.
         let arrived = seen as f64 / window.as_secs_f64();
-        let budget_pps = case.rate as f64 / case.units as f64;
+        let budget_pps = case.rate / case.units as f64;
         let error = (admitted as f64 - expected) / expected * 100.0;
         out.push_str(&format!(
             "| {} | {:.0} ({:.1}x budget) | {admitted} | {expected:.0} | {error:+.2}% |\n",
@@ -181,7 +207,7 @@ pub fn suite(seconds: f64, out_dir: &std::path::Path) -> Result<()> {
         ));
         // In multiples of the budget: admitted per second over the budget.
         let admitted_rate =
-            (admitted as f64 - case.burst as f64) / window.as_secs_f64() / case.rate as f64;
+            (admitted as f64 - case.burst as f64) / window.as_secs_f64() / case.rate;
         points.push((case.label.clone(), arrived / budget_pps, admitted_rate));
     }
     println!("\n{out}");
