@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use crate::api::types::{Origin, ProgramIds};
-use crate::config::Quantity;
+use crate::config::{Quantity, RuleFields};
+use crate::plural::count;
 
 /// A Unix time for people: "2026-11-30 10:15:02 UTC (3m 5s ago)", or
 /// "(in 4m)" for one to come.
@@ -51,6 +52,63 @@ pub(super) fn budget_text(rate: &Option<String>, burst: &Option<Quantity>) -> St
         (Some(r), None) => r.clone(),
         (Some(r), Some(b)) => format!("{r} (burst {b})"),
     }
+}
+
+/// Every budget of a rule, as written, for one column:
+/// "packets 5/s (burst 10), bytes 1Gbit/s, new conns 3/s"; "-" for none
+/// (allow, deny).
+pub(super) fn budgets_text(f: &RuleFields) -> String {
+    let budgets: Vec<String> = [
+        ("packets", &f.packets, &f.packet_burst),
+        ("bytes", &f.bytes, &f.byte_burst),
+        ("new conns", &f.new_connections, &f.connection_burst),
+    ]
+    .into_iter()
+    .filter(|(_, rate, _)| rate.is_some())
+    .map(|(what, rate, burst)| format!("{what} {}", budget_text(rate, burst)))
+    .collect();
+    if budgets.is_empty() {
+        "-".to_owned()
+    } else {
+        budgets.join(", ")
+    }
+}
+
+/// `status`'s count of rules: "3 of 8 (1 penalty)".
+pub(super) fn rule_counts(rules: usize, max_rules: u32, penalties: usize) -> String {
+    format!(
+        "{rules} of {max_rules} ({})",
+        count(penalties, "penalty", "penalties")
+    )
+}
+
+/// `rows` (the first the header) as lines of columns as wide as their
+/// widest cell, two spaces apart; the columns numbered in `right` aligned
+/// right (numbers), the others left.
+pub(super) fn columns<const N: usize>(rows: &[[String; N]], right: &[usize]) -> Vec<String> {
+    let mut widths = [0; N];
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    rows.iter()
+        .map(|row| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(widths)
+                .enumerate()
+                .map(|(i, (cell, width))| {
+                    if right.contains(&i) {
+                        format!("{cell:>width$}")
+                    } else {
+                        format!("{cell:<width$}")
+                    }
+                })
+                .collect();
+            cells.join("  ").trim_end().to_owned()
+        })
+        .collect()
 }
 
 pub(super) fn origin_word(origin: Origin) -> &'static str {
