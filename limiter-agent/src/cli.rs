@@ -437,22 +437,37 @@ pub async fn detach(client: &Client, out: &Output, pin_path: &Path) -> Result {
                     .map_err(|e| ClientError::Failed(e.to_string()))?;
                 let links = crate::attach::detach_all(&pins)
                     .map_err(|e| ClientError::Failed(format!("{e:#}")))?;
-                format!(
-                    "no agent running; detached {links} pinned links and removed {}",
-                    pin_path.display()
-                )
+                detached_offline(links, pin_path)
             } else {
                 nothing_pinned(pin_path, crate::pins::in_foreign_mount_namespace())
             };
+            // No agent, so no generation to report: 0 in JSON (its shape
+            // stays that of every other change), nothing in the line.
             let a = Applied {
                 config_generation: 0,
                 message,
             };
-            applied(out, &a);
+            out.print(&a, |a| println!("{}", a.message));
             Ok(())
         }
         Err(e) => Err(e),
     }
+}
+
+/// What `detach` without an agent says once it has detached `links` pinned
+/// links and removed the pin directory.
+fn detached_offline(links: usize, pin_path: &Path) -> String {
+    let detached = match links {
+        0 => "no links were pinned".to_owned(),
+        n => format!(
+            "detached {}",
+            crate::plural::count(n, "pinned link", "pinned links")
+        ),
+    };
+    format!(
+        "no agent running; {detached}; removed {}",
+        pin_path.display()
+    )
 }
 
 /// What `detach` without an agent says when the pin directory is absent;

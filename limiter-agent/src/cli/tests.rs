@@ -125,6 +125,23 @@ fn detach_without_pins_says_nothing_was_removed() {
 }
 
 #[test]
+fn detach_without_an_agent_counts_the_links_in_words() {
+    let path = Path::new("/sys/fs/bpf/limiter");
+    assert_eq!(
+        detached_offline(0, path),
+        "no agent running; no links were pinned; removed /sys/fs/bpf/limiter"
+    );
+    assert_eq!(
+        detached_offline(1, path),
+        "no agent running; detached 1 pinned link; removed /sys/fs/bpf/limiter"
+    );
+    assert_eq!(
+        detached_offline(3, path),
+        "no agent running; detached 3 pinned links; removed /sys/fs/bpf/limiter"
+    );
+}
+
+#[test]
 fn program_ids_read_as_words_not_debug_output() {
     let mut ids = ProgramIds {
         xdp: Some(12),
