@@ -32,6 +32,43 @@ fn the_documented_example_parses() {
     assert!(!config.file.interfaces.is_empty());
 }
 
+/// The metric names the example's comments point operators at.
+fn metrics_named_in(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter_map(|l| l.trim_start().strip_prefix('#'))
+        .flat_map(|l| l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '*')))
+        .filter(|word| word.starts_with("limiter_"))
+        .collect()
+}
+
+#[test]
+fn the_example_names_only_metrics_the_agent_exports() {
+    let example = include_str!("../../../docs/limiter.example.toml");
+    let exported = include_str!("../metrics.rs");
+    let named = metrics_named_in(example);
+    assert!(named.len() >= 3, "{named:?}");
+    for name in named {
+        assert!(
+            exported.contains(&format!("\"{name}\"")),
+            "docs/limiter.example.toml names {name}, which the agent does not export"
+        );
+    }
+}
+
+#[test]
+fn the_example_quotes_the_error_a_fractional_rate_gets() {
+    let example = include_str!("../../../docs/limiter.example.toml");
+    let err = parse(&rule("action = \"drop\"\npackets = \"90/min\"")).unwrap_err();
+    let quoted = "write 1/s or 2/s";
+    assert!(err.contains(quoted), "{err}");
+    assert!(
+        example.contains(&format!(
+            "`90/min` is 1.5/s and is refused with \"{quoted}\""
+        )),
+        "the example's comment does not quote the error: {err}"
+    );
+}
+
 #[test]
 fn a_full_rule_parses_with_units() {
     let c = parse(&rule(
