@@ -454,39 +454,6 @@ pub async fn detach(client: &Client, out: &Output, pin_path: &Path) -> Result {
     }
 }
 
-/// What `detach` without an agent says once it has detached `links` pinned
-/// links and removed the pin directory.
-fn detached_offline(links: usize, pin_path: &Path) -> String {
-    let detached = match links {
-        0 => "no links were pinned".to_owned(),
-        n => format!(
-            "detached {}",
-            crate::plural::count(n, "pinned link", "pinned links")
-        ),
-    };
-    format!(
-        "no agent running; {detached}; removed {}",
-        pin_path.display()
-    )
-}
-
-/// What `detach` without an agent says when the pin directory is absent;
-/// `foreign_mount_ns`: whether this command runs outside the host's mount
-/// namespace (and so cannot see the host's pins).
-fn nothing_pinned(pin_path: &Path, foreign_mount_ns: Option<bool>) -> String {
-    let mut message = format!(
-        "no agent running; nothing was pinned at {}: nothing detached or removed",
-        pin_path.display()
-    );
-    if foreign_mount_ns == Some(true) {
-        message.push_str(
-            " (this command runs in a mount namespace other than the host's, as under \
-             `ip netns exec`, so it cannot see the host's pins: run it in the host's namespaces)",
-        );
-    }
-    message
-}
-
 mod check;
 #[cfg(test)]
 mod tests;
@@ -495,6 +462,6 @@ pub use check::print_check;
 mod words;
 
 use words::{
-    budget_text, budgets_text, columns, expires_in, now_unix, origin_word, program_ids,
-    rule_counts, when,
+    budget_text, budgets_text, columns, detached_offline, expires_in, nothing_pinned, now_unix,
+    origin_word, program_ids, rule_counts, when,
 };

@@ -1,7 +1,8 @@
 //! How the CLI words what the agent says: times, budgets, origins, program
-//! ids. Pure functions, tested in `tests.rs`.
+//! ids, counts, what an offline detach did. Pure functions, tested in
+//! `tests.rs`.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use crate::api::types::{Origin, ProgramIds};
 use crate::config::{Quantity, RuleFields};
@@ -134,4 +135,34 @@ pub(super) fn program_ids(ids: &ProgramIds) -> String {
     } else {
         named.join(", ")
     }
+}
+
+/// What `detach` without an agent says once it has detached `links` pinned
+/// links and removed the pin directory.
+pub(super) fn detached_offline(links: usize, pin_path: &Path) -> String {
+    let detached = match links {
+        0 => "no links were pinned".to_owned(),
+        n => format!("detached {}", count(n, "pinned link", "pinned links")),
+    };
+    format!(
+        "no agent running; {detached}; removed {}",
+        pin_path.display()
+    )
+}
+
+/// What `detach` without an agent says when the pin directory is absent;
+/// `foreign_mount_ns`: whether this command runs outside the host's mount
+/// namespace (and so cannot see the host's pins).
+pub(super) fn nothing_pinned(pin_path: &Path, foreign_mount_ns: Option<bool>) -> String {
+    let mut message = format!(
+        "no agent running; nothing was pinned at {}: nothing detached or removed",
+        pin_path.display()
+    );
+    if foreign_mount_ns == Some(true) {
+        message.push_str(
+            " (this command runs in a mount namespace other than the host's, as under \
+             `ip netns exec`, so it cannot see the host's pins: run it in the host's namespaces)",
+        );
+    }
+    message
 }
