@@ -158,43 +158,40 @@ pub async fn penalize(client: &Client, out: &Output, request: &PenaltyRequest) -
     Ok(())
 }
 
-/// `rules list` as lines: a header, then one line a rule; `now` for the
-/// time left of penalties.
+/// `rules list` as lines: a header, then one line a rule with every budget
+/// as written; `now` for the time left of penalties.
 fn rules_table(rules: &[RuleView], now: u64) -> Vec<String> {
-    let line = |c: [&str; 10]| {
-        format!(
-            "{:<28} {:>5} {:<8} {:<8} {:<30} {:<22} {:<12} {:>12} {:>12} {:>12}",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
-        )
-    };
-    let mut lines = vec![line([
-        "NAME",
-        "ID",
-        "ORIGIN",
-        "ACTION",
-        "PREFIXES",
-        "PACKETS",
-        "EXPIRES",
-        "PASSED",
-        "DROPPED",
-        "OVER(MARK/MON)",
-    ])];
+    let mut rows = vec![
+        [
+            "NAME",
+            "ID",
+            "ORIGIN",
+            "ACTION",
+            "PREFIXES",
+            "BUDGETS",
+            "EXPIRES",
+            "PASSED",
+            "DROPPED",
+            "OVER(MARK/MON)",
+        ]
+        .map(str::to_owned),
+    ];
     for r in rules {
         let over = r.counters.packets.marked + r.counters.packets.would_drop;
-        lines.push(line([
-            &r.name,
-            &r.id.to_string(),
-            origin_word(r.origin),
-            &r.rule.action.to_string(),
-            &r.rule.prefixes().join(","),
-            &budget_text(&r.rule.fields().packets, &r.rule.fields().packet_burst),
-            &expires_in(r.expires_at, now),
-            &r.counters.packets.passed.to_string(),
-            &r.counters.packets.dropped.to_string(),
-            &over.to_string(),
-        ]));
+        rows.push([
+            r.name.clone(),
+            r.id.to_string(),
+            origin_word(r.origin).to_owned(),
+            r.rule.action.to_string(),
+            r.rule.prefixes().join(","),
+            budgets_text(r.rule.fields()),
+            expires_in(r.expires_at, now),
+            r.counters.packets.passed.to_string(),
+            r.counters.packets.dropped.to_string(),
+            over.to_string(),
+        ]);
     }
-    lines
+    columns(&rows, &[1, 7, 8, 9])
 }
 
 fn print_rules(rules: &[RuleView]) {
@@ -327,8 +324,9 @@ pub async fn status(client: &Client, out: &Output) -> Result {
             println!("                (`rules revert NAME` or `--all` returns them to the file)");
         }
         println!(
-            "  rules         {} of {} ({} penalties), generation {}",
-            s.rules, s.max_rules, s.penalties, s.config_generation
+            "  rules         {}, generation {}",
+            rule_counts(s.rules, s.max_rules, s.penalties),
+            s.config_generation
         );
         println!(
             "  sources       {} tracked of {}",
@@ -439,39 +437,21 @@ pub async fn detach(client: &Client, out: &Output, pin_path: &Path) -> Result {
                     .map_err(|e| ClientError::Failed(e.to_string()))?;
                 let links = crate::attach::detach_all(&pins)
                     .map_err(|e| ClientError::Failed(format!("{e:#}")))?;
-                format!(
-                    "no agent running; detached {links} pinned links and removed {}",
-                    pin_path.display()
-                )
+                detached_offline(links, pin_path)
             } else {
                 nothing_pinned(pin_path, crate::pins::in_foreign_mount_namespace())
             };
+            // No agent, so no generation to report: 0 in JSON (its shape
+            // stays that of every other change), nothing in the line.
             let a = Applied {
                 config_generation: 0,
                 message,
             };
-            applied(out, &a);
+            out.print(&a, |a| println!("{}", a.message));
             Ok(())
         }
         Err(e) => Err(e),
     }
-}
-
-/// What `detach` without an agent says when the pin directory is absent;
-/// `foreign_mount_ns`: whether this command runs outside the host's mount
-/// namespace (and so cannot see the host's pins).
-fn nothing_pinned(pin_path: &Path, foreign_mount_ns: Option<bool>) -> String {
-    let mut message = format!(
-        "no agent running; nothing was pinned at {}: nothing detached or removed",
-        pin_path.display()
-    );
-    if foreign_mount_ns == Some(true) {
-        message.push_str(
-            " (this command runs in a mount namespace other than the host's, as under \
-             `ip netns exec`, so it cannot see the host's pins: run it in the host's namespaces)",
-        );
-    }
-    message
 }
 
 mod check;
@@ -481,4 +461,7 @@ mod tests;
 pub use check::print_check;
 mod words;
 
-use words::{budget_text, expires_in, now_unix, origin_word, program_ids, when};
+use words::{
+    budget_text, budgets_text, columns, detached_offline, expires_in, nothing_pinned, now_unix,
+    origin_word, program_ids, rule_counts, when,
+};

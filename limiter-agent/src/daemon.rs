@@ -45,6 +45,24 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// At most this many "went over budget" log lines per second.
 const OFFENDER_LOG_PER_SEC: u32 = 10;
 
+/// What `run` warns of at start in a config that enforces nothing: no rules
+/// (an empty file, or one naming only interfaces), no interface.
+fn idle_warnings(config: &Config) -> Vec<&'static str> {
+    let mut warnings = Vec::new();
+    if config.rules.is_empty() {
+        warnings.push(
+            "the config has no rules: nothing is limited or counted per rule (every packet passes \
+             as no_rule) until rules are added",
+        );
+    }
+    if config.file.interfaces.is_empty() {
+        warnings.push(
+            "no interface configured: nothing is enforced until one is (--interface or [[interface]])",
+        );
+    }
+    warnings
+}
+
 pub async fn run(options: RunOptions) -> Result<()> {
     if let Some(version) = kernel::running() {
         kernel::check_supported(version)?;
@@ -64,16 +82,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
             netns: None,
         });
     }
-    if config.rules.is_empty() {
-        tracing::warn!(
-            "the config has no rules: nothing is limited or counted per rule (every packet passes \
-             as no_rule) until rules are added"
-        );
-    }
-    if config.file.interfaces.is_empty() {
-        tracing::warn!(
-            "no interface configured: nothing is enforced until one is (--interface or [[interface]])"
-        );
+    for warning in idle_warnings(&config) {
+        tracing::warn!("{warning}");
     }
     let agent = config.file.agent.clone();
     let pins = Pins::new(&agent.pin_path);
@@ -460,5 +470,30 @@ async fn every_tick(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::{Config, idle_warnings};
+
+    #[test]
+    fn an_empty_config_is_warned_of_at_start() {
+        let empty = Config::parse("", Path::new("empty.toml")).unwrap();
+        let warnings = idle_warnings(&empty);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].starts_with("the config has no rules"));
+        assert!(warnings[1].starts_with("no interface configured"));
+        let only_interfaces =
+            Config::parse("[[interface]]\nname = \"eth1\"\n", Path::new("a.toml")).unwrap();
+        assert_eq!(
+            idle_warnings(&only_interfaces),
+            [warnings[0]],
+            "rules added live later: still nothing limited at start"
+        );
+        let default = Config::embedded_default().unwrap();
+        assert_eq!(idle_warnings(&default), [warnings[1]]);
     }
 }

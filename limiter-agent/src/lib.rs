@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod netns;
 pub mod pins;
+pub mod plural;
 pub mod rules;
 pub mod service;
 pub mod shared;

@@ -168,6 +168,17 @@ fn kill_9_keeps_enforcing_and_a_new_agent_adopts_state_and_live_changes() {
         "per-source state carried over: {inspect}"
     );
     assert_each(&blast(&env, 200, 1.0), 20.0, 6.0, "after the restart");
+
+    // Killed again, the agent leaves its XDP link pinned: `detach` without
+    // an agent removes it, counted in words and without a generation.
+    env.kill9().unwrap_or_else(|e| panic!("{e:#}"));
+    let pin_path = env.pin_path.display().to_string();
+    let out = env.cli_ok(&["detach", "--pin-path", &pin_path]);
+    assert_eq!(
+        out.trim_end(),
+        format!("no agent running; detached 1 pinned link; removed {pin_path}")
+    );
+    assert!(!xdp_attached(&env), "XDP still attached after detach");
 }
 
 #[test]
@@ -474,4 +485,6 @@ fn under_ip_netns_exec_the_agent_says_its_pins_die_with_it() {
         out.contains(&format!("nothing was pinned at {pin_path}")) && !out.contains("removed /"),
         "{out}"
     );
+    // No agent, no generation: the line does not speak of one.
+    assert!(!out.contains("generation"), "{out}");
 }

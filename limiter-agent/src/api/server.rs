@@ -214,10 +214,19 @@ async fn batch(
     }
     with_service(&s, move |svc| {
         let n = svc.apply_batch(&changes, &peer.requester())?;
-        Ok(applied(svc, format!("{n} changes applied together")))
+        Ok(applied(svc, batch_message(n)))
     })
     .await
     .map(Json)
+}
+
+/// What a batch of `n` changes says once applied.
+fn batch_message(n: usize) -> String {
+    match n {
+        0 => "an empty batch: nothing to change".to_owned(),
+        1 => "1 change applied".to_owned(),
+        n => format!("{n} changes applied together"),
+    }
 }
 
 async fn penalize(
@@ -377,3 +386,15 @@ pub async fn serve(
 
 /// How long a blocking API call may take before a client gives up.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::batch_message;
+
+    #[test]
+    fn a_batch_counts_its_changes_in_words() {
+        assert_eq!(batch_message(0), "an empty batch: nothing to change");
+        assert_eq!(batch_message(1), "1 change applied");
+        assert_eq!(batch_message(3), "3 changes applied together");
+    }
+}

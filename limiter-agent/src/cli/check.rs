@@ -4,7 +4,10 @@
 use serde::Serialize;
 
 use super::{Output, words::budget_text};
-use crate::config::{Config, RuleConfig};
+use crate::{
+    config::{Config, RuleConfig},
+    plural::count,
+};
 
 /// What `check` reports: the file, and what it would enforce.
 #[derive(Serialize)]
@@ -36,13 +39,11 @@ pub fn print_check(config: &Config, out: &Output) {
                 .unwrap_or_default();
             println!("  interface {}{netns} xdp={} tc={}", i.name, i.xdp, i.tc);
         }
-        let count =
-            |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
         println!(
             "  {} of at most {} (capacity.rules), {} tracked at most (capacity.sources)",
             count(config.rules.len(), "rule", "rules"),
             config.file.capacity.rules,
-            count(config.file.capacity.sources as usize, "source", "sources"),
+            count(config.file.capacity.sources, "source", "sources"),
         );
         if config.file.rules.is_empty() {
             println!(

@@ -125,6 +125,23 @@ fn detach_without_pins_says_nothing_was_removed() {
 }
 
 #[test]
+fn detach_without_an_agent_counts_the_links_in_words() {
+    let path = Path::new("/sys/fs/bpf/limiter");
+    assert_eq!(
+        detached_offline(0, path),
+        "no agent running; no links were pinned; removed /sys/fs/bpf/limiter"
+    );
+    assert_eq!(
+        detached_offline(1, path),
+        "no agent running; detached 1 pinned link; removed /sys/fs/bpf/limiter"
+    );
+    assert_eq!(
+        detached_offline(3, path),
+        "no agent running; detached 3 pinned links; removed /sys/fs/bpf/limiter"
+    );
+}
+
+#[test]
 fn program_ids_read_as_words_not_debug_output() {
     let mut ids = ProgramIds {
         xdp: Some(12),
@@ -229,4 +246,95 @@ fn penalize_without_deny_or_budget_is_refused_in_flags() {
         ..request
     };
     assert!(check_penalize_flags(&budget).is_ok());
+}
+
+/// A rule view as `rules list` gets it, with the counters at zero.
+fn view(name: &str, action: ActionConfig, fields: RuleFields) -> RuleView {
+    RuleView {
+        name: name.into(),
+        id: 7,
+        origin: crate::api::types::Origin::Config,
+        rule: RuleConfig::new(
+            name,
+            action,
+            RuleFields {
+                prefixes: Some(vec!["198.18.0.0/15".into()]),
+                ..fields
+            },
+        ),
+        expires_at: None,
+        live_since: None,
+        counters: crate::api::types::Counters::default(),
+    }
+}
+
+#[test]
+fn rules_list_shows_every_budget_as_written() {
+    let all = view(
+        "web",
+        ActionConfig::Drop,
+        RuleFields {
+            packets: Some("5/s".into()),
+            packet_burst: Some(Quantity::Number(10)),
+            bytes: Some("1Gbit/s".into()),
+            new_connections: Some("3/s".into()),
+            ..RuleFields::default()
+        },
+    );
+    let bytes_only = view(
+        "partner",
+        ActionConfig::Monitor,
+        RuleFields {
+            bytes: Some("200Mbit/s".into()),
+            byte_burst: Some(Quantity::Text("4MiB".into())),
+            ..RuleFields::default()
+        },
+    );
+    let deny = view("blocked", ActionConfig::Deny, RuleFields::default());
+    let lines = rules_table(&[all, bytes_only, deny], 0);
+    assert!(lines[0].contains(" BUDGETS "), "{}", lines[0]);
+    let column = lines[0].find("BUDGETS").unwrap_or_default();
+    let budgets = |line: &str| {
+        line.get(column..)
+            .and_then(|rest| rest.split("  ").next())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        budgets(&lines[1]).as_deref(),
+        Some("packets 5/s (burst 10), bytes 1Gbit/s, new conns 3/s")
+    );
+    assert_eq!(
+        budgets(&lines[2]).as_deref(),
+        Some("bytes 200Mbit/s (burst 4MiB)")
+    );
+    assert_eq!(budgets(&lines[3]).as_deref(), Some("-"));
+    // However long the budgets, the columns after them stay aligned.
+    let expires = lines[0].find("EXPIRES").unwrap_or_default();
+    for line in &lines[1..] {
+        assert_eq!(line.get(expires..expires + 2), Some("- "), "{line}");
+    }
+}
+
+#[test]
+fn columns_are_as_wide_as_their_widest_cell() {
+    let rows = [
+        ["NAME", "PASSED"].map(str::to_owned),
+        ["a-long-name", "5"].map(str::to_owned),
+        ["b", "12345678"].map(str::to_owned),
+    ];
+    assert_eq!(
+        columns(&rows, &[1]),
+        [
+            "NAME           PASSED",
+            "a-long-name         5",
+            "b            12345678",
+        ]
+    );
+}
+
+#[test]
+fn status_counts_penalties_in_words() {
+    assert_eq!(rule_counts(3, 8, 1), "3 of 8 (1 penalty)");
+    assert_eq!(rule_counts(3, 8, 0), "3 of 8 (0 penalties)");
+    assert_eq!(rule_counts(4, 8, 2), "4 of 8 (2 penalties)");
 }

@@ -1,10 +1,12 @@
 //! How the CLI words what the agent says: times, budgets, origins, program
-//! ids. Pure functions, tested in `tests.rs`.
+//! ids, counts, what an offline detach did. Pure functions, tested in
+//! `tests.rs`.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use crate::api::types::{Origin, ProgramIds};
-use crate::config::Quantity;
+use crate::config::{Quantity, RuleFields};
+use crate::plural::count;
 
 /// A Unix time for people: "2026-11-30 10:15:02 UTC (3m 5s ago)", or
 /// "(in 4m)" for one to come.
@@ -53,6 +55,63 @@ pub(super) fn budget_text(rate: &Option<String>, burst: &Option<Quantity>) -> St
     }
 }
 
+/// Every budget of a rule, as written, for one column:
+/// "packets 5/s (burst 10), bytes 1Gbit/s, new conns 3/s"; "-" for none
+/// (allow, deny).
+pub(super) fn budgets_text(f: &RuleFields) -> String {
+    let budgets: Vec<String> = [
+        ("packets", &f.packets, &f.packet_burst),
+        ("bytes", &f.bytes, &f.byte_burst),
+        ("new conns", &f.new_connections, &f.connection_burst),
+    ]
+    .into_iter()
+    .filter(|(_, rate, _)| rate.is_some())
+    .map(|(what, rate, burst)| format!("{what} {}", budget_text(rate, burst)))
+    .collect();
+    if budgets.is_empty() {
+        "-".to_owned()
+    } else {
+        budgets.join(", ")
+    }
+}
+
+/// `status`'s count of rules: "3 of 8 (1 penalty)".
+pub(super) fn rule_counts(rules: usize, max_rules: u32, penalties: usize) -> String {
+    format!(
+        "{rules} of {max_rules} ({})",
+        count(penalties, "penalty", "penalties")
+    )
+}
+
+/// `rows` (the first the header) as lines of columns as wide as their
+/// widest cell, two spaces apart; the columns numbered in `right` aligned
+/// right (numbers), the others left.
+pub(super) fn columns<const N: usize>(rows: &[[String; N]], right: &[usize]) -> Vec<String> {
+    let mut widths = [0; N];
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    rows.iter()
+        .map(|row| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(widths)
+                .enumerate()
+                .map(|(i, (cell, width))| {
+                    if right.contains(&i) {
+                        format!("{cell:>width$}")
+                    } else {
+                        format!("{cell:<width$}")
+                    }
+                })
+                .collect();
+            cells.join("  ").trim_end().to_owned()
+        })
+        .collect()
+}
+
 pub(super) fn origin_word(origin: Origin) -> &'static str {
     match origin {
         Origin::Config => "config",
@@ -76,4 +135,34 @@ pub(super) fn program_ids(ids: &ProgramIds) -> String {
     } else {
         named.join(", ")
     }
+}
+
+/// What `detach` without an agent says once it has detached `links` pinned
+/// links and removed the pin directory.
+pub(super) fn detached_offline(links: usize, pin_path: &Path) -> String {
+    let detached = match links {
+        0 => "no links were pinned".to_owned(),
+        n => format!("detached {}", count(n, "pinned link", "pinned links")),
+    };
+    format!(
+        "no agent running; {detached}; removed {}",
+        pin_path.display()
+    )
+}
+
+/// What `detach` without an agent says when the pin directory is absent;
+/// `foreign_mount_ns`: whether this command runs outside the host's mount
+/// namespace (and so cannot see the host's pins).
+pub(super) fn nothing_pinned(pin_path: &Path, foreign_mount_ns: Option<bool>) -> String {
+    let mut message = format!(
+        "no agent running; nothing was pinned at {}: nothing detached or removed",
+        pin_path.display()
+    );
+    if foreign_mount_ns == Some(true) {
+        message.push_str(
+            " (this command runs in a mount namespace other than the host's, as under \
+             `ip netns exec`, so it cannot see the host's pins: run it in the host's namespaces)",
+        );
+    }
+    message
 }

@@ -37,6 +37,47 @@ fn the_documented_example_parses() {
     assert!(!config.file.interfaces.is_empty());
 }
 
+/// The metric names the example's comments point operators at.
+fn metrics_named_in(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter_map(|l| l.trim_start().strip_prefix('#'))
+        .flat_map(|l| l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '*')))
+        .filter(|word| word.starts_with("limiter_"))
+        .collect()
+}
+
+#[test]
+fn the_example_names_only_metrics_the_agent_exports() {
+    let example = include_str!("../../../docs/limiter.example.toml");
+    let exported = include_str!("../metrics.rs");
+    let named = metrics_named_in(example);
+    assert!(named.len() >= 3, "{named:?}");
+    for name in named {
+        assert!(
+            exported.contains(&format!("\"{name}\"")),
+            "docs/limiter.example.toml names {name}, which the agent does not export"
+        );
+    }
+}
+
+#[test]
+fn the_example_says_what_a_per_minute_rate_really_is() {
+    let example = include_str!("../../../docs/limiter.example.toml");
+    let c = parse(&rule("action = \"drop\"\npackets = \"3/min\"")).unwrap();
+    let budget = c.rules[0].packets.as_ref().unwrap();
+    // "one every 20 s", and a burst of 3.
+    assert_eq!(
+        (budget.rate.count, budget.rate.per_ns, budget.burst),
+        (1, 20 * limiter_common::rate::NANOS_PER_SEC, 3)
+    );
+    assert!(
+        example.contains("(`3/min` is one every 20 s)")
+            && example.contains("A burst left out is the amount written")
+            && example.contains("3 for `3/min`"),
+        "the example's comment no longer says what 3/min is"
+    );
+}
+
 #[test]
 fn a_full_rule_parses_with_units() {
     let c = parse(&rule(

@@ -62,7 +62,10 @@ pub enum DatapathError {
     },
     #[error("the event ring buffer was taken already (it has one reader)")]
     EventsTaken,
-    #[error("rule slot {slot} is out of range: the rules map holds {capacity} rules")]
+    #[error(
+        "rule slot {slot} is out of range: the rules map holds {}",
+        crate::plural::count(*capacity, "rule", "rules")
+    )]
     SlotOutOfRange { slot: u32, capacity: u32 },
     #[error("counting CPUs: {0}")]
     Cpus(#[source] std::io::Error),
@@ -246,4 +249,21 @@ where
     program
         .try_into()
         .map_err(|source| DatapathError::Program { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DatapathError;
+
+    #[test]
+    fn a_slot_out_of_range_counts_the_rules_in_words() {
+        let one = DatapathError::SlotOutOfRange {
+            slot: 1,
+            capacity: 1,
+        };
+        assert_eq!(
+            one.to_string(),
+            "rule slot 1 is out of range: the rules map holds 1 rule"
+        );
+    }
 }
