@@ -226,6 +226,9 @@ pub async fn show(client: &Client, out: &Output, name: &str) -> Result {
             "  new connections  {}",
             budget_text(&f.new_connections, &f.connection_burst)
         );
+        if let Some(all) = aggregate_text(f) {
+            println!("  all sources      {all}");
+        }
         if let Some(at) = r.expires_at {
             println!("  expires          {}", when(at, now_unix()));
         }
@@ -462,6 +465,6 @@ pub use check::print_check;
 mod words;
 
 use words::{
-    budget_text, budgets_text, columns, detached_offline, expires_in, nothing_pinned, now_unix,
-    origin_word, program_ids, rule_counts, when,
+    aggregate_text, budget_text, budgets_text, columns, detached_offline, expires_in,
+    nothing_pinned, now_unix, origin_word, program_ids, rule_counts, when,
 };

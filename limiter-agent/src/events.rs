@@ -157,15 +157,7 @@ impl Offenders {
                     seconds_over: seconds,
                     first_seen: now.duration_since(e.first_seen),
                     last_seen: now.duration_since(e.last_seen),
-                    exceeded: [
-                        (dimension::PACKETS, "packets"),
-                        (dimension::BYTES, "bytes"),
-                        (dimension::SYNS, "new_connections"),
-                    ]
-                    .into_iter()
-                    .filter(|(d, _)| e.exceeded & (1 << d) != 0)
-                    .map(|(_, n)| n)
-                    .collect(),
+                    exceeded: exceeded_names(e.exceeded),
                 })
             })
             .collect();
@@ -195,6 +187,25 @@ pub fn parse_event(bytes: &[u8]) -> Option<OverBudgetEvent> {
     // SAFETY: the length was checked; OverBudgetEvent is plain old data for
     // which every bit pattern is valid.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<OverBudgetEvent>()) })
+}
+
+/// The budgets an event's `exceeded` bits name: a source's own (or a shared
+/// rule's) as `packets`, a per-source rule's aggregate as
+/// `aggregate.packets`.
+fn exceeded_names(exceeded: u32) -> Vec<&'static str> {
+    let aggregate = OverBudgetEvent::AGGREGATE_SHIFT as usize;
+    [
+        (dimension::PACKETS, "packets"),
+        (dimension::BYTES, "bytes"),
+        (dimension::SYNS, "new_connections"),
+        (aggregate + dimension::PACKETS, "aggregate.packets"),
+        (aggregate + dimension::BYTES, "aggregate.bytes"),
+        (aggregate + dimension::SYNS, "aggregate.new_connections"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| exceeded & (1 << bit) != 0)
+    .map(|(_, name)| name)
+    .collect()
 }
 
 #[cfg(test)]
@@ -242,6 +253,16 @@ mod tests {
             o.top(10, t0 + Duration::from_secs(100), |_| true)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn aggregate_refusals_are_named_apart_from_the_sources_own() {
+        assert_eq!(exceeded_names(0b101), ["packets", "new_connections"]);
+        assert_eq!(
+            exceeded_names(0b011_000),
+            ["aggregate.packets", "aggregate.bytes"]
+        );
+        assert!(exceeded_names(0).is_empty());
     }
 
     #[test]

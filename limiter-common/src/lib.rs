@@ -17,13 +17,13 @@ pub use rate::Limit;
 pub mod map_names {
     /// Every map name starts with this (older layouts' too).
     pub const PREFIX: &str = "LIM_";
-    /// V2: intervals and TATs in 2^-14 ns (V1: 2^-16 ns).
+    /// V2: intervals in 2^-14 ns (V1: 2^-16 ns), aggregate budgets.
     pub const RULES: &str = "LIM_RULES_V2";
     pub const PREFIXES_V4: &str = "LIM_PFX4_V1";
     pub const PREFIXES_V6: &str = "LIM_PFX6_V1";
     /// V2: TATs in 2^-14 ns.
     pub const SOURCE_BUCKETS: &str = "LIM_SRC_V2";
-    /// V2: TATs in 2^-14 ns.
+    /// V2: TATs in 2^-14 ns; also a per-source rule's aggregate bucket.
     pub const SHARED_BUCKETS: &str = "LIM_SHARED_V2";
     pub const RULE_COUNTERS: &str = "LIM_RCNT_V1";
     pub const REASON_COUNTERS: &str = "LIM_REASON_V2";
@@ -140,9 +140,14 @@ pub struct Rule {
     pub in_use: u32,
     /// Budgets by [`dimension`]; unlimited dimensions have `interval == 0`.
     pub limits: [Limit; dimension::COUNT],
+    /// A per-source rule's budgets for all its sources together, charged to
+    /// the rule's slot of the shared buckets (unused by per-source rules
+    /// otherwise): a packet must fit its source's budget and these. All
+    /// unlimited: no aggregate.
+    pub aggregate: [Limit; dimension::COUNT],
 }
 
-const _: () = assert!(size_of::<Rule>() == 80);
+const _: () = assert!(size_of::<Rule>() == 128);
 
 impl Rule {
     pub const EMPTY: Self = Self {
@@ -155,7 +160,18 @@ impl Rule {
         skb_mark: 0,
         in_use: 0,
         limits: [Limit::UNLIMITED; dimension::COUNT],
+        aggregate: [Limit::UNLIMITED; dimension::COUNT],
     };
+
+    /// Whether a per-source rule also has budgets for all its sources
+    /// together.
+    #[inline(always)]
+    pub const fn has_aggregate(&self) -> bool {
+        self.scope == Scope::PerSource as u32
+            && !(self.aggregate[0].is_unlimited()
+                && self.aggregate[1].is_unlimited()
+                && self.aggregate[2].is_unlimited())
+    }
 }
 
 /// Address family tags used in keys and events.
@@ -332,7 +348,10 @@ pub struct OverBudgetEvent {
     pub prefix_len: u32,
     /// The rule's [`Action`].
     pub action: u32,
-    /// Bitmask of the [`dimension`]s that were exceeded.
+    /// Bitmask of the [`dimension`]s that were exceeded: bit `d` for the
+    /// source's (or shared) budget, bit `AGGREGATE_SHIFT + d` for a
+    /// per-source rule's aggregate. An aggregate refusal is reported for the
+    /// rule as a whole (`addr` zero, `prefix_len` 0), not against a source.
     pub exceeded: u32,
     /// The rule's [`Scope`]: a per-source rule may mask sources to /0 too,
     /// so `prefix_len` alone does not tell a shared bucket.
@@ -340,6 +359,11 @@ pub struct OverBudgetEvent {
 }
 
 const _: () = assert!(size_of::<OverBudgetEvent>() == 48);
+
+impl OverBudgetEvent {
+    /// Where the aggregate's dimensions start in [`OverBudgetEvent::exceeded`].
+    pub const AGGREGATE_SHIFT: u32 = dimension::COUNT as u32;
+}
 
 /// What the XDP program leaves in front of a marked packet (XDP metadata,
 /// `bpf_xdp_adjust_meta`) so the TC program behind it can set `skb->mark`

@@ -14,8 +14,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use limiter_common::{
-    Action, Bucket, EVENT_INTERVAL_NS, OverBudgetEvent, Reason, Rule, Scope, SourceKey, dimension,
-    family, mask_addr,
+    Action, Bucket, EVENT_INTERVAL_NS, Limit, OverBudgetEvent, Reason, Rule, Scope, SourceKey,
+    dimension, family, mask_addr,
     rate::{clamp_debt, conform, fine_time, is_stale, lags_far_behind},
     verdict,
 };
@@ -41,6 +41,8 @@ pub enum Decision {
         skb_mark: u32,
     },
 }
+
+const AGGREGATE_SHIFT: u32 = OverBudgetEvent::AGGREGATE_SHIFT;
 
 /// CAS attempts per dimension before giving up (and refusing the packet).
 const CAS_ATTEMPTS: usize = 4;
@@ -197,7 +199,10 @@ fn bucket_for(rule: &Rule, ip: &IpPacket, now_ns: u64) -> Option<(*mut Bucket, S
     }
 }
 
-/// Charges the packet to its bucket; `true` if it is within budget. Fails
+/// Charges the packet to its bucket, and to the rule's aggregate if it has
+/// one; `true` if it is within budget. Every budget is checked before any
+/// is charged, so a packet the aggregate refuses costs its source nothing
+/// (the source keeps its own budget for when the aggregate has room). Fails
 /// open (admits) when no bucket can be had: a full map must not black-hole
 /// traffic.
 #[inline(always)]
@@ -212,53 +217,193 @@ fn charge<P: Packet>(pkt: &P, rule: &Rule, ip: &IpPacket, wire_len: u32) -> bool
         );
         return true;
     };
+    let aggregate = if rule.has_aggregate() {
+        SHARED_BUCKETS.get_ptr_mut(rule.id)
+    } else {
+        None
+    };
+    let (stale, tats) = seen(bucket, now_ns);
+    // The aggregate's TATs (the rule's shared bucket), or the source's
+    // again where there is none (then never read: `sets` is 1).
+    let (sets, agg, agg_stale, agg_tats) = match aggregate {
+        Some(agg) => {
+            let (agg_stale, agg_tats) = seen(agg, now_ns);
+            (2, agg, agg_stale, agg_tats)
+        }
+        None => (1, bucket, stale, tats),
+    };
+    let packet = PacketCost {
+        now: fine_time(now_ns),
+        units: [1u64, u64::from(wire_len), 1u64],
+        syn: ip.syn,
+        sets,
+        tats: [tats, agg_tats],
+        stale: [stale, agg_stale],
+    };
+    // One call of each over both budget sets (the source's, then the
+    // aggregate's), so the verifier walks each once: the first set that
+    // refuses, or NONE.
+    let mut refused = check(rule, &packet);
+    if refused == NONE {
+        refused = commit(rule, &packet);
+    }
+    if refused == NONE {
+        return true;
+    }
+    let event = if refused == AGGREGATE {
+        // Reported for the rule as a whole, like a shared bucket.
+        OverBudgetEvent {
+            timestamp_ns: now_ns,
+            rule_id: rule.id,
+            family: ip.family,
+            addr: [0; 16],
+            prefix_len: 0,
+            action: rule.action,
+            exceeded: exceeded(&rule.aggregate, agg_tats, &packet) << AGGREGATE_SHIFT,
+            scope: Scope::Shared as u32,
+        }
+    } else {
+        let prefix_len = if rule.scope == Scope::Shared as u32 {
+            0
+        } else if ip.family == family::IPV4 {
+            rule.source_prefix_v4.min(32)
+        } else {
+            rule.source_prefix_v6.min(128)
+        };
+        OverBudgetEvent {
+            timestamp_ns: now_ns,
+            rule_id: rule.id,
+            family: ip.family,
+            addr: key.addr,
+            prefix_len,
+            action: rule.action,
+            exceeded: exceeded(&rule.limits, tats, &packet),
+            scope: rule.scope,
+        }
+    };
+    // At most one event per bucket (the source's, or the aggregate's) a
+    // second.
+    maybe_report(if refused == AGGREGATE { agg } else { bucket }, &event);
+    false
+}
+
+/// Which budget set refused: none, the source's own (or a shared rule's,
+/// 1), or a per-source rule's aggregate (2): a set's index plus one. A small
+/// number, not a bitmask of dimensions, so the verifier has few states to
+/// walk.
+const NONE: u32 = 0;
+const AGGREGATE: u32 = 2;
+
+/// What a packet costs, by dimension, and where it is charged. One
+/// argument (BPF subprograms take at most five).
+struct PacketCost {
+    /// Fine time.
+    now: u64,
+    units: [u64; dimension::COUNT],
+    /// A new TCP connection: charged to the connection budget.
+    syn: bool,
+    /// 1: the source's budgets (or a shared rule's); 2: and the aggregate.
+    sets: u32,
+    /// The TATs of each set's bucket, and whether it was stale.
+    tats: [*mut u64; 2],
+    stale: [bool; 2],
+}
+
+/// Marks `bucket` seen at `now_ns`; whether it was stale, and its TATs.
+#[inline(always)]
+fn seen(bucket: *mut Bucket, now_ns: u64) -> (bool, *mut u64) {
     // SAFETY: `bucket` points into a map value that stays valid for the
     // whole program run (RCU); fields are u64-aligned.
-    let (stale, tat_ptrs) = unsafe {
+    unsafe {
         let stale = is_stale((*bucket).last_seen_ns, now_ns);
         (*bucket).last_seen_ns = now_ns;
         (stale, core::ptr::addr_of_mut!((*bucket).tat) as *mut u64)
-    };
-    let now = fine_time(now_ns);
-    let units = [1u64, u64::from(wire_len), 1u64];
-    let mut exceeded = 0u32;
-    // Check every dimension before charging any, so a packet refused by one
-    // budget is not charged to the others.
-    for (dim, (limit, units)) in rule.limits.iter().zip(units).enumerate() {
+    }
+}
+
+/// The limit of budget `i` of the six a rule has (its own three, then its
+/// aggregate's).
+#[inline(always)]
+fn limit_at(rule: &Rule, i: usize) -> &Limit {
+    if i < dimension::COUNT {
+        &rule.limits[i]
+    } else {
+        &rule.aggregate[i - dimension::COUNT]
+    }
+}
+
+/// The first budget set this packet exceeds, charging nothing (debt from
+/// an older budget is cleared on the dimensions that refuse), or NONE. A
+/// BPF subprogram, not inlined: the verifier walks it once per call.
+#[inline(never)]
+fn check(rule: &Rule, p: &PacketCost) -> u32 {
+    let now = p.now;
+    let mut refused = NONE;
+    for i in 0..2 * dimension::COUNT {
+        let (set, dim) = (i / dimension::COUNT, i % dimension::COUNT);
+        if set as u32 >= p.sets || refused != NONE && dim == 0 {
+            break;
+        }
+        let limit = limit_at(rule, i);
         if limit.is_unlimited() {
             continue;
         }
-        // SAFETY: dim < COUNT, inside the tat array.
-        let tat_ptr = unsafe { tat_ptrs.add(dim) };
+        // SAFETY: dim < COUNT, inside the set's tat array.
+        let tat_ptr = unsafe { p.tats[set].add(dim) };
         // Every limited dimension, charged by this packet or not, so none
         // lags past what the wrapping clock can tell.
-        let tat = refresh(tat_ptr, stale, now);
-        if dim == dimension::SYNS && !ip.syn {
+        let tat = refresh(tat_ptr, p.stale[set], now);
+        if dim == dimension::SYNS && !p.syn {
             continue;
         }
-        if conform(tat, now, limit.cost(units), limit.tolerance).is_none() {
+        if conform(tat, now, limit.cost(p.units[dim]), limit.tolerance).is_none() {
             clear_debt(tat_ptr, tat, now, limit.tolerance);
-            exceeded |= 1 << dim;
+            refused = set as u32 + 1;
         }
     }
-    if exceeded == 0 {
-        for (dim, (limit, units)) in rule.limits.iter().zip(units).enumerate() {
-            if limit.is_unlimited() || (dim == dimension::SYNS && !ip.syn) {
-                continue;
-            }
-            // SAFETY: as above.
-            let tat_ptr = unsafe { tat_ptrs.add(dim) };
-            if !charge_one(tat_ptr, now, limit.cost(units), limit.tolerance) {
-                exceeded |= 1 << dim;
-                break;
-            }
+    refused
+}
+
+/// Charges the packet to every budget of both sets; the set that refused
+/// under contention (its earlier charges stay: the sender loses them, never
+/// gains), or NONE. Not inlined, like [`check`].
+#[inline(never)]
+fn commit(rule: &Rule, p: &PacketCost) -> u32 {
+    for i in 0..2 * dimension::COUNT {
+        let (set, dim) = (i / dimension::COUNT, i % dimension::COUNT);
+        if set as u32 >= p.sets {
+            break;
+        }
+        let limit = limit_at(rule, i);
+        if limit.is_unlimited() || (dim == dimension::SYNS && !p.syn) {
+            continue;
+        }
+        // SAFETY: dim < COUNT, inside the set's tat array.
+        let tat_ptr = unsafe { p.tats[set].add(dim) };
+        if !charge_one(tat_ptr, p.now, limit.cost(p.units[dim]), limit.tolerance) {
+            return set as u32 + 1;
         }
     }
-    if exceeded == 0 {
-        return true;
+    NONE
+}
+
+/// After a refusal, for its event: the dimensions of `limits` this packet
+/// exceeds, as a bitmask of [`dimension`]s. Clearing debt never makes a
+/// dimension admit, so these are the ones [`check`] or [`commit`] found.
+#[inline(never)]
+fn exceeded(limits: &[Limit; dimension::COUNT], tats: *mut u64, p: &PacketCost) -> u32 {
+    let mut mask = 0u32;
+    for (dim, (limit, units)) in limits.iter().zip(p.units).enumerate() {
+        if limit.is_unlimited() || (dim == dimension::SYNS && !p.syn) {
+            continue;
+        }
+        // SAFETY: dim < COUNT, inside the tat array.
+        let tat = unsafe { core::ptr::read_volatile(tats.add(dim)) };
+        if conform(tat, p.now, limit.cost(units), limit.tolerance).is_none() {
+            mask |= 1 << dim;
+        }
     }
-    maybe_report(rule, ip, bucket, key, now_ns, exceeded);
-    false
+    mask
 }
 
 /// The TAT to charge against. A stale bucket, or a TAT lagging far behind
@@ -309,16 +454,10 @@ fn clear_debt(tat_ptr: *mut u64, seen: u64, now: u64, tolerance: u64) {
     }
 }
 
-/// Emits an over-budget event, at most one per bucket per second.
+/// Emits `event`, at most one per bucket per second.
 #[inline(always)]
-fn maybe_report(
-    rule: &Rule,
-    ip: &IpPacket,
-    bucket: *mut Bucket,
-    key: SourceKey,
-    now_ns: u64,
-    exceeded: u32,
-) {
+fn maybe_report(bucket: *mut Bucket, event: &OverBudgetEvent) {
+    let now_ns = event.timestamp_ns;
     // SAFETY: see charge.
     let last_ptr = unsafe { core::ptr::addr_of_mut!((*bucket).last_event_ns) };
     // SAFETY: as above.
@@ -331,24 +470,7 @@ fn maybe_report(
     if unsafe { compare_exchange(last_ptr, last, now_ns) } != last {
         return;
     }
-    let prefix_len = if rule.scope == Scope::Shared as u32 {
-        0
-    } else if ip.family == family::IPV4 {
-        rule.source_prefix_v4.min(32)
-    } else {
-        rule.source_prefix_v6.min(128)
-    };
-    let event = OverBudgetEvent {
-        timestamp_ns: now_ns,
-        rule_id: rule.id,
-        family: ip.family,
-        addr: key.addr,
-        prefix_len,
-        action: rule.action,
-        exceeded,
-        scope: rule.scope,
-    };
-    if EVENTS.output(&event, 0).is_err() {
+    if EVENTS.output(event, 0).is_err() {
         count_reason(Reason::EventLost);
     }
 }

@@ -68,6 +68,12 @@ impl RuleSpec {
         self
     }
 
+    /// A budget for all the rule's sources together, by [`dimension`].
+    pub fn aggregate(mut self, dim: usize, limit: Limit) -> Self {
+        self.0.aggregate[dim] = limit;
+        self
+    }
+
     pub fn shared(mut self) -> Self {
         self.0.scope = Scope::Shared as u32;
         self

@@ -3,7 +3,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use limiter_common::{
-    Action, Limit, Reason, SourceKey, dimension, family,
+    Action, Limit, OverBudgetEvent, Reason, Scope, SourceKey, dimension, family,
     rate::{FINE_SHIFT, NANOS_PER_SEC, Rate},
     verdict,
 };
@@ -291,6 +291,58 @@ fn a_connection_budget_left_untouched_for_days_is_still_full() {
         assert_eq!(h.xdp_many(&data, 1), (1, 0));
     }
     assert_eq!(h.xdp_many(&syn, 3), (2, 1));
+}
+
+#[test]
+fn an_aggregate_holds_all_sources_together_and_each_to_its_own() {
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(1, Action::Drop)
+            .packets(1, 3)
+            .aggregate(dimension::PACKETS, limit(1, 10)),
+        &["198.18.0.0/15"],
+    );
+    // Each source has 3; all of them together 10: three sources get 3 each,
+    // the fourth gets the last one, the fifth nothing.
+    let sent: Vec<(usize, usize)> = (1..=5).map(|i| h.xdp_many(&udp4(v4(i)), 3)).collect();
+    assert_eq!(sent, [(3, 0), (3, 0), (3, 0), (1, 2), (0, 3)]);
+    assert_eq!(h.packets(1), [10, 5, 0, 0]);
+    // The aggregate's refusal is reported for the rule as a whole, once.
+    let events = h.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(
+        (e.exceeded, e.scope, e.prefix_len, e.addr),
+        (
+            1 << OverBudgetEvent::AGGREGATE_SHIFT,
+            Scope::Shared as u32,
+            0,
+            [0; 16]
+        )
+    );
+    // The aggregate refills (its TAT moved back 10 s); the sources it
+    // refused were not charged: the fourth has 2 left, the fifth 3, the
+    // first still none of its own.
+    let mut all = h.dp.shared_bucket(1).unwrap_or_else(|e| panic!("{e}"));
+    all.tat[dimension::PACKETS] -= (10 * NANOS_PER_SEC) << FINE_SHIFT;
+    h.dp.set_shared_bucket(1, &all)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let sent: Vec<(usize, usize)> = [1, 4, 5].map(|i| h.xdp_many(&udp4(v4(i)), 3)).to_vec();
+    assert_eq!(sent, [(0, 3), (2, 1), (3, 0)]);
+}
+
+#[test]
+fn a_shared_rule_ignores_aggregate_budgets() {
+    // The agent never writes them; the kernel would not use them anyway.
+    let mut h = Harness::new();
+    h.rule(
+        RuleSpec::new(1, Action::Drop)
+            .packets(1, 5)
+            .shared()
+            .aggregate(dimension::PACKETS, limit(1, 1)),
+        &["198.18.0.0/15"],
+    );
+    assert_eq!(h.xdp_many(&udp4(v4(1)), 6), (5, 1));
 }
 
 #[test]

@@ -29,7 +29,7 @@ use limiter_common::{Action, Reason, verdict};
 use limiter_tests::{
     frame::{Ext, Frame, L3, L4, TCP_SYN},
     harness::{RuleSpec, net},
-    model::{BucketState, Model},
+    model::{BucketKey, BucketState, Model, Target},
 };
 use proptest::{
     prelude::*,
@@ -302,14 +302,25 @@ fn check_frame(
             "skb->mark: kernel {got_mark:#x}, model {want_mark:#x}"
         )));
     }
-    if let Some(key) = classified.bucket {
+    // The packet's bucket, and its rule's aggregate if it has one (and the
+    // packet reached it).
+    let aggregate = match classified.target {
+        Some(Target::Rule(i)) if model.table.rules[i].has_aggregate() => {
+            let key = BucketKey::Shared {
+                rule_id: model.table.rules[i].id,
+            };
+            model.buckets.contains_key(&key).then_some(key)
+        }
+        _ => None,
+    };
+    for key in classified.bucket.into_iter().chain(aggregate) {
         let got = kernel.bucket(&key).ok_or_else(|| why("bucket vanished"))?;
         let want = model.buckets[&key];
         let got_debt = BucketState::debt(&got.tat, now_ns);
         let want_debt = BucketState::debt(&want.tat, now_ns);
         if got_debt != want_debt || got.last_event_ns != want.last_event_ns {
             return Err(why(&format!(
-                "bucket {key:?} after the packet (debt per dimension in 2^-16 ns, last event):\n  kernel {got_debt:?} {}\n  model  {want_debt:?} {}",
+                "bucket {key:?} after the packet (debt per dimension in 2^-14 ns, last event):\n  kernel {got_debt:?} {}\n  model  {want_debt:?} {}",
                 got.last_event_ns, want.last_event_ns
             )));
         }

@@ -60,7 +60,8 @@ pub use crate::config::RulePatch;
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct BudgetState {
-    /// "packets", "bytes" or "new_connections".
+    /// "packets", "bytes" or "new_connections"; for a per-source rule's
+    /// aggregate (all its sources together) "aggregate.packets" and so on.
     pub dimension: String,
     /// As written in the rule: `3/min`, `1Gbit/s`.
     pub rate: String,

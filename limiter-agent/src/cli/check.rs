@@ -3,7 +3,10 @@
 
 use serde::Serialize;
 
-use super::{Output, words::budget_text};
+use super::{
+    Output,
+    words::{aggregate_text, budget_text},
+};
 use crate::{
     config::{Config, RuleConfig},
     plural::count,
@@ -68,6 +71,9 @@ pub fn print_check(config: &Config, out: &Output) {
                 if rate.is_some() {
                     println!("      {what:<16}{}", budget_text(rate, burst));
                 }
+            }
+            if let Some(all) = aggregate_text(f) {
+                println!("      {:<16}{all}", "all sources");
             }
             if let Some(dscp) = f.dscp {
                 println!("      dscp            {dscp}");

@@ -3,7 +3,10 @@
 use clap::Parser as _;
 
 use super::*;
-use crate::{api::types::ProgramIds, config::Quantity};
+use crate::{
+    api::types::ProgramIds,
+    config::{AggregateFields, Quantity},
+};
 
 /// `rules add` / `rules change` arguments as clap reads them.
 #[derive(clap::Parser)]
@@ -81,6 +84,14 @@ fn every_rule_field_but_the_name_is_a_flag() {
         connection_burst: Some(Quantity::Number(1)),
         dscp: Some(1),
         skb_mark: Some(1),
+        aggregate: Some(AggregateFields {
+            packets: Some(String::new()),
+            packet_burst: Some(Quantity::Number(1)),
+            bytes: Some(String::new()),
+            byte_burst: Some(Quantity::Number(1)),
+            new_connections: Some(String::new()),
+            connection_burst: Some(Quantity::Number(1)),
+        }),
     })
     .unwrap();
     let command = <Rules as clap::CommandFactory>::command();
@@ -88,7 +99,21 @@ fn every_rule_field_but_the_name_is_a_flag() {
         .get_arguments()
         .filter_map(|a| a.get_long().map(str::to_owned))
         .collect();
-    for field in fields.as_object().unwrap().keys() {
+    let object = fields.as_object().unwrap();
+    let mut names: Vec<String> = object
+        .keys()
+        .filter(|k| *k != "aggregate")
+        .cloned()
+        .collect();
+    // `aggregate.packets` is --aggregate-packets.
+    names.extend(
+        object["aggregate"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| format!("aggregate_{k}")),
+    );
+    for field in names {
         let flag = if field == "prefixes" {
             "prefix".to_owned()
         } else {
@@ -313,6 +338,28 @@ fn rules_list_shows_every_budget_as_written() {
     for line in &lines[1..] {
         assert_eq!(line.get(expires..expires + 2), Some("- "), "{line}");
     }
+}
+
+#[test]
+fn an_aggregate_is_shown_after_the_per_source_budgets() {
+    let fields = RuleFields {
+        packets: Some("200/s".into()),
+        aggregate: Some(AggregateFields {
+            packets: Some("20k/s".into()),
+            packet_burst: Some(Quantity::Text("40k".into())),
+            ..AggregateFields::default()
+        }),
+        ..RuleFields::default()
+    };
+    assert_eq!(
+        words::budgets_text(&fields),
+        "packets 200/s; all sources packets 20k/s (burst 40k)"
+    );
+    let empty = RuleFields {
+        aggregate: Some(AggregateFields::default()),
+        ..fields
+    };
+    assert_eq!(words::aggregate_text(&empty), None);
 }
 
 #[test]

@@ -93,6 +93,16 @@ pub enum Problem {
     },
     #[error("allow and deny rules take no budget; use drop, mark or monitor to limit")]
     BudgetWithoutLimit,
+    #[error(
+        "a shared rule is already one budget for all its sources: put these budgets in the \
+         rule itself, or use scope = \"per-source\" to have both"
+    )]
+    AggregateOnShared,
+    #[error(
+        "an aggregate is on top of each source's own budget: set packets, bytes or \
+         new_connections for each source too, or use scope = \"shared\" for one budget only"
+    )]
+    AggregateWithoutOwn,
     #[error("this action needs a budget: set packets, bytes or new_connections")]
     NoBudget,
     #[error("mark rules need the DSCP to write (0-63)")]

@@ -38,8 +38,9 @@ pub enum Table {
     Rule(usize),
 }
 
-/// The 1-based line of `field` in `table` of `text`, or of the table when
-/// the field is not written there; line 1 when neither is.
+/// The 1-based line of `field` in `table` of `text` (of its inline table for
+/// a dotted name), or of the table when the field is not written there;
+/// line 1 when neither is.
 pub fn line_of_field(text: &str, table: Table, field: &str) -> usize {
     // `text` deserialized once already; if it somehow does not now, the
     // error still names the file.
@@ -51,6 +52,8 @@ pub fn line_of_field(text: &str, table: Table, field: &str) -> usize {
         Table::Interface(i) => located.interface.get(i),
         Table::Rule(i) => located.rule.get(i),
     };
+    // `aggregate.packets` is on the line of `aggregate = { ... }`.
+    let field = field.split('.').next().unwrap_or(field);
     let span = keys.map(|keys| {
         keys.get_ref()
             .get(field)
@@ -67,4 +70,18 @@ pub fn line_of(text: &str, span: &Range<usize>) -> usize {
         .filter(|b| **b == b'\n')
         .count()
         + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_field_not_written_points_at_its_rule() {
+        let text = "[agent]\nmax_penalty = \"1d\"\n\n[[rule]]\nname = \"a\"\n\n[[rule]]\nname = \"b\"\naggregate = { packets = \"5/s\" }\n";
+        assert_eq!(line_of_field(text, Table::Rule(1), "name"), 8);
+        assert_eq!(line_of_field(text, Table::Rule(1), "dscp"), 7);
+        assert_eq!(line_of_field(text, Table::Rule(0), "dscp"), 4);
+        assert_eq!(line_of_field(text, Table::Rule(1), "aggregate.packets"), 9);
+    }
 }

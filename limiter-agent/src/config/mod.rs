@@ -29,9 +29,10 @@ pub use file::{
 };
 use locate::{Table, line_of, line_of_field};
 pub use rule::{
-    ActionConfig, Quantity, RuleConfig, RuleFields, RulePatch, ScopeConfig, UnknownWord,
+    ActionConfig, AggregateFields, Quantity, RuleConfig, RuleFields, RulePatch, ScopeConfig,
+    UnknownWord,
 };
-pub use validate::{Budget, RuleDef, parse_prefix, validate_rule_set, validate_rules};
+pub use validate::{Budget, Budgets, RuleDef, parse_prefix, validate_rule_set, validate_rules};
 
 /// Defaults, in one place.
 pub mod defaults {

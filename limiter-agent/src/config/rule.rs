@@ -188,6 +188,47 @@ rule_fields! {
         #[arg(long)]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub skb_mark: Option<u32>,
+        /// Budgets all sources of a per-source rule share, on top of each
+        /// source's own: `aggregate = { packets = "20k/s" }`. Given, it
+        /// replaces the rule's aggregate as a whole; `{}` removes it.
+        #[command(flatten)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub aggregate: Option<AggregateFields>,
+    }
+}
+
+/// A per-source rule's budgets for all its sources together. A packet must
+/// fit its source's budget and these.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateFields {
+    /// All sources together, e.g. 20k/s
+    #[arg(long = "aggregate-packets", id = "aggregate_packets")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets: Option<String>,
+    #[arg(long = "aggregate-packet-burst", id = "aggregate_packet_burst")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packet_burst: Option<Quantity>,
+    /// All sources together, e.g. 1Gbit/s
+    #[arg(long = "aggregate-bytes", id = "aggregate_bytes")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<String>,
+    #[arg(long = "aggregate-byte-burst", id = "aggregate_byte_burst")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub byte_burst: Option<Quantity>,
+    /// All sources together, e.g. 1k/s
+    #[arg(long = "aggregate-new-connections", id = "aggregate_new_connections")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_connections: Option<String>,
+    #[arg(long = "aggregate-connection-burst", id = "aggregate_connection_burst")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_burst: Option<Quantity>,
+}
+
+impl AggregateFields {
+    /// Whether no budget is given (an aggregate of nothing: none).
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
     }
 }
 

@@ -119,6 +119,29 @@ fn bursts_default_to_the_amount_written_for_one_interval() {
 }
 
 #[test]
+fn an_aggregate_reaches_the_kernel_beside_the_per_source_budget() {
+    let c = parse(&rule(
+        "action = \"drop\"\npackets = \"200/s\"\n\
+         aggregate = { packets = \"20k/s\", packet_burst = \"40k\", bytes = \"1GB/day\" }",
+    ))
+    .unwrap();
+    let r = &c.rules[0];
+    let agg = r.aggregate.as_ref().unwrap();
+    assert_eq!(rate_burst(&agg.packets), Some((20_000, 40_000)));
+    assert_eq!(agg.bytes.as_ref().map(|b| b.burst), Some(1_000_000_000));
+    let limits = r.aggregate_limits();
+    assert_eq!(limits[0].burst(), 40_000);
+    assert!(limits[2].is_unlimited());
+    assert_eq!(r.limits()[0].burst(), 200);
+    // `{}` is no aggregate.
+    let c = parse(&rule(
+        "action = \"drop\"\npackets = \"200/s\"\naggregate = {}",
+    ))
+    .unwrap();
+    assert_eq!(c.rules[0].aggregate, None);
+}
+
+#[test]
 fn rates_with_any_interval_reach_the_kernel_exactly() {
     use limiter_common::rate::{FINE_SHIFT, NANOS_PER_SEC};
     let c = parse(&rule(
@@ -189,6 +212,30 @@ fn bad_inputs_are_refused_with_line_field_and_reason() {
             &rule("action = \"drop\"\nnew_connections = \"1/day\"\nconnection_burst = 4"),
             6,
             "`connection_burst`: 4 is more than the kernel can hold at 1/day: at most 3 at that rate",
+        ),
+        (
+            &rule(
+                "action = \"drop\"\nscope = \"shared\"\npackets = \"1/s\"\naggregate = { packets = \"5/s\" }",
+            ),
+            7,
+            "`aggregate`: a shared rule is already one budget for all its sources",
+        ),
+        (
+            &rule("action = \"drop\"\naggregate = { packets = \"5/s\" }"),
+            5,
+            "`aggregate`: an aggregate is on top of each source's own budget",
+        ),
+        (
+            &rule(
+                "action = \"drop\"\npackets = \"1/s\"\naggregate = { packets = \"5/fortnight\" }",
+            ),
+            6,
+            "`aggregate.packets`: \"5/fortnight\": unknown time unit",
+        ),
+        (
+            &rule("action = \"drop\"\npackets = \"1/s\"\naggregate = { pakets = \"5/s\" }"),
+            6,
+            "unknown field `pakets`",
         ),
         (
             &rule("action = \"drop\"\npackets = \"-5/s\""),

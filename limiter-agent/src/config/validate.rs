@@ -12,7 +12,7 @@ use limiter_common::{
 };
 
 use super::{
-    ActionConfig, Quantity, RuleConfig, ScopeConfig, defaults,
+    ActionConfig, AggregateFields, Quantity, RuleConfig, ScopeConfig, defaults,
     error::{Family, FieldError, PrefixError, Problem, RuleSetError},
     units::{self, ParsedRate, UnitError},
 };
@@ -49,11 +49,21 @@ pub struct RuleDef {
     pub new_connections: Option<Budget>,
     pub dscp: u8,
     pub skb_mark: u32,
+    /// A per-source rule's budgets for all its sources together.
+    pub aggregate: Option<Budgets>,
 }
 
-impl RuleDef {
+/// Budgets by dimension, each optional (at least one given).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Budgets {
+    pub packets: Option<Budget>,
+    pub bytes: Option<Budget>,
+    pub new_connections: Option<Budget>,
+}
+
+impl Budgets {
     /// The kernel's limits by dimension: a budget's limit, or unlimited
-    /// where the rule sets none.
+    /// where none is set.
     pub fn limits(&self) -> [Limit; DIMENSIONS] {
         let mut limits = [Limit::UNLIMITED; DIMENSIONS];
         for (dim, budget) in [
@@ -66,6 +76,37 @@ impl RuleDef {
             }
         }
         limits
+    }
+
+    /// `(dimension name, budget)` for each budget set.
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, &Budget)> {
+        [
+            ("packets", &self.packets),
+            ("bytes", &self.bytes),
+            ("new_connections", &self.new_connections),
+        ]
+        .into_iter()
+        .filter_map(|(name, b)| b.as_ref().map(|b| (name, b)))
+    }
+}
+
+impl RuleDef {
+    /// The kernel's limits by dimension: a budget's limit, or unlimited
+    /// where the rule sets none.
+    pub fn limits(&self) -> [Limit; DIMENSIONS] {
+        Budgets {
+            packets: self.packets.clone(),
+            bytes: self.bytes.clone(),
+            new_connections: self.new_connections.clone(),
+        }
+        .limits()
+    }
+
+    /// The aggregate's limits (all unlimited without one).
+    pub fn aggregate_limits(&self) -> [Limit; DIMENSIONS] {
+        self.aggregate
+            .as_ref()
+            .map_or([Limit::UNLIMITED; DIMENSIONS], Budgets::limits)
     }
 }
 
@@ -112,6 +153,40 @@ const NEW_CONNECTIONS: Dimension = Dimension {
     max_units: 1,
     slowest: "1 every 3 days, e.g. 1/day",
 };
+
+/// The same dimensions inside `aggregate = { ... }`: errors name the
+/// field as `aggregate.packets`.
+const AGGREGATE: [Dimension; 3] = [
+    Dimension {
+        rate_field: "aggregate.packets",
+        burst_field: "aggregate.packet_burst",
+        ..PACKETS
+    },
+    Dimension {
+        rate_field: "aggregate.bytes",
+        burst_field: "aggregate.byte_burst",
+        ..BYTES
+    },
+    Dimension {
+        rate_field: "aggregate.new_connections",
+        burst_field: "aggregate.connection_burst",
+        ..NEW_CONNECTIONS
+    },
+];
+
+/// An aggregate's budgets; `None` for one that sets none (`{}`).
+fn aggregate(fields: &AggregateFields) -> Result<Option<Budgets>, FieldError> {
+    let [packets, bytes, connections] = &AGGREGATE;
+    let budgets = Budgets {
+        packets: packets.budget(fields.packets.as_ref(), fields.packet_burst.as_ref())?,
+        bytes: bytes.budget(fields.bytes.as_ref(), fields.byte_burst.as_ref())?,
+        new_connections: connections.budget(
+            fields.new_connections.as_ref(),
+            fields.connection_burst.as_ref(),
+        )?,
+    };
+    Ok((budgets != Budgets::default()).then_some(budgets))
+}
 
 impl Dimension {
     /// Checks a budget against what the kernel can hold: the one place a
@@ -263,6 +338,18 @@ impl RuleConfig {
         let new_connections =
             NEW_CONNECTIONS.budget(f.new_connections.as_ref(), f.connection_burst.as_ref())?;
         let has_budget = packets.is_some() || bytes.is_some() || new_connections.is_some();
+        let aggregate = match &f.aggregate {
+            Some(fields) => aggregate(fields)?,
+            None => None,
+        };
+        if aggregate.is_some() {
+            if self.scope() == ScopeConfig::Shared {
+                return Err(FieldError::new("aggregate", Problem::AggregateOnShared));
+            }
+            if !has_budget {
+                return Err(FieldError::new("aggregate", Problem::AggregateWithoutOwn));
+            }
+        }
         match self.action {
             ActionConfig::Allow | ActionConfig::Deny if has_budget => {
                 return Err(FieldError::new("action", Problem::BudgetWithoutLimit));
@@ -296,6 +383,7 @@ impl RuleConfig {
             new_connections,
             dscp,
             skb_mark: f.skb_mark.unwrap_or(0),
+            aggregate,
         })
     }
 }

@@ -17,6 +17,14 @@ impl Datapath {
             .map_err(map_err(map_names::SOURCE_BUCKETS))
     }
 
+    /// Replaces a rule's shared (or aggregate) bucket.
+    pub fn set_shared_bucket(&mut self, rule_id: u32, bucket: &Bucket) -> Result<()> {
+        self.maps
+            .shared_buckets
+            .set(rule_id, bucket, 0)
+            .map_err(map_err(map_names::SHARED_BUCKETS))
+    }
+
     /// Number of tracked per-source buckets (walks the map: O(entries)).
     pub fn tracked_sources(&self) -> Result<usize> {
         Ok(self

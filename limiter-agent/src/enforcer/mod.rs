@@ -71,6 +71,7 @@ pub fn kernel_rule(def: &RuleDef, id: u32) -> KernelRule {
             // Made by validation: nothing here can turn a budget into
             // "unlimited".
             limits: def.limits(),
+            aggregate: def.aggregate_limits(),
         },
         prefixes: def.prefixes.clone(),
     }

@@ -5,8 +5,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use limiter_common::{
-    Reason, SourceKey,
-    rate::{available, fine_time},
+    Bucket, Limit, Reason, SourceKey, dimension,
+    rate::{available, fine_time, is_stale},
     verdict,
 };
 
@@ -17,7 +17,7 @@ use crate::{
         VerdictCounts,
     },
     attach::Attached,
-    config::{ActionConfig, ScopeConfig},
+    config::{ActionConfig, Budgets, ScopeConfig},
     rules::{InForce, source_bucket},
 };
 
@@ -204,29 +204,22 @@ impl Service {
             dp.source_bucket(&key).map_err(ServiceError::Read)?
         };
         view.tracked = bucket.is_some();
-        let now = fine_time(monotonic_ns());
-        for (dim, (name, budget)) in [
-            ("packets", &rule.def.packets),
-            ("bytes", &rule.def.bytes),
-            ("new_connections", &rule.def.new_connections),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let Some(budget) = budget else { continue };
-            let limit = kernel.limits[dim];
-            let avail = match bucket {
-                Some(b) => available(b.tat[dim], now, &limit).min(budget.burst),
-                None => budget.burst,
-            };
-            view.budgets.push(BudgetState {
-                dimension: name.into(),
-                rate: budget.written.clone(),
-                rate_per_sec: budget.rate.per_sec_f64(),
-                burst: budget.burst,
-                available: avail,
-                over_budget: avail == 0,
-            });
+        let now_ns = monotonic_ns();
+        let own = Budgets {
+            packets: rule.def.packets.clone(),
+            bytes: rule.def.bytes.clone(),
+            new_connections: rule.def.new_connections.clone(),
+        };
+        view.budgets = budget_states("", &own, &kernel.limits, bucket, now_ns);
+        if let Some(aggregate) = &rule.def.aggregate {
+            let all = dp.shared_bucket(kernel.id).map_err(ServiceError::Read)?;
+            view.budgets.extend(budget_states(
+                "aggregate.",
+                aggregate,
+                &kernel.aggregate,
+                Some(all),
+                now_ns,
+            ));
         }
         Ok(view)
     }
@@ -297,4 +290,40 @@ impl Service {
             tc_after_xdp: id_if(tc_after_xdp, program_names::TC_AFTER_XDP),
         }
     }
+}
+
+/// What each budget of `budgets` has left in `bucket` (`None`: not tracked
+/// yet, full) at `now_ns`; dimensions named with `prefix` (`aggregate.`).
+fn budget_states(
+    prefix: &str,
+    budgets: &Budgets,
+    limits: &[Limit; dimension::COUNT],
+    bucket: Option<Bucket>,
+    now_ns: u64,
+) -> Vec<BudgetState> {
+    let now = fine_time(now_ns);
+    // A bucket idle past staleness is full, as the kernel will find it.
+    let bucket = bucket.filter(|b| !is_stale(b.last_seen_ns, now_ns));
+    [
+        (dimension::PACKETS, "packets", &budgets.packets),
+        (dimension::BYTES, "bytes", &budgets.bytes),
+        (dimension::SYNS, "new_connections", &budgets.new_connections),
+    ]
+    .into_iter()
+    .filter_map(|(dim, name, budget)| {
+        let budget = budget.as_ref()?;
+        let avail = match bucket {
+            Some(b) => available(b.tat[dim], now, &limits[dim]).min(budget.burst),
+            None => budget.burst,
+        };
+        Some(BudgetState {
+            dimension: format!("{prefix}{name}"),
+            rate: budget.written.clone(),
+            rate_per_sec: budget.rate.per_sec_f64(),
+            burst: budget.burst,
+            available: avail,
+            over_budget: avail == 0,
+        })
+    })
+    .collect()
 }

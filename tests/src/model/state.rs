@@ -4,7 +4,8 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use limiter_common::{
-    Action, EVENT_INTERVAL_NS, OverBudgetEvent, Reason, Rule, RuleCounters, dimension, family,
+    Action, EVENT_INTERVAL_NS, OverBudgetEvent, Reason, Rule, RuleCounters, Scope, dimension,
+    family,
     rate::{clamp_debt, conform, fine_time},
     verdict,
 };
@@ -208,8 +209,9 @@ impl Model {
         }
     }
 
-    /// GCRA over every budget of the rule: the packet passes only if each
-    /// budget admits it, and is charged to all of them or to none.
+    /// GCRA over every budget of the rule, then of its aggregate: the packet
+    /// passes only if each budget admits it, and is charged to all of them
+    /// or to none (a packet the aggregate refuses costs its source nothing).
     fn charge(
         &mut self,
         rule: &Rule,
@@ -218,20 +220,59 @@ impl Model {
         wire_len: usize,
         now_ns: u64,
     ) -> bool {
-        let now = fine_time(now_ns);
         if matches!(key, BucketKey::PerSource(_)) && !self.buckets.contains_key(&key) {
             self.count(Reason::SourceTracked);
         }
-        let bucket = self.buckets.entry(key).or_insert(BucketState {
-            // A new bucket is full.
-            tat: [now; dimension::COUNT],
-            last_event_ns: 0,
-        });
         let units = [1, wire_len as u64, 1];
+        let (own, exceeded) = self.check(key, &rule.limits, ip, units, now_ns);
+        if exceeded != 0 {
+            return self.refused(rule, ip, key, exceeded, now_ns);
+        }
+        if rule.has_aggregate() {
+            let all = BucketKey::Shared { rule_id: rule.id };
+            let (charged, exceeded) = self.check(all, &rule.aggregate, ip, units, now_ns);
+            if exceeded != 0 {
+                return self.refused(
+                    rule,
+                    ip,
+                    all,
+                    exceeded << OverBudgetEvent::AGGREGATE_SHIFT,
+                    now_ns,
+                );
+            }
+            self.bucket(all, now_ns).tat = charged;
+        }
+        self.bucket(key, now_ns).tat = own;
+        true
+    }
+
+    /// A bucket, created full at `now_ns` when new (the kernel's shared
+    /// buckets start zeroed and are read as stale: full too).
+    fn bucket(&mut self, key: BucketKey, now_ns: u64) -> &mut BucketState {
+        self.buckets.entry(key).or_insert(BucketState {
+            tat: [fine_time(now_ns); dimension::COUNT],
+            last_event_ns: 0,
+        })
+    }
+
+    /// The TATs `limits` would leave after this packet, and the dimensions
+    /// it exceeds (whose debt from an older budget is forgiven, the
+    /// documented rule; it never arises with budgets that do not change, as
+    /// here).
+    fn check(
+        &mut self,
+        key: BucketKey,
+        limits: &[limiter_common::Limit; dimension::COUNT],
+        ip: &IpInfo,
+        units: [u64; dimension::COUNT],
+        now_ns: u64,
+    ) -> ([u64; dimension::COUNT], u32) {
+        let now = fine_time(now_ns);
+        let bucket = self.bucket(key, now_ns);
         let mut charged = bucket.tat;
         let mut exceeded = 0u32;
         for dim in 0..dimension::COUNT {
-            let limit = rule.limits[dim];
+            let limit = limits[dim];
             if limit.is_unlimited() || (dim == dimension::SYNS && !ip.new_connection) {
                 continue;
             }
@@ -245,19 +286,27 @@ impl Model {
                 None => exceeded |= 1 << dim,
             }
         }
-        if exceeded == 0 {
-            bucket.tat = charged;
-            return true;
-        }
-        // Debt from an older, slower budget is forgiven (never happens with
-        // budgets that do not change, as here, but it is the documented rule).
         for dim in 0..dimension::COUNT {
             if exceeded & (1 << dim) != 0
-                && let Some(tat) = clamp_debt(bucket.tat[dim], now, rule.limits[dim].tolerance)
+                && let Some(tat) = clamp_debt(bucket.tat[dim], now, limits[dim].tolerance)
             {
                 bucket.tat[dim] = tat;
             }
         }
+        (charged, exceeded)
+    }
+
+    /// A refusal by `key`'s budgets: an event at most once a second per
+    /// bucket. Always `false`.
+    fn refused(
+        &mut self,
+        rule: &Rule,
+        ip: &IpInfo,
+        key: BucketKey,
+        exceeded: u32,
+        now_ns: u64,
+    ) -> bool {
+        let bucket = self.bucket(key, now_ns);
         let last = bucket.last_event_ns;
         if last == 0 || now_ns.wrapping_sub(last) >= EVENT_INTERVAL_NS {
             bucket.last_event_ns = now_ns;
@@ -306,9 +355,11 @@ fn event(
         IpAddr::V4(_) => (family::IPV4, rule.source_prefix_v4),
         IpAddr::V6(_) => (family::IPV6, rule.source_prefix_v6),
     };
-    let (addr, prefix_len) = match key {
-        BucketKey::Shared { .. } => ([0; 16], 0),
-        BucketKey::PerSource(k) => (k.addr, source_prefix),
+    // A shared rule's bucket, or a per-source rule's aggregate: the rule as
+    // a whole.
+    let (addr, prefix_len, scope) = match key {
+        BucketKey::Shared { .. } => ([0; 16], 0, Scope::Shared as u32),
+        BucketKey::PerSource(k) => (k.addr, source_prefix, rule.scope),
     };
     OverBudgetEvent {
         timestamp_ns: now_ns,
@@ -318,6 +369,6 @@ fn event(
         prefix_len,
         action: rule.action,
         exceeded,
-        scope: rule.scope,
+        scope,
     }
 }

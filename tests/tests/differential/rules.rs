@@ -66,12 +66,15 @@ impl fmt::Debug for TableSpec {
                 format!("per-source /{} /{}", r.source_prefix_v4, r.source_prefix_v6)
             };
             write!(f, "  {i}: {action} {scope},")?;
-            for (name, dim) in [
-                ("packets", dimension::PACKETS),
-                ("bytes", dimension::BYTES),
-                ("syns", dimension::SYNS),
+            for (name, dim, limits) in [
+                ("packets", dimension::PACKETS, &r.limits),
+                ("bytes", dimension::BYTES, &r.limits),
+                ("syns", dimension::SYNS, &r.limits),
+                ("aggregate packets", dimension::PACKETS, &r.aggregate),
+                ("aggregate bytes", dimension::BYTES, &r.aggregate),
+                ("aggregate syns", dimension::SYNS, &r.aggregate),
             ] {
-                let l = r.limits[dim];
+                let l = limits[dim];
                 if !l.is_unlimited() {
                     write!(
                         f,
@@ -188,24 +191,32 @@ fn rule() -> impl Strategy<Value = Rule> {
         3 => (v4_mask(), v6_mask()).prop_map(|(v4, v6)| (Scope::PerSource, v4, v6)),
         1 => Just((Scope::Shared, 32, 128)),
     ];
+    // A per-source rule sometimes has an aggregate (a shared rule's is
+    // ignored by the kernel: generated anyway, to show it is).
+    let aggregate = prop::option::weighted(0.35, budgets())
+        .prop_map(|a| a.unwrap_or([Limit::UNLIMITED; dimension::COUNT]));
     (
         action,
         scope,
         budgets(),
+        aggregate,
         0u32..64,
         prop_oneof![Just(0u32), any::<u32>()],
     )
-        .prop_map(|(action, (scope, v4, v6), limits, dscp, skb_mark)| Rule {
-            id: 0,
-            action: action as u32,
-            scope: scope as u32,
-            source_prefix_v4: v4,
-            source_prefix_v6: v6,
-            dscp,
-            skb_mark,
-            in_use: 1,
-            limits,
-        })
+        .prop_map(
+            |(action, (scope, v4, v6), limits, aggregate, dscp, skb_mark)| Rule {
+                id: 0,
+                action: action as u32,
+                scope: scope as u32,
+                source_prefix_v4: v4,
+                source_prefix_v6: v6,
+                dscp,
+                skb_mark,
+                in_use: 1,
+                limits,
+                aggregate,
+            },
+        )
 }
 
 fn v4_mask() -> impl Strategy<Value = u32> {
