@@ -11,7 +11,7 @@
 use std::{path::Path, sync::LazyLock};
 
 use limiter_agent::{
-    config::{Budget, Config, RuleConfig, RuleDef},
+    config::{Budget, Budgets, Config, RuleConfig, RuleDef, ScopeConfig},
     enforcer::kernel_rule,
     rules,
     state::State,
@@ -63,34 +63,52 @@ fn check_kernel_form(def: &RuleDef, id: u32) {
     assert!(kernel.source_prefix_v4 <= 32, "{def:?}");
     assert!(kernel.source_prefix_v6 <= 128, "{def:?}");
     assert!(kernel.dscp <= 63, "{def:?}");
-    for (dim, budget, max_units) in [
-        (dimension::PACKETS, &def.packets, 1),
-        (dimension::BYTES, &def.bytes, MAX_UNITS_PER_PACKET),
-        (dimension::SYNS, &def.new_connections, 1),
+    let none = Budgets::default();
+    let aggregate = def.aggregate.as_ref().unwrap_or(&none);
+    // A shared rule never has an aggregate (validation refuses one).
+    assert!(
+        def.aggregate.is_none() || def.scope == ScopeConfig::PerSource,
+        "{def:?}"
+    );
+    for (dim, own, all, max_units) in [
+        (dimension::PACKETS, &def.packets, &aggregate.packets, 1),
+        (dimension::BYTES, &def.bytes, &aggregate.bytes, MAX_UNITS_PER_PACKET),
+        (
+            dimension::SYNS,
+            &def.new_connections,
+            &aggregate.new_connections,
+            1,
+        ),
     ] {
-        let limit = kernel.limits[dim];
-        match budget {
-            None => assert_eq!(limit, Limit::UNLIMITED, "{def:?}"),
-            Some(Budget {
-                written,
-                rate,
-                burst,
-                ..
-            }) => {
-                assert!(
-                    !limit.is_unlimited(),
-                    "validated budget {written} burst {burst} reached the kernel as unlimited: {def:?}"
-                );
-                assert_eq!(
-                    Limit::from_rate(*rate, *burst, max_units),
-                    Ok(limit),
-                    "{def:?}"
-                );
-                // Never more than written: the kernel's interval is at least
-                // the exact one.
-                let exact = (u128::from(rate.per_ns) << FINE_SHIFT) / u128::from(rate.count);
-                assert!(u128::from(limit.interval) >= exact, "{def:?}");
-            }
+        check_limit(kernel.limits[dim], own, max_units, def);
+        check_limit(kernel.aggregate[dim], all, max_units, def);
+    }
+}
+
+/// A validated budget reaches the kernel as exactly its limit, never as
+/// "unlimited" and never faster than written.
+fn check_limit(limit: Limit, budget: &Option<Budget>, max_units: u64, def: &RuleDef) {
+    match budget {
+        None => assert_eq!(limit, Limit::UNLIMITED, "{def:?}"),
+        Some(Budget {
+            written,
+            rate,
+            burst,
+            ..
+        }) => {
+            assert!(
+                !limit.is_unlimited(),
+                "validated budget {written} burst {burst} reached the kernel as unlimited: {def:?}"
+            );
+            assert_eq!(
+                Limit::from_rate(*rate, *burst, max_units),
+                Ok(limit),
+                "{def:?}"
+            );
+            // Never more than written: the kernel's interval is at least the
+            // exact one.
+            let exact = (u128::from(rate.per_ns) << FINE_SHIFT) / u128::from(rate.count);
+            assert!(u128::from(limit.interval) >= exact, "{def:?}");
         }
     }
 }

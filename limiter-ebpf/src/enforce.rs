@@ -87,7 +87,14 @@ pub fn decide<P: Packet>(pkt: &P) -> Decision {
         Some(Action::Allow) => (verdict::PASSED, Decision::Pass),
         Some(Action::Deny) => (verdict::DROPPED, Decision::Drop),
         Some(action) => {
-            if charge(pkt, rule, &ip, wire_len) {
+            let args = ChargeArgs {
+                family: ip.family,
+                wire_len,
+                syn: u32::from(ip.syn),
+                _pad: 0,
+                src: ip.src,
+            };
+            if limiter_charge(rule, &args) != 0 {
                 (verdict::PASSED, Decision::Pass)
             } else {
                 over_budget(rule, action, ip)
@@ -158,7 +165,7 @@ fn lookup_rule(ip: &IpPacket) -> Option<&'static Rule> {
 
 /// The bucket this packet is charged to, created on first use.
 #[inline(always)]
-fn bucket_for(rule: &Rule, ip: &IpPacket, now_ns: u64) -> Option<(*mut Bucket, SourceKey)> {
+fn bucket_for(rule: &Rule, ip: &ChargeArgs, now_ns: u64) -> Option<(*mut Bucket, SourceKey)> {
     let mut key = SourceKey {
         rule_id: rule.id,
         family: ip.family,
@@ -199,6 +206,34 @@ fn bucket_for(rule: &Rule, ip: &IpPacket, now_ns: u64) -> Option<(*mut Bucket, S
     }
 }
 
+/// What [`limiter_charge`] needs of a packet: one pointer argument.
+#[repr(C)]
+pub struct ChargeArgs {
+    /// A `family` tag.
+    pub family: u32,
+    pub wire_len: u32,
+    /// 1 for a new TCP connection (SYN without ACK).
+    pub syn: u32,
+    pub _pad: u32,
+    pub src: [u8; 16],
+}
+
+/// [`charge`] as a *global* BPF function (the linker exports it: see
+/// `build.rs`). The verifier checks a global function once, on its own,
+/// instead of once for every parser state that reaches it: inlined, the
+/// parser's variants times the source's and the aggregate's budgets went
+/// past its million instructions. 1: within budget; 0: over.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn limiter_charge(rule: *const Rule, args: *const ChargeArgs) -> u32 {
+    // SAFETY: the verifier hands a global function its pointer arguments
+    // as memory of their type's size, possibly null: checked here.
+    let (Some(rule), Some(args)) = (unsafe { rule.as_ref() }, unsafe { args.as_ref() }) else {
+        return 1;
+    };
+    u32::from(charge(rule, args))
+}
+
 /// Charges the packet to its bucket, and to the rule's aggregate if it has
 /// one; `true` if it is within budget. Every budget is checked before any
 /// is charged, so a packet the aggregate refuses costs its source nothing
@@ -206,107 +241,76 @@ fn bucket_for(rule: &Rule, ip: &IpPacket, now_ns: u64) -> Option<(*mut Bucket, S
 /// open (admits) when no bucket can be had: a full map must not black-hole
 /// traffic.
 #[inline(always)]
-fn charge<P: Packet>(pkt: &P, rule: &Rule, ip: &IpPacket, wire_len: u32) -> bool {
+fn charge(rule: &Rule, ip: &ChargeArgs) -> bool {
     // SAFETY: a plain helper call without arguments.
     let now_ns = unsafe { bpf_ktime_get_ns() };
     let Some((bucket, key)) = bucket_for(rule, ip, now_ns) else {
-        aya_log_ebpf::warn!(
-            pkt.ctx(),
-            "no bucket for rule {}: passed (fail open)",
-            rule.id
-        );
         return true;
     };
-    let aggregate = if rule.has_aggregate() {
+    let packet = PacketCost {
+        now: fine_time(now_ns),
+        units: [1u64, u64::from(ip.wire_len), 1u64],
+        syn: ip.syn != 0,
+    };
+    let (stale, tats) = seen(bucket, now_ns);
+    let mut exceeded = check(&rule.limits, tats, stale, &packet);
+    let aggregate = if exceeded == 0 && rule.has_aggregate() {
         SHARED_BUCKETS.get_ptr_mut(rule.id)
     } else {
         None
     };
-    let (stale, tats) = seen(bucket, now_ns);
-    // The aggregate's TATs (the rule's shared bucket), or the source's
-    // again where there is none (then never read: `sets` is 1).
-    let (sets, agg, agg_stale, agg_tats) = match aggregate {
-        Some(agg) => {
-            let (agg_stale, agg_tats) = seen(agg, now_ns);
-            (2, agg, agg_stale, agg_tats)
+    if let Some(agg) = aggregate {
+        let (agg_stale, agg_tats) = seen(agg, now_ns);
+        let mut agg_exceeded = check(&rule.aggregate, agg_tats, agg_stale, &packet);
+        if agg_exceeded == 0 {
+            exceeded = commit(&rule.limits, tats, &packet);
         }
-        None => (1, bucket, stale, tats),
-    };
-    let packet = PacketCost {
-        now: fine_time(now_ns),
-        units: [1u64, u64::from(wire_len), 1u64],
-        syn: ip.syn,
-        sets,
-        tats: [tats, agg_tats],
-        stale: [stale, agg_stale],
-    };
-    // One call of each over both budget sets (the source's, then the
-    // aggregate's), so the verifier walks each once: the first set that
-    // refuses, or NONE.
-    let mut refused = check(rule, &packet);
-    if refused == NONE {
-        refused = commit(rule, &packet);
+        if agg_exceeded == 0 && exceeded == 0 {
+            // Under contention the source may be charged and the aggregate
+            // then refuse: the sender loses that charge, never gains.
+            agg_exceeded = commit(&rule.aggregate, agg_tats, &packet);
+        }
+        if agg_exceeded != 0 {
+            // Reported for the rule as a whole, like a shared bucket.
+            let whole_rule = Report {
+                addr: [0; 16],
+                prefix_len: 0,
+                scope: Scope::Shared as u32,
+                exceeded: agg_exceeded << AGGREGATE_SHIFT,
+            };
+            maybe_report(agg, rule, ip, &whole_rule, now_ns);
+            return false;
+        }
+    } else if exceeded == 0 {
+        exceeded = commit(&rule.limits, tats, &packet);
     }
-    if refused == NONE {
+    if exceeded == 0 {
         return true;
     }
-    let event = if refused == AGGREGATE {
-        // Reported for the rule as a whole, like a shared bucket.
-        OverBudgetEvent {
-            timestamp_ns: now_ns,
-            rule_id: rule.id,
-            family: ip.family,
-            addr: [0; 16],
-            prefix_len: 0,
-            action: rule.action,
-            exceeded: exceeded(&rule.aggregate, agg_tats, &packet) << AGGREGATE_SHIFT,
-            scope: Scope::Shared as u32,
-        }
+    let prefix_len = if rule.scope == Scope::Shared as u32 {
+        0
+    } else if ip.family == family::IPV4 {
+        rule.source_prefix_v4.min(32)
     } else {
-        let prefix_len = if rule.scope == Scope::Shared as u32 {
-            0
-        } else if ip.family == family::IPV4 {
-            rule.source_prefix_v4.min(32)
-        } else {
-            rule.source_prefix_v6.min(128)
-        };
-        OverBudgetEvent {
-            timestamp_ns: now_ns,
-            rule_id: rule.id,
-            family: ip.family,
-            addr: key.addr,
-            prefix_len,
-            action: rule.action,
-            exceeded: exceeded(&rule.limits, tats, &packet),
-            scope: rule.scope,
-        }
+        rule.source_prefix_v6.min(128)
     };
-    // At most one event per bucket (the source's, or the aggregate's) a
-    // second.
-    maybe_report(if refused == AGGREGATE { agg } else { bucket }, &event);
+    let source = Report {
+        addr: key.addr,
+        prefix_len,
+        scope: rule.scope,
+        exceeded,
+    };
+    maybe_report(bucket, rule, ip, &source, now_ns);
     false
 }
 
-/// Which budget set refused: none, the source's own (or a shared rule's,
-/// 1), or a per-source rule's aggregate (2): a set's index plus one. A small
-/// number, not a bitmask of dimensions, so the verifier has few states to
-/// walk.
-const NONE: u32 = 0;
-const AGGREGATE: u32 = 2;
-
-/// What a packet costs, by dimension, and where it is charged. One
-/// argument (BPF subprograms take at most five).
+/// What a packet costs, by dimension, and when.
 struct PacketCost {
     /// Fine time.
     now: u64,
     units: [u64; dimension::COUNT],
     /// A new TCP connection: charged to the connection budget.
     syn: bool,
-    /// 1: the source's budgets (or a shared rule's); 2: and the aggregate.
-    sets: u32,
-    /// The TATs of each set's bucket, and whether it was stale.
-    tats: [*mut u64; 2],
-    stale: [bool; 2],
 }
 
 /// Marks `bucket` seen at `now_ns`; whether it was stale, and its TATs.
@@ -321,89 +325,47 @@ fn seen(bucket: *mut Bucket, now_ns: u64) -> (bool, *mut u64) {
     }
 }
 
-/// The limit of budget `i` of the six a rule has (its own three, then its
-/// aggregate's).
+/// The dimensions of `limits` this packet exceeds (a bitmask of
+/// [`dimension`]s), charging nothing; debt from an older budget is cleared
+/// on those.
 #[inline(always)]
-fn limit_at(rule: &Rule, i: usize) -> &Limit {
-    if i < dimension::COUNT {
-        &rule.limits[i]
-    } else {
-        &rule.aggregate[i - dimension::COUNT]
-    }
-}
-
-/// The first budget set this packet exceeds, charging nothing (debt from
-/// an older budget is cleared on the dimensions that refuse), or NONE. A
-/// BPF subprogram, not inlined: the verifier walks it once per call.
-#[inline(never)]
-fn check(rule: &Rule, p: &PacketCost) -> u32 {
-    let now = p.now;
-    let mut refused = NONE;
-    for i in 0..2 * dimension::COUNT {
-        let (set, dim) = (i / dimension::COUNT, i % dimension::COUNT);
-        if set as u32 >= p.sets || refused != NONE && dim == 0 {
-            break;
-        }
-        let limit = limit_at(rule, i);
+fn check(limits: &[Limit; dimension::COUNT], tats: *mut u64, stale: bool, p: &PacketCost) -> u32 {
+    let mut exceeded = 0u32;
+    for (dim, (limit, units)) in limits.iter().zip(p.units).enumerate() {
         if limit.is_unlimited() {
             continue;
         }
-        // SAFETY: dim < COUNT, inside the set's tat array.
-        let tat_ptr = unsafe { p.tats[set].add(dim) };
+        // SAFETY: dim < COUNT, inside the tat array.
+        let tat_ptr = unsafe { tats.add(dim) };
         // Every limited dimension, charged by this packet or not, so none
         // lags past what the wrapping clock can tell.
-        let tat = refresh(tat_ptr, p.stale[set], now);
+        let tat = refresh(tat_ptr, stale, p.now);
         if dim == dimension::SYNS && !p.syn {
             continue;
         }
-        if conform(tat, now, limit.cost(p.units[dim]), limit.tolerance).is_none() {
-            clear_debt(tat_ptr, tat, now, limit.tolerance);
-            refused = set as u32 + 1;
+        if conform(tat, p.now, limit.cost(units), limit.tolerance).is_none() {
+            clear_debt(tat_ptr, tat, p.now, limit.tolerance);
+            exceeded |= 1 << dim;
         }
     }
-    refused
+    exceeded
 }
 
-/// Charges the packet to every budget of both sets; the set that refused
-/// under contention (its earlier charges stay: the sender loses them, never
-/// gains), or NONE. Not inlined, like [`check`].
-#[inline(never)]
-fn commit(rule: &Rule, p: &PacketCost) -> u32 {
-    for i in 0..2 * dimension::COUNT {
-        let (set, dim) = (i / dimension::COUNT, i % dimension::COUNT);
-        if set as u32 >= p.sets {
-            break;
-        }
-        let limit = limit_at(rule, i);
-        if limit.is_unlimited() || (dim == dimension::SYNS && !p.syn) {
-            continue;
-        }
-        // SAFETY: dim < COUNT, inside the set's tat array.
-        let tat_ptr = unsafe { p.tats[set].add(dim) };
-        if !charge_one(tat_ptr, p.now, limit.cost(p.units[dim]), limit.tolerance) {
-            return set as u32 + 1;
-        }
-    }
-    NONE
-}
-
-/// After a refusal, for its event: the dimensions of `limits` this packet
-/// exceeds, as a bitmask of [`dimension`]s. Clearing debt never makes a
-/// dimension admit, so these are the ones [`check`] or [`commit`] found.
-#[inline(never)]
-fn exceeded(limits: &[Limit; dimension::COUNT], tats: *mut u64, p: &PacketCost) -> u32 {
-    let mut mask = 0u32;
+/// Charges the packet to every dimension of `limits`; the dimension that
+/// refused under contention (as a bitmask), or 0.
+#[inline(always)]
+fn commit(limits: &[Limit; dimension::COUNT], tats: *mut u64, p: &PacketCost) -> u32 {
     for (dim, (limit, units)) in limits.iter().zip(p.units).enumerate() {
         if limit.is_unlimited() || (dim == dimension::SYNS && !p.syn) {
             continue;
         }
         // SAFETY: dim < COUNT, inside the tat array.
-        let tat = unsafe { core::ptr::read_volatile(tats.add(dim)) };
-        if conform(tat, p.now, limit.cost(units), limit.tolerance).is_none() {
-            mask |= 1 << dim;
+        let tat_ptr = unsafe { tats.add(dim) };
+        if !charge_one(tat_ptr, p.now, limit.cost(units), limit.tolerance) {
+            return 1 << dim;
         }
     }
-    mask
+    0
 }
 
 /// The TAT to charge against. A stale bucket, or a TAT lagging far behind
@@ -454,10 +416,17 @@ fn clear_debt(tat_ptr: *mut u64, seen: u64, now: u64, tolerance: u64) {
     }
 }
 
-/// Emits `event`, at most one per bucket per second.
+/// Whom an over-budget event names, and what was exceeded.
+struct Report {
+    addr: [u8; 16],
+    prefix_len: u32,
+    scope: u32,
+    exceeded: u32,
+}
+
+/// Emits an over-budget event, at most one per bucket per second.
 #[inline(always)]
-fn maybe_report(bucket: *mut Bucket, event: &OverBudgetEvent) {
-    let now_ns = event.timestamp_ns;
+fn maybe_report(bucket: *mut Bucket, rule: &Rule, ip: &ChargeArgs, report: &Report, now_ns: u64) {
     // SAFETY: see charge.
     let last_ptr = unsafe { core::ptr::addr_of_mut!((*bucket).last_event_ns) };
     // SAFETY: as above.
@@ -470,7 +439,17 @@ fn maybe_report(bucket: *mut Bucket, event: &OverBudgetEvent) {
     if unsafe { compare_exchange(last_ptr, last, now_ns) } != last {
         return;
     }
-    if EVENTS.output(event, 0).is_err() {
+    let event = OverBudgetEvent {
+        timestamp_ns: now_ns,
+        rule_id: rule.id,
+        family: ip.family,
+        addr: report.addr,
+        prefix_len: report.prefix_len,
+        action: rule.action,
+        exceeded: report.exceeded,
+        scope: report.scope,
+    };
+    if EVENTS.output(&event, 0).is_err() {
         count_reason(Reason::EventLost);
     }
 }

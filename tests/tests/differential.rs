@@ -25,7 +25,7 @@ use std::{
 
 use frames::{FrameSpec, Mutation, PAUSE, Trailer, frame, hex};
 use kernel::{Kernel, tc_test_run_accepts};
-use limiter_common::{Action, Reason, verdict};
+use limiter_common::{Action, OverBudgetEvent, Reason, verdict};
 use limiter_tests::{
     frame::{Ext, Frame, L3, L4, TCP_SYN},
     harness::{RuleSpec, net},
@@ -142,6 +142,9 @@ fn the_kernel_matches_the_model_frame_by_frame() {
                 started.elapsed()
             );
             assert_eq!(tally.frames, tables * FRAMES_PER_TABLE);
+            // The generator reaches an aggregate's refusal, not only the
+            // sources' own.
+            assert!(tally.aggregate_events > 0, "no aggregate refused:\n{tally}");
         }
         Err(TestError::Fail(reason, case)) => {
             let minimal = minimize(&mut kernel.borrow_mut(), case);
@@ -215,6 +218,8 @@ struct Tally {
     reasons: [u64; Reason::COUNT as usize],
     verdicts: [u64; verdict::COUNT],
     events: usize,
+    /// Events of a per-source rule's aggregate refusing.
+    aggregate_events: usize,
 }
 
 impl Tally {
@@ -231,6 +236,11 @@ impl Tally {
             }
         }
         self.events += model.events.len();
+        self.aggregate_events += model
+            .events
+            .iter()
+            .filter(|e| e.exceeded >> OverBudgetEvent::AGGREGATE_SHIFT != 0)
+            .count();
     }
 }
 
@@ -238,8 +248,8 @@ impl fmt::Display for Tally {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "  through TC: {}; pauses: {}; events: {}\n  rule verdicts:",
-            self.via_tc, self.pauses, self.events
+            "  through TC: {}; pauses: {}; events: {} ({} of an aggregate)\n  rule verdicts:",
+            self.via_tc, self.pauses, self.events, self.aggregate_events
         )?;
         for (name, n) in verdict::NAMES.iter().zip(self.verdicts) {
             write!(f, " {name} {n}")?;
