@@ -1,9 +1,10 @@
 //! Accuracy (`limiter-bench accuracy`): one source sends at 1.5x, 10x and
 //! 100x its budget from both CPUs at once; the admitted amount must be
-//! within 1% of rate x time + burst. Also a per-minute budget (3000/min)
-//! and a shared-scope rule with 1,000
-//! sources. Traffic comes from AF_PACKET senders on both CPUs, paced to the
-//! packet; the admitted count is the kernel's own counter.
+//! within 1% of rate x time + burst. Also a per-minute budget (3000/min), a
+//! shared-scope rule with 1,000 sources, an aggregate over 1,000 sources,
+//! and per-source budgets under an aggregate. Traffic comes from AF_PACKET
+//! senders on both CPUs, paced to the packet; the admitted count is the
+//! kernel's own counter.
 
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,7 @@ use limiter_common::{
 };
 use limiter_tests::{
     gateway::Gateway,
-    harness::{RuleSpec, net},
+    harness::{RuleSpec, limit, net},
     traffic::{PacketSocket, if_index},
 };
 
@@ -151,6 +152,34 @@ pub fn suite(seconds: f64, out_dir: &std::path::Path) -> Result<()> {
         units: 1,
         rate: RATE as f64,
         burst: BURST,
+    });
+
+    // An aggregate over 1,000 sources: each source's own budget (100/s)
+    // never binds at 5 packets/s each; all of them together get 500/s.
+    cases.push(Case {
+        label: "aggregate over 1,000 sources, target 10x".into(),
+        spec: RuleSpec::new(1, Action::Drop)
+            .packets(100, 100)
+            .aggregate(dimension::PACKETS, limit(RATE, BURST)),
+        sources: 1000,
+        offered: RATE * 10,
+        units: 1,
+        rate: RATE as f64,
+        burst: BURST,
+    });
+    // Per-source budgets under an aggregate: 10 sources at 40/s (burst 5)
+    // each bind at 10x, 400/s together, inside the aggregate's 500/s; both
+    // are charged for every packet.
+    cases.push(Case {
+        label: "per-source 40/s x 10 under a 500/s aggregate, target 10x".into(),
+        spec: RuleSpec::new(1, Action::Drop)
+            .packets(40, 5)
+            .aggregate(dimension::PACKETS, limit(RATE, BURST)),
+        sources: 10,
+        offered: 4_000,
+        units: 1,
+        rate: 400.0,
+        burst: 50,
     });
 
     let gw = Gateway::create().context("topology")?;

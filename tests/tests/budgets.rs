@@ -1,0 +1,94 @@
+//! Budgets as operators write them, through the real agent on a veth in
+//! test namespaces: a per-source budget with an aggregate on top.
+
+use limiter_tests::{agent::AgentEnv, scenario::rule, stack::udp_through};
+
+const PORT: u16 = 9998;
+
+/// Each client 5 packets at once, all clients together 12 (a minute's
+/// worth, so nothing refills while the test runs).
+const RULES: &str = r#"
+[[rule]]
+name = "clients"
+prefixes = ["198.18.0.0/24"]
+action = "drop"
+packets = "1/s"
+packet_burst = 5
+aggregate = { packets = "12/min" }
+"#;
+
+const SOURCES: [&str; 4] = ["198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.14"];
+
+#[test]
+fn each_source_keeps_to_its_own_budget_and_all_of_them_to_the_aggregate() {
+    let mut env = AgentEnv::new().unwrap_or_else(|e| panic!("environment: {e:#}"));
+    for source in SOURCES {
+        env.pair
+            .source
+            .exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{source}/32"),
+                "dev",
+                &env.pair.src_if,
+            ])
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    env.write_config(RULES)
+        .unwrap_or_else(|e| panic!("config: {e:#}"));
+    env.start().unwrap_or_else(|e| panic!("{e:#}"));
+
+    // One after the other, 10 packets each: 5 + 5 fill the first two
+    // sources' own budgets, the third gets the aggregate's last 2, the
+    // fourth nothing though its own budget is full.
+    let arrived: Vec<u32> = SOURCES
+        .iter()
+        .map(|source| {
+            udp_through(
+                &env.pair,
+                &format!("{source}:0"),
+                &format!("198.18.0.2:{PORT}"),
+                10,
+            )
+            .unwrap_or_else(|e| panic!("{e:#}"))
+        })
+        .collect();
+    assert_eq!(arrived, [5, 5, 2, 0], "arrived per source");
+
+    let rules = env.cli_json(&["rules", "list"]);
+    let clients = rule(&rules, "clients").unwrap_or_else(|| panic!("{rules}"));
+    assert_eq!(clients["counters"]["packets"]["passed"], 12, "{clients}");
+    assert_eq!(clients["counters"]["packets"]["dropped"], 28, "{clients}");
+
+    // The fourth source has its own budget whole (the aggregate refused
+    // it, and a refusal costs the source nothing); the aggregate is empty.
+    let seen = env.cli_json(&["inspect", SOURCES[3]]);
+    let budgets = seen["budgets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{seen}"));
+    let budget = |dimension: &str| {
+        budgets
+            .iter()
+            .find(|b| b["dimension"] == dimension)
+            .unwrap_or_else(|| panic!("no {dimension} budget: {seen}"))
+    };
+    assert_eq!(budget("packets")["available"], 5, "{seen}");
+    assert_eq!(budget("aggregate.packets")["available"], 0, "{seen}");
+    assert_eq!(budget("aggregate.packets")["rate"], "12/min", "{seen}");
+    assert_eq!(budget("aggregate.packets")["over_budget"], true, "{seen}");
+
+    // The offender is the rule as a whole, over its aggregate.
+    let top = env.cli_json(&["top"]);
+    let rows = top.as_array().unwrap_or_else(|| panic!("{top}"));
+    assert!(
+        rows.iter().any(|r| r["rule"] == "clients"
+            && r["exceeded"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|d| d == "aggregate.packets"))),
+        "{top}"
+    );
+    // And `rules show` says what the aggregate is, as written.
+    let shown = env.cli_ok(&["rules", "show", "clients"]);
+    assert!(shown.contains("all sources      packets 12/min"), "{shown}");
+}
