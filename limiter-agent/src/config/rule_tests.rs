@@ -158,3 +158,29 @@ fn quantities_read_as_written() {
     assert_eq!(Quantity::Number(5).to_string(), "5");
     assert_eq!(Quantity::Text("20k".into()).to_string(), "20k");
 }
+
+#[test]
+fn a_patched_aggregate_replaces_the_whole_aggregate_and_empty_removes_it() {
+    let mut r = rule(
+        r#"{"name": "r", "prefixes": ["198.18.0.0/15"], "action": "drop", "packets": "10/s",
+            "aggregate": {"packets": "1k/s", "packet_burst": 2000}}"#,
+    )
+    .unwrap();
+    let patch: RulePatch = serde_json::from_str(r#"{"aggregate": {"bytes": "1GB/day"}}"#).unwrap();
+    patch.apply_to(&mut r).unwrap();
+    let aggregate = r.fields().aggregate.clone().unwrap();
+    assert_eq!(aggregate.bytes.as_deref(), Some("1GB/day"));
+    assert_eq!((aggregate.packets, aggregate.packet_burst), (None, None));
+    let def = r.validate().unwrap();
+    assert!(
+        def.aggregate
+            .is_some_and(|a| a.packets.is_none() && a.bytes.is_some())
+    );
+    // A patch without `aggregate` keeps it; `{}` removes it.
+    let keep: RulePatch = serde_json::from_str(r#"{"packets": "20/s"}"#).unwrap();
+    keep.apply_to(&mut r).unwrap();
+    assert!(r.validate().unwrap().aggregate.is_some());
+    let remove: RulePatch = serde_json::from_str(r#"{"aggregate": {}}"#).unwrap();
+    remove.apply_to(&mut r).unwrap();
+    assert_eq!(r.validate().unwrap().aggregate, None);
+}
