@@ -54,7 +54,7 @@ enum Command {
     Status,
     /// List, show, add, change or delete rules
     #[command(subcommand)]
-    Rules(RulesCommand),
+    Rules(Box<RulesCommand>),
     /// Put a temporary budget (or a deny) on a prefix; it expires by itself
     Penalize(limiter_agent::api::types::PenaltyRequest),
     /// Which rule a source matches, its bucket, and whether it is over budget
@@ -206,14 +206,14 @@ async fn dispatch(cli: Cli) -> ExitCode {
         }
         Command::Reload => cli::reload(&client, &out).await,
         Command::Status => cli::status(&client, &out).await,
-        Command::Rules(RulesCommand::List) => cli::list(&client, &out).await,
-        Command::Rules(RulesCommand::Show { name }) => cli::show(&client, &out, &name).await,
-        Command::Rules(RulesCommand::Add(args)) => cli::add(&client, &out, args).await,
-        Command::Rules(RulesCommand::Change(args)) => cli::change(&client, &out, args).await,
-        Command::Rules(RulesCommand::Delete { name }) => cli::delete(&client, &out, &name).await,
-        Command::Rules(RulesCommand::Revert { name, .. }) => {
-            cli::revert(&client, &out, name.as_deref()).await
-        }
+        Command::Rules(rules) => match *rules {
+            RulesCommand::List => cli::list(&client, &out).await,
+            RulesCommand::Show { name } => cli::show(&client, &out, &name).await,
+            RulesCommand::Add(args) => cli::add(&client, &out, args).await,
+            RulesCommand::Change(args) => cli::change(&client, &out, args).await,
+            RulesCommand::Delete { name } => cli::delete(&client, &out, &name).await,
+            RulesCommand::Revert { name, .. } => cli::revert(&client, &out, name.as_deref()).await,
+        },
         Command::Penalize(request) => cli::penalize(&client, &out, &request).await,
         Command::Inspect { address } => cli::inspect(&client, &out, &address).await,
         Command::Top { limit, watch } => cli::top(&client, &out, limit, watch).await,

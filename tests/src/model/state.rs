@@ -286,11 +286,11 @@ impl Model {
                 None => exceeded |= 1 << dim,
             }
         }
-        for dim in 0..dimension::COUNT {
+        for (dim, (tat, limit)) in bucket.tat.iter_mut().zip(limits).enumerate() {
             if exceeded & (1 << dim) != 0
-                && let Some(tat) = clamp_debt(bucket.tat[dim], now, limits[dim].tolerance)
+                && let Some(clamped) = clamp_debt(*tat, now, limit.tolerance)
             {
-                bucket.tat[dim] = tat;
+                *tat = clamped;
             }
         }
         (charged, exceeded)
