@@ -77,8 +77,8 @@ pub enum Problem {
     BurstWithoutRate { rate_field: &'static str },
     #[error("{burst} is smaller than one packet ({min}); raise it to at least {min}")]
     BurstTooSmall { burst: u64, min: u64 },
-    #[error("{rate} is more than the kernel's clock holds (at most {max}/s); lower it")]
-    RateTooHigh { rate: String, max: u64 },
+    #[error("{rate} is more than the kernel's clock holds (at most {max}); lower it")]
+    RateTooHigh { rate: String, max: String },
     #[error("{rate} is slower than the kernel's clock holds: write at least {slowest}")]
     RateTooLow { rate: String, slowest: &'static str },
     #[error(

@@ -204,6 +204,11 @@ fn bad_inputs_are_refused_with_line_field_and_reason() {
             "100000000000000/s is more than the kernel's clock holds (at most 16384000000000/s)",
         ),
         (
+            &rule("action = \"drop\"\nbytes = \"2000TB/min\""),
+            5,
+            "2000TB/min is more than the kernel's clock holds (at most 983040000000000B/min)",
+        ),
+        (
             &rule("action = \"drop\"\npackets = \"1/s\"\nbytes = \"1kB/day\""),
             6,
             "`bytes`: 1kB/day is slower than the kernel's clock holds: write at least 1 byte every 4 s, e.g. 25kB/day",

@@ -198,13 +198,13 @@ pub fn parse_bytes(text: &str) -> Result<u64> {
     whole(value, factor, "size", EXAMPLE, text)
 }
 
-/// Nanoseconds in the time unit after '/'.
-fn interval_ns(unit: &str, text: &str) -> Result<u64> {
+/// The time unit after '/': its nanoseconds and its short word.
+fn interval_ns(unit: &str, text: &str) -> Result<(u64, &'static str)> {
     Ok(match unit.trim() {
-        "s" | "sec" | "second" | "seconds" => NANOS_PER_SEC,
-        "m" | "min" | "minute" | "minutes" => 60 * NANOS_PER_SEC,
-        "h" | "hour" | "hours" => 3_600 * NANOS_PER_SEC,
-        "d" | "day" | "days" => 86_400 * NANOS_PER_SEC,
+        "s" | "sec" | "second" | "seconds" => (NANOS_PER_SEC, "s"),
+        "m" | "min" | "minute" | "minutes" => (60 * NANOS_PER_SEC, "min"),
+        "h" | "hour" | "hours" => (3_600 * NANOS_PER_SEC, "h"),
+        "d" | "day" | "days" => (86_400 * NANOS_PER_SEC, "day"),
         other => {
             return Err(UnitError::UnknownTimeUnit {
                 text: text.into(),
@@ -222,6 +222,10 @@ pub struct ParsedRate {
     /// The amount written for one of its intervals, rounded up: `3/min` is
     /// 3, `10GB/day` 10 G, `0.5/s` 1. The default burst.
     pub per_interval: u64,
+    /// The interval written, in ns, and its word (`min`): errors speak in
+    /// the user's unit.
+    pub unit_ns: u64,
+    pub unit: &'static str,
 }
 
 fn gcd(mut a: u128, mut b: u128) -> u128 {
@@ -236,7 +240,7 @@ fn exact_rate(
     value: Decimal,
     factor: u128,
     divisor: u128,
-    interval_ns: u64,
+    (interval_ns, unit): (u64, &'static str),
     text: &str,
 ) -> Result<ParsedRate> {
     let too_precise = || UnitError::TooPrecise { text: text.into() };
@@ -261,6 +265,8 @@ fn exact_rate(
         (Ok(count), Ok(per_ns)) => Ok(ParsedRate {
             rate: Rate { count, per_ns },
             per_interval,
+            unit_ns: interval_ns,
+            unit,
         }),
         _ => Err(too_precise()),
     }

@@ -122,6 +122,9 @@ struct Dimension {
     max_units: u64,
     /// The slowest rate the kernel holds, as advice.
     slowest: &'static str,
+    /// What a unit is written as after a number: "" for packets, "B" for
+    /// bytes.
+    unit: &'static str,
 }
 
 const PACKETS: Dimension = Dimension {
@@ -132,6 +135,7 @@ const PACKETS: Dimension = Dimension {
     min_burst: 1,
     max_units: 1,
     slowest: "1 every 3 days, e.g. 1/day",
+    unit: "",
 };
 
 const BYTES: Dimension = Dimension {
@@ -142,6 +146,7 @@ const BYTES: Dimension = Dimension {
     min_burst: defaults::MIN_BYTE_BURST,
     max_units: MAX_UNITS_PER_PACKET,
     slowest: "1 byte every 4 s, e.g. 25kB/day",
+    unit: "B",
 };
 
 const NEW_CONNECTIONS: Dimension = Dimension {
@@ -152,6 +157,7 @@ const NEW_CONNECTIONS: Dimension = Dimension {
     min_burst: 1,
     max_units: 1,
     slowest: "1 every 3 days, e.g. 1/day",
+    unit: "",
 };
 
 /// The same dimensions inside `aggregate = { ... }`: errors name the
@@ -232,7 +238,14 @@ impl Dimension {
             })),
             Err(LimitError::RateTooHigh) => Err(rate_err(Problem::RateTooHigh {
                 rate: rate.clone(),
-                max: Limit::MAX_RATE,
+                // In the unit written: `/min` gets a maximum per minute.
+                max: format!(
+                    "{}{}/{}",
+                    u128::from(Limit::MAX_RATE) * u128::from(parsed.unit_ns)
+                        / u128::from(limiter_common::rate::NANOS_PER_SEC),
+                    self.unit,
+                    parsed.unit
+                ),
             })),
             Err(LimitError::RateTooLow) => Err(rate_err(Problem::RateTooLow {
                 rate: rate.clone(),
