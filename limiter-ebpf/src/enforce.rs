@@ -249,7 +249,7 @@ fn charge(rule: &Rule, ip: &ChargeArgs) -> bool {
     };
     let packet = PacketCost {
         now: fine_time(now_ns),
-        units: [1u64, u64::from(ip.wire_len), 1u64],
+        wire_len: u64::from(ip.wire_len),
         syn: ip.syn != 0,
     };
     let (stale, tats) = seen(bucket, now_ns);
@@ -304,13 +304,27 @@ fn charge(rule: &Rule, ip: &ChargeArgs) -> bool {
     false
 }
 
-/// What a packet costs, by dimension, and when.
+/// What a packet costs, and when.
 struct PacketCost {
     /// Fine time.
     now: u64,
-    units: [u64; dimension::COUNT],
+    /// Bytes, the units of the byte budget (packets and connections count
+    /// one each).
+    wire_len: u64,
     /// A new TCP connection: charged to the connection budget.
     syn: bool,
+}
+
+impl PacketCost {
+    /// Units of `dim` this packet is charged.
+    #[inline(always)]
+    fn units(&self, dim: usize) -> u64 {
+        if dim == dimension::BYTES {
+            self.wire_len
+        } else {
+            1
+        }
+    }
 }
 
 /// Marks `bucket` seen at `now_ns`; whether it was stale, and its TATs.
@@ -331,7 +345,7 @@ fn seen(bucket: *mut Bucket, now_ns: u64) -> (bool, *mut u64) {
 #[inline(always)]
 fn check(limits: &[Limit; dimension::COUNT], tats: *mut u64, stale: bool, p: &PacketCost) -> u32 {
     let mut exceeded = 0u32;
-    for (dim, (limit, units)) in limits.iter().zip(p.units).enumerate() {
+    for (dim, limit) in limits.iter().enumerate() {
         if limit.is_unlimited() {
             continue;
         }
@@ -343,7 +357,7 @@ fn check(limits: &[Limit; dimension::COUNT], tats: *mut u64, stale: bool, p: &Pa
         if dim == dimension::SYNS && !p.syn {
             continue;
         }
-        if conform(tat, p.now, limit.cost(units), limit.tolerance).is_none() {
+        if conform(tat, p.now, limit.cost(p.units(dim)), limit.tolerance).is_none() {
             clear_debt(tat_ptr, tat, p.now, limit.tolerance);
             exceeded |= 1 << dim;
         }
@@ -355,13 +369,13 @@ fn check(limits: &[Limit; dimension::COUNT], tats: *mut u64, stale: bool, p: &Pa
 /// refused under contention (as a bitmask), or 0.
 #[inline(always)]
 fn commit(limits: &[Limit; dimension::COUNT], tats: *mut u64, p: &PacketCost) -> u32 {
-    for (dim, (limit, units)) in limits.iter().zip(p.units).enumerate() {
+    for (dim, limit) in limits.iter().enumerate() {
         if limit.is_unlimited() || (dim == dimension::SYNS && !p.syn) {
             continue;
         }
         // SAFETY: dim < COUNT, inside the tat array.
         let tat_ptr = unsafe { tats.add(dim) };
-        if !charge_one(tat_ptr, p.now, limit.cost(units), limit.tolerance) {
+        if !charge_one(tat_ptr, p.now, limit.cost(p.units(dim)), limit.tolerance) {
             return 1 << dim;
         }
     }
@@ -439,17 +453,25 @@ fn maybe_report(bucket: *mut Bucket, rule: &Rule, ip: &ChargeArgs, report: &Repo
     if unsafe { compare_exchange(last_ptr, last, now_ns) } != last {
         return;
     }
-    let event = OverBudgetEvent {
-        timestamp_ns: now_ns,
-        rule_id: rule.id,
-        family: ip.family,
-        addr: report.addr,
-        prefix_len: report.prefix_len,
-        action: rule.action,
-        exceeded: report.exceeded,
-        scope: report.scope,
-    };
-    if EVENTS.output(&event, 0).is_err() {
+    // Written in place in the ring, not built on the stack first: the
+    // charging function's stack and its caller's must fit in 512 bytes
+    // together (6.1 counts them so).
+    let Some(mut entry) = EVENTS.reserve::<OverBudgetEvent>(0) else {
         count_reason(Reason::EventLost);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved ring entry the size of an
+    // OverBudgetEvent; every field is written before it is submitted.
+    unsafe {
+        (*event).timestamp_ns = now_ns;
+        (*event).rule_id = rule.id;
+        (*event).family = ip.family;
+        (*event).addr = report.addr;
+        (*event).prefix_len = report.prefix_len;
+        (*event).action = rule.action;
+        (*event).exceeded = report.exceeded;
+        (*event).scope = report.scope;
     }
+    entry.submit(0);
 }
