@@ -8,6 +8,7 @@ use aya_build::Toolchain;
 const TOOLCHAIN: &str = "1.98.0";
 
 fn main() -> anyhow::Result<()> {
+    commit_id();
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -32,4 +33,26 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     aya_build::build_ebpf([package], Toolchain::Custom(TOOLCHAIN))
+}
+
+/// The commit built, for `limiter_build_info` ("unknown" outside a git
+/// checkout, e.g. from a source package).
+fn commit_id() {
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=LIMITER_COMMIT={commit}");
+    // Only paths that exist: a missing one would rerun this script (and
+    // the eBPF build) every time.
+    for git in ["../.git/HEAD", "../.git/refs/heads"] {
+        if std::path::Path::new(git).exists() {
+            println!("cargo:rerun-if-changed={git}");
+        }
+    }
 }

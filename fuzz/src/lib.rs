@@ -72,7 +72,12 @@ fn check_kernel_form(def: &RuleDef, id: u32) {
     );
     for (dim, own, all, max_units) in [
         (dimension::PACKETS, &def.packets, &aggregate.packets, 1),
-        (dimension::BYTES, &def.bytes, &aggregate.bytes, MAX_UNITS_PER_PACKET),
+        (
+            dimension::BYTES,
+            &def.bytes,
+            &aggregate.bytes,
+            MAX_UNITS_PER_PACKET,
+        ),
         (
             dimension::SYNS,
             &def.new_connections,

@@ -1,4 +1,5 @@
-//! Prometheus metrics at `/metrics` (text exposition, `prometheus` crate).
+//! Prometheus metrics at `/metrics` (text exposition, `prometheus` crate),
+//! and beside them the health probes (`health.rs`).
 //!
 //! A scrape reads the kernel's counters through its own handles on the
 //! pinned maps, outside the agent's state lock: it takes that lock only to
@@ -325,10 +326,20 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
 
     let mut build = Family::new(
         "limiter_build_info",
-        "Build information.",
+        "Build information: version, commit and the running kernel.",
         MetricType::GAUGE,
     );
-    build.add(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    build.add(
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("commit", env!("LIMITER_COMMIT")),
+            ("kernel", &kernel),
+        ],
+        1.0,
+    );
     out.push(build.0);
     out
 }
@@ -373,12 +384,17 @@ pub async fn serve(
     counters: KernelCounters,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let health = Router::new()
+        .route("/healthz", get(crate::health::healthz))
+        .route("/readyz", get(crate::health::readyz))
+        .with_state(shared.clone());
     let app = Router::new()
         .route("/metrics", get(scrape))
         .with_state(MetricsState {
             shared,
             counters: Arc::new(counters),
-        });
+        })
+        .merge(health);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -259,6 +259,15 @@ pub fn free_port() -> Result<u16> {
 
 /// `GET http://127.0.0.1:{port}{path}`: the body, or an error.
 pub fn http_get(port: u16, path: &str) -> Result<String> {
+    let (code, body) = http_status(port, path)?;
+    if code != 200 {
+        bail!("GET {path}: status {code}: {body}");
+    }
+    Ok(body)
+}
+
+/// `GET http://127.0.0.1:{port}{path}`: the status code and the body.
+pub fn http_status(port: u16, path: &str) -> Result<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -268,10 +277,12 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("no HTTP header in the answer")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
-    }
-    Ok(body.to_owned())
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status code in {head:?}"))?;
+    Ok((code, body.to_owned()))
 }
 
 /// One HTTP/1.0 request on the agent's control socket: the status code

@@ -11,7 +11,7 @@ use std::{
 
 use limiter_common::{Limit, dimension};
 use limiter_tests::{
-    agent::AgentEnv,
+    agent::{AgentEnv, http_status},
     scenario::{
         RULES, assert_each, blast, env_with, rule, slow_clients_down, sources, xdp_attached,
     },
@@ -201,9 +201,19 @@ fn interface_gone(env: &AgentEnv) -> bool {
     env.cli_json(&["status"])["interfaces"][0]["gone"] == true
 }
 
+/// `/readyz` on the agent's metrics listener: status and body.
+fn readyz(env: &AgentEnv) -> (u16, String) {
+    http_status(env.metrics_port, "/readyz").unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 #[test]
 fn an_interface_deleted_and_created_again_is_attached_again() {
     let env = env_with(RULES);
+    assert_eq!(readyz(&env), (200, "ready\n".to_owned()));
+    assert_eq!(
+        http_status(env.metrics_port, "/healthz").unwrap_or_else(|e| panic!("{e:#}")),
+        (200, "ok\n".to_owned())
+    );
     env.pair
         .gateway
         .exec(&["ip", "link", "del", &env.pair.gw_if])
@@ -211,6 +221,21 @@ fn an_interface_deleted_and_created_again_is_attached_again() {
     wait_for("the agent noticed", Duration::from_secs(10), || {
         interface_gone(&env)
     });
+    // Not ready while the interface is gone, and it says which; still
+    // healthy (the process serves).
+    let (code, body) = readyz(&env);
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains(&format!("interface {} in netns", env.pair.gw_if))
+            && body.contains("is gone"),
+        "{body}"
+    );
+    assert_eq!(
+        http_status(env.metrics_port, "/healthz")
+            .map(|(code, _)| code)
+            .ok(),
+        Some(200)
+    );
     let metrics = env.scrape().unwrap_or_else(|e| panic!("{e:#}"));
     assert!(
         metrics.contains("limiter_repairs_total{kind=\"interface_lost\"} 1"),
@@ -220,6 +245,7 @@ fn an_interface_deleted_and_created_again_is_attached_again() {
     wait_for("attached again", Duration::from_secs(10), || {
         !interface_gone(&env) && xdp_attached(&env)
     });
+    assert_eq!(readyz(&env), (200, "ready\n".to_owned()));
     assert_each(&blast(&env, 200, 1.0), 10.0 + 40.0, 8.0, "limited again");
     let metrics = env.scrape().unwrap_or_else(|e| panic!("{e:#}"));
     assert!(

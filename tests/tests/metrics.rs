@@ -148,7 +148,19 @@ fn a_scrape_passes_promtool_and_equals_the_kernel_counters() {
             &[]
         ) > 1.7e9
     );
-    assert_eq!(samples(&text, "limiter_build_info", &[]).len(), 1);
+    // Version, commit and the running kernel.
+    let kernel =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_else(|e| panic!("{e}"));
+    let build = samples(
+        &text,
+        "limiter_build_info",
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("kernel", kernel.trim()),
+        ],
+    );
+    assert_eq!(build.len(), 1, "{text}");
+    assert!(build[0].0.contains("commit=\""), "{build:?}");
     assert!(
         one(
             &text,

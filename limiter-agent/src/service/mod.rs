@@ -390,6 +390,12 @@ impl Service {
         }
     }
 
+    /// Whether the kernel holds this agent's rule set (see
+    /// `Enforcer::kernel_agrees`).
+    pub fn rules_in_kernel(&self) -> Result<bool, crate::datapath::DatapathError> {
+        self.enforcer.kernel_agrees()
+    }
+
     /// Puts this agent's rule set back if something else changed the
     /// kernel's (see `Enforcer::kernel_agrees`).
     fn repair_rules(&mut self) {
