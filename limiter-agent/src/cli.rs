@@ -458,6 +458,7 @@ pub async fn detach(client: &Client, out: &Output, pin_path: &Path) -> Result {
 }
 
 mod check;
+pub mod manual;
 #[cfg(test)]
 mod tests;
 

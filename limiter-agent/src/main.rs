@@ -74,6 +74,11 @@ enum Command {
         #[arg(long)]
         pin_path: Option<PathBuf>,
     },
+    /// Print the shell completion script, e.g. `limiter-agent completions
+    /// bash > /usr/share/bash-completion/completions/limiter-agent`
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (limiter-agent.1 and one per command) into DIR
+    Man { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -158,6 +163,28 @@ async fn dispatch(cli: Cli) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    // Made from this binary's own definition; no agent involved.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            cli::manual::completions(&mut command, *shell, &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            let command = <Cli as clap::CommandFactory>::command();
+            return match cli::manual::write_man_pages(&command, dir) {
+                Ok(pages) => {
+                    println!("wrote {} man pages into {}", pages.len(), dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
+    }
     // `run` and `check` use --config as the file to enforce or check.
     let is_client = !matches!(cli.command, Command::Run { .. } | Command::Check);
     let paths = if is_client {
@@ -221,6 +248,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
             let pin_path = pin_path.unwrap_or(config_pins);
             cli::detach(&client, &out, &pin_path).await
         }
+        Command::Completions { .. } | Command::Man { .. } => return ExitCode::SUCCESS,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -234,6 +262,63 @@ async fn dispatch(cli: Cli) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory as _;
+
+    /// Every command, subcommand and long flag of the definition, with the
+    /// command path each belongs to.
+    fn everything(command: &clap::Command, path: &str) -> Vec<(String, Vec<String>)> {
+        let flags = command
+            .get_arguments()
+            .filter(|a| !a.is_hide_set())
+            .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+            .collect();
+        let mut out = vec![(path.to_owned(), flags)];
+        for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+            out.extend(everything(sub, &format!("{path}-{}", sub.get_name())));
+        }
+        out
+    }
+
+    #[test]
+    fn man_pages_cover_every_command_and_flag() {
+        let command = super::Cli::command();
+        let dir = std::env::temp_dir().join(format!("limiter-man-{}", std::process::id()));
+        let pages = limiter_agent::cli::manual::write_man_pages(&command, &dir).unwrap();
+        for (path, flags) in everything(&command, "limiter-agent") {
+            let page = format!("{path}.1");
+            assert!(pages.contains(&page), "no {page} in {pages:?}");
+            let text = std::fs::read_to_string(dir.join(&page)).unwrap();
+            for flag in flags {
+                // roff escapes the dashes.
+                let roff = flag.replace('-', "\\-");
+                assert!(text.contains(&roff), "{page} does not document {flag}");
+            }
+        }
+        assert!(pages.contains(&"limiter-agent-rules-add.1".to_owned()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn completions_cover_every_command_and_flag() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut command = super::Cli::command();
+            let mut script = Vec::new();
+            limiter_agent::cli::manual::completions(&mut command, shell, &mut script);
+            let script = String::from_utf8(script).unwrap();
+            for (path, flags) in everything(&super::Cli::command(), "limiter-agent") {
+                let name = path.rsplit('-').next().unwrap_or_default();
+                assert!(script.contains(name), "{shell}: no {name}");
+                for flag in flags {
+                    // Fish writes `-l aggregate-packets`, the others `--...`.
+                    let bare = flag.trim_start_matches('-');
+                    assert!(script.contains(bare), "{shell}: no {flag} for {path}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_cli_definition_is_consistent() {
