@@ -227,12 +227,23 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    // Every interface attached, the API and the metrics listening.
+    let interfaces = shared
+        .service
+        .lock()
+        .map(|s| s.attached().len())
+        .unwrap_or_default();
+    crate::notify::send(&format!(
+        "READY=1\nSTATUS=enforcing on {}",
+        crate::plural::count(interfaces, "interface", "interfaces")
+    ));
     let detach = loop {
         tokio::select! {
             _ = term.recv() => break false,
             _ = int.recv() => break false,
             _ = detach_rx.wait_for(|d| *d) => break true,
             _ = hup.recv() => {
+                crate::notify::reloading();
                 let svc = shared.service.clone();
                 let result = tokio::task::spawn_blocking(move || {
                     let mut guard = svc.lock().map_err(|_| anyhow!("agent state lock poisoned"))?;
@@ -240,14 +251,28 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     Ok::<_, anyhow::Error>(crate::service::reload_message(&guard.live_overrides()))
                 })
                 .await;
-                match result {
-                    Ok(Ok(message)) => tracing::info!("SIGHUP: {message}"),
-                    Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, the rules in force are unchanged: {e}"),
-                    Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
-                }
+                let status = match result {
+                    Ok(Ok(message)) => {
+                        tracing::info!("SIGHUP: {message}");
+                        format!("reloaded: {message}")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!("SIGHUP: reload refused, the rules in force are unchanged: {e}");
+                        format!("reload refused, the rules in force are unchanged: {e}")
+                    }
+                    Err(e) => {
+                        tracing::error!("SIGHUP: reload failed: {e}");
+                        format!("reload failed: {e}")
+                    }
+                };
+                crate::notify::send(&format!(
+                    "READY=1\nSTATUS={}",
+                    crate::notify::status_line(&status)
+                ));
             }
         }
     };
+    crate::notify::send("STOPPING=1");
     let _ = stop_tx.send(true);
     let _ = api.await;
     if let Some(task) = metrics_task {

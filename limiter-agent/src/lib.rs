@@ -15,6 +15,7 @@ pub mod health;
 pub mod kernel;
 pub mod metrics;
 pub mod netns;
+pub mod notify;
 pub mod pins;
 pub mod plural;
 pub mod rules;

@@ -12,7 +12,10 @@ use crate::cmd;
 /// namespaces, veths and competing filters with them; bpftool: tests check
 /// what is loaded; prometheus: the end-to-end metrics test scrapes the agent
 /// with a real Prometheus server, and promtool checks the exposition;
-/// procps: sysctl, for the gateway benchmark's forwarding settings.
+/// procps: sysctl, for the gateway benchmark's forwarding settings;
+/// systemd: systemd-analyze checks the service unit (systemd need not be
+/// running); util-linux: setpriv runs the agent with the unit's
+/// capabilities.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -22,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "prometheus",
     "procps",
+    "systemd",
+    "util-linux",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
