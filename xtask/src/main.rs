@@ -2,6 +2,7 @@
 //! `./x`, which first installs the pinned Rust toolchain.
 mod cmd;
 mod fuzz;
+mod package;
 mod setup;
 mod test;
 mod vm;
@@ -67,6 +68,8 @@ enum Task {
         #[arg(value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS))]
         targets: Vec<String>,
     },
+    /// Run setup, then build the Debian package (target/debian/limiter_*.deb)
+    Package,
     /// Run setup, then the benchmarks (packet cost, control-plane latency)
     Bench {
         /// Passed to `limiter-bench`
@@ -117,6 +120,10 @@ fn run() -> Result<()> {
                     .args(["run", "--release", "-p", "limiter-agent", "--", "run"])
                     .args(args),
             )
+        }
+        Task::Package => {
+            setup::run(&root)?;
+            package::run(&root).map(|_| ())
         }
         Task::VmTest { kernels, timeout } => {
             setup::run(&root)?;

@@ -77,6 +77,10 @@ fn run_phases(
         AGENT_TEST_FEATURES,
     ]))?;
 
+    phases.start("Debian package");
+    // tests/tests/package.rs installs it, runs it and purges it.
+    let deb = crate::package::run(root)?;
+
     phases.start("benchmarks, smoke mode");
     // The benchmark is not a test, but its smoke mode must keep working.
     cmd::run(
@@ -97,6 +101,7 @@ fn run_phases(
     let result = cmd::run_watching(
         cargo(root)
             .args(["test", "--workspace", "--exclude", EBPF, "--all-targets"])
+            .env("LIMITER_DEB", &deb)
             // Every test binary runs even after one fails: the closing
             // count then covers the whole suite.
             .arg("--no-fail-fast")
