@@ -43,7 +43,46 @@ pub fn run(root: &Path) -> Result<()> {
     );
     install_missing(PACKAGES)?;
     bpf_linker(root)?;
+    kubernetes_validate(root)?;
     bpffs()
+}
+
+/// Where the Kubernetes manifest validator lives: a Python venv of its own,
+/// so neither the system's Python nor its packages are touched.
+pub const KUBE_VENV: &str = "target/tools/kubernetes-validate";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// kubernetes-validate (PyPI), with which the tests check the DaemonSet
+/// manifest against the Kubernetes schema.
+fn kubernetes_validate(root: &Path) -> Result<()> {
+    let venv = root.join(KUBE_VENV);
+    let tool = venv.join("bin/kubernetes-validate");
+    let version = std::process::Command::new(&tool).arg("--version").output();
+    if version
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == KUBERNETES_VALIDATE_VERSION)
+    {
+        println!("ok: kubernetes-validate {KUBERNETES_VALIDATE_VERSION} already installed");
+        return Ok(());
+    }
+    cmd::run(
+        std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+    )
+    .context("making a Python venv for kubernetes-validate (Debian package python3-venv)")?;
+    cmd::run(
+        std::process::Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet"])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            )),
+    )
+    .context("installing kubernetes-validate from PyPI")?;
+    println!(
+        "installed: kubernetes-validate {KUBERNETES_VALIDATE_VERSION} in {}",
+        venv.display()
+    );
+    Ok(())
 }
 
 fn is_root() -> Result<bool> {
