@@ -6,6 +6,7 @@ pub mod gateway;
 pub mod harness;
 pub mod model;
 pub mod netns;
+pub mod notify;
 pub mod scenario;
 pub mod stack;
 pub mod traffic;

@@ -12,14 +12,13 @@
 //! to run where they are in use.
 
 use std::{
-    os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use limiter_tests::{
     agent::AgentEnv,
+    notify::NotifySocket,
     scenario::{RULES, xdp_attached},
 };
 
@@ -65,15 +64,6 @@ fn installed() -> bool {
         .args(["-W", "-f", "${Status}", "limiter"])
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-}
-
-/// The next notification, within 10 s.
-fn next(socket: &UnixDatagram) -> String {
-    let mut buf = [0u8; 4096];
-    match socket.recv(&mut buf) {
-        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
-        Err(e) => panic!("no notification within 10 s: {e}"),
-    }
 }
 
 #[test]
@@ -151,10 +141,7 @@ fn the_package_installs_runs_reloads_and_purges_without_a_trace() {
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{dir}: {e}"));
     }
     let notify_path = env.dir.join("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path).unwrap_or_else(|e| panic!("{e}"));
-    notify
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let notify = NotifySocket::bind(&notify_path);
     let log = std::fs::File::create(env.dir.join("service.log")).unwrap_or_else(|e| panic!("{e}"));
     let mut service = Command::new(&exec_start[0])
         .args(&exec_start[1..])
@@ -163,7 +150,7 @@ fn the_package_installs_runs_reloads_and_purges_without_a_trace() {
         .stderr(log)
         .spawn()
         .unwrap_or_else(|e| panic!("ExecStart: {e}"));
-    let ready = next(&notify);
+    let ready = notify.next();
     assert_eq!(ready, "READY=1\nSTATUS=enforcing on 1 interface");
     assert!(
         xdp_attached(&env),
@@ -177,8 +164,8 @@ fn the_package_installs_runs_reloads_and_purges_without_a_trace() {
     let reload = exec_reload.replace("$MAINPID", &service.id().to_string());
     let reload: Vec<&str> = reload.split_whitespace().collect();
     run(reload[0], &reload[1..]);
-    assert!(next(&notify).starts_with("RELOADING=1"));
-    let reloaded = next(&notify);
+    assert!(notify.next().starts_with("RELOADING=1"));
+    let reloaded = notify.next();
     assert!(
         reloaded.starts_with("READY=1\nSTATUS=reloaded: "),
         "{reloaded}"
@@ -189,7 +176,7 @@ fn the_package_installs_runs_reloads_and_purges_without_a_trace() {
     unsafe { libc::kill(service.id() as i32, libc::SIGTERM) };
     let stopped = service.wait().unwrap_or_else(|e| panic!("{e}"));
     assert!(stopped.success(), "the service exited with {stopped}");
-    assert_eq!(next(&notify), "STOPPING=1");
+    assert_eq!(notify.next(), "STOPPING=1");
     assert!(xdp_attached(&env), "a stop must leave enforcement in place");
 
     // Purge: nothing is left, and the programs are detached.

@@ -7,14 +7,13 @@
 //! others) applied together, and the journal.
 
 use std::{
-    os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
 use limiter_tests::{
     agent::{AgentEnv, agent_binary},
+    notify::NotifySocket,
     scenario::{RULES, xdp_attached},
 };
 
@@ -89,25 +88,13 @@ fn bounding_set(status_path: &str) -> u64 {
         .unwrap_or_else(|| panic!("no CapBnd in\n{status}"))
 }
 
-/// The next notification, within 10 s.
-fn next(socket: &UnixDatagram) -> String {
-    let mut buf = [0u8; 4096];
-    match socket.recv(&mut buf) {
-        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
-        Err(e) => panic!("no notification within 10 s: {e}"),
-    }
-}
-
 #[test]
 fn the_agent_works_with_the_units_capabilities_and_tells_systemd_when_ready() {
     let mut env = AgentEnv::new().unwrap_or_else(|e| panic!("environment: {e:#}"));
     env.write_config(RULES)
         .unwrap_or_else(|e| panic!("config: {e:#}"));
     let notify_path = env.dir.join("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path).unwrap_or_else(|e| panic!("{e}"));
-    notify
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let notify = NotifySocket::bind(&notify_path);
     // The unit's bounding set, as setpriv writes it: -all,+bpf,+perfmon...
     let caps: Vec<String> = unit_value("CapabilityBoundingSet")
         .split_whitespace()
@@ -122,7 +109,7 @@ fn the_agent_works_with_the_units_capabilities_and_tells_systemd_when_ready() {
     .unwrap_or_else(|e| panic!("{e:#}"));
 
     // READY comes once the interface is attached.
-    assert_eq!(next(&notify), "READY=1\nSTATUS=enforcing on 1 interface");
+    assert_eq!(notify.next(), "READY=1\nSTATUS=enforcing on 1 interface");
     assert!(
         xdp_attached(&env),
         "READY before the programs were attached"
@@ -138,8 +125,8 @@ fn the_agent_works_with_the_units_capabilities_and_tells_systemd_when_ready() {
 
     // A reload: RELOADING, then READY with the outcome.
     env.signal(libc::SIGHUP).unwrap_or_else(|e| panic!("{e:#}"));
-    assert!(next(&notify).starts_with("RELOADING=1\nMONOTONIC_USEC="));
-    let reloaded = next(&notify);
+    assert!(notify.next().starts_with("RELOADING=1\nMONOTONIC_USEC="));
+    let reloaded = notify.next();
     assert!(
         reloaded.starts_with("READY=1\nSTATUS=reloaded: "),
         "{reloaded}"
@@ -147,8 +134,8 @@ fn the_agent_works_with_the_units_capabilities_and_tells_systemd_when_ready() {
     // A refused reload shows in STATUS (systemctl status), nothing changes.
     std::fs::write(&env.config, "this is not toml").unwrap_or_else(|e| panic!("{e}"));
     env.signal(libc::SIGHUP).unwrap_or_else(|e| panic!("{e:#}"));
-    assert!(next(&notify).starts_with("RELOADING=1"));
-    let refused = next(&notify);
+    assert!(notify.next().starts_with("RELOADING=1"));
+    let refused = notify.next();
     assert!(
         refused.starts_with("READY=1\nSTATUS=reload refused, the rules in force are unchanged: ")
             && !refused[8..].contains('\n'),
@@ -158,5 +145,5 @@ fn the_agent_works_with_the_units_capabilities_and_tells_systemd_when_ready() {
 
     env.signal(libc::SIGTERM)
         .unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!(next(&notify), "STOPPING=1");
+    assert_eq!(notify.next(), "STOPPING=1");
 }
