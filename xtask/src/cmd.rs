@@ -4,7 +4,7 @@ use std::{
     process::{Command, Output},
 };
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 
 /// `cargo` started in the workspace root, so rust-toolchain.toml selects the
 /// pinned toolchain.
@@ -12,6 +12,38 @@ pub fn cargo(root: &Path) -> Command {
     let mut cargo = Command::new("cargo");
     cargo.current_dir(root);
     cargo
+}
+
+/// Installs the cargo subcommand `cargo-{name}` at exactly `version` with
+/// `cargo install --locked`, unless `cargo {name} --version` already says
+/// that version.
+pub fn cargo_tool(root: &Path, name: &str, version: &str) -> Result<()> {
+    let installed = || -> Option<String> {
+        let out = cargo(root).args([name, "--version"]).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "cargo-fuzz 0.13.2", "cargo-deb 3.6.2"
+        let found = text.split_whitespace().last()?.to_owned();
+        out.status.success().then_some(found)
+    };
+    let tool = format!("cargo-{name}");
+    if installed().as_deref() == Some(version) {
+        println!("ok: {tool} {version} already installed");
+        return Ok(());
+    }
+    run(cargo(root)
+        .args(["install", &tool, "--version", version])
+        .arg("--locked"))
+    .with_context(|| format!("installing {tool} failed: see cargo's message above"))?;
+    match installed() {
+        Some(found) if found == version => {
+            println!("installed: {tool} {version}");
+            Ok(())
+        }
+        other => bail!(
+            "{tool} {version} was installed, but `cargo {name} --version` now reports \
+             {other:?}: put ~/.cargo/bin first on PATH"
+        ),
+    }
 }
 
 /// Prints `cmd`, runs it with the terminal attached and fails if it fails.

@@ -38,7 +38,7 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
             TARGETS.join(", ")
         );
     }
-    cargo_fuzz(root)?;
+    cmd::cargo_tool(root, "fuzz", CARGO_FUZZ_VERSION)?;
     // All targets in one build: they share every dependency.
     cmd::run(fuzz_command(root).arg("build"))
         .context("building the fuzz targets failed: see the compiler's message above")?;
@@ -54,38 +54,6 @@ fn fuzz_command(root: &Path) -> Command {
     let mut cargo = cmd::cargo(root);
     cargo.env("RUSTC_BOOTSTRAP", "1").arg("fuzz");
     cargo
-}
-
-fn cargo_fuzz(root: &Path) -> Result<()> {
-    let found = cargo_fuzz_version(root);
-    if found.as_deref() == Some(CARGO_FUZZ_VERSION) {
-        println!("ok: cargo-fuzz {CARGO_FUZZ_VERSION} already installed");
-        return Ok(());
-    }
-    cmd::run(
-        cmd::cargo(root)
-            .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION])
-            .arg("--locked"),
-    )
-    .context("installing cargo-fuzz failed: see cargo's message above")?;
-    match cargo_fuzz_version(root) {
-        Some(version) if version == CARGO_FUZZ_VERSION => {
-            println!("installed: cargo-fuzz {version}");
-            Ok(())
-        }
-        other => bail!(
-            "cargo-fuzz {CARGO_FUZZ_VERSION} was installed, but `cargo fuzz --version` \
-             now reports {other:?}: put ~/.cargo/bin first on PATH"
-        ),
-    }
-}
-
-/// The version `cargo fuzz --version` reports ("cargo-fuzz 0.13.2").
-fn cargo_fuzz_version(root: &Path) -> Option<String> {
-    let out = cmd::cargo(root).args(["fuzz", "--version"]).output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let version = text.split_whitespace().last()?;
-    out.status.success().then(|| version.to_owned())
 }
 
 /// Fuzzes `target` for `seconds`. New inputs go to a working corpus under

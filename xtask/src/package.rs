@@ -16,7 +16,7 @@ const CARGO_DEB_VERSION: &str = "3.6.2";
 
 /// Builds the package; its path.
 pub fn run(root: &Path) -> Result<PathBuf> {
-    cargo_deb(root)?;
+    cmd::cargo_tool(root, "deb", CARGO_DEB_VERSION)?;
     // Only the agent's own features: the workspace would unify in the
     // tests' `test-support`.
     cmd::run(cmd::cargo(root).args(["build", "--release", "-p", "limiter-agent"]))?;
@@ -70,34 +70,4 @@ pub fn run(root: &Path) -> Result<PathBuf> {
         .context("cargo deb printed no package path")?;
     println!("package: {}", path.display());
     Ok(path)
-}
-
-fn cargo_deb(root: &Path) -> Result<()> {
-    let version = |root: &Path| -> Option<String> {
-        let out = cmd::cargo(root).args(["deb", "--version"]).output().ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        out.status.success().then(|| {
-            text.split_whitespace()
-                .last()
-                .unwrap_or_default()
-                .to_owned()
-        })
-    };
-    if version(root).as_deref() == Some(CARGO_DEB_VERSION) {
-        println!("ok: cargo-deb {CARGO_DEB_VERSION} already installed");
-        return Ok(());
-    }
-    cmd::run(
-        cmd::cargo(root)
-            .args(["install", "cargo-deb", "--version", CARGO_DEB_VERSION])
-            .arg("--locked"),
-    )
-    .context("installing cargo-deb failed: see cargo's message above")?;
-    match version(root) {
-        Some(v) if v == CARGO_DEB_VERSION => Ok(()),
-        other => bail!(
-            "cargo-deb {CARGO_DEB_VERSION} was installed, but `cargo deb --version` reports \
-             {other:?}: put ~/.cargo/bin first on PATH"
-        ),
-    }
 }
