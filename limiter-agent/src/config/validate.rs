@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use ipnet::IpNet;
 use limiter_common::{
     Limit,
-    dimension::{self, COUNT as DIMENSIONS},
+    dimension::COUNT as DIMENSIONS,
     rate::{LimitError, MAX_UNITS_PER_PACKET, Rate},
 };
 
@@ -62,44 +62,32 @@ pub struct Budgets {
 }
 
 impl Budgets {
+    /// The budgets in `limiter_common::dimension` order.
+    pub fn by_dimension(&self) -> [&Option<Budget>; DIMENSIONS] {
+        [&self.packets, &self.bytes, &self.new_connections]
+    }
+
     /// The kernel's limits by dimension: a budget's limit, or unlimited
     /// where none is set.
     pub fn limits(&self) -> [Limit; DIMENSIONS] {
-        let mut limits = [Limit::UNLIMITED; DIMENSIONS];
-        for (dim, budget) in [
-            (dimension::PACKETS, &self.packets),
-            (dimension::BYTES, &self.bytes),
-            (dimension::SYNS, &self.new_connections),
-        ] {
-            if let Some(budget) = budget {
-                limits[dim] = budget.limit;
-            }
-        }
-        limits
-    }
-
-    /// `(dimension name, budget)` for each budget set.
-    pub fn named(&self) -> impl Iterator<Item = (&'static str, &Budget)> {
-        [
-            ("packets", &self.packets),
-            ("bytes", &self.bytes),
-            ("new_connections", &self.new_connections),
-        ]
-        .into_iter()
-        .filter_map(|(name, b)| b.as_ref().map(|b| (name, b)))
+        limits_of(self.by_dimension())
     }
 }
 
+fn limits_of(budgets: [&Option<Budget>; DIMENSIONS]) -> [Limit; DIMENSIONS] {
+    budgets.map(|b| b.as_ref().map_or(Limit::UNLIMITED, |b| b.limit))
+}
+
 impl RuleDef {
+    /// The rule's own budgets in `limiter_common::dimension` order.
+    pub fn budgets(&self) -> [&Option<Budget>; DIMENSIONS] {
+        [&self.packets, &self.bytes, &self.new_connections]
+    }
+
     /// The kernel's limits by dimension: a budget's limit, or unlimited
     /// where the rule sets none.
     pub fn limits(&self) -> [Limit; DIMENSIONS] {
-        Budgets {
-            packets: self.packets.clone(),
-            bytes: self.bytes.clone(),
-            new_connections: self.new_connections.clone(),
-        }
-        .limits()
+        limits_of(self.budgets())
     }
 
     /// The aggregate's limits (all unlimited without one).

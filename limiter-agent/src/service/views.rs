@@ -17,7 +17,7 @@ use crate::{
         VerdictCounts,
     },
     attach::Attached,
-    config::{ActionConfig, Budgets, ScopeConfig},
+    config::{ActionConfig, Budget, ScopeConfig},
     rules::{InForce, source_bucket},
 };
 
@@ -205,17 +205,12 @@ impl Service {
         };
         view.tracked = bucket.is_some();
         let now_ns = monotonic_ns();
-        let own = Budgets {
-            packets: rule.def.packets.clone(),
-            bytes: rule.def.bytes.clone(),
-            new_connections: rule.def.new_connections.clone(),
-        };
-        view.budgets = budget_states("", &own, &kernel.limits, bucket, now_ns);
+        view.budgets = budget_states("", rule.def.budgets(), &kernel.limits, bucket, now_ns);
         if let Some(aggregate) = &rule.def.aggregate {
             let all = dp.shared_bucket(kernel.id).map_err(ServiceError::Read)?;
             view.budgets.extend(budget_states(
                 "aggregate.",
-                aggregate,
+                aggregate.by_dimension(),
                 &kernel.aggregate,
                 Some(all),
                 now_ns,
@@ -296,7 +291,7 @@ impl Service {
 /// yet, full) at `now_ns`; dimensions named with `prefix` (`aggregate.`).
 fn budget_states(
     prefix: &str,
-    budgets: &Budgets,
+    budgets: [&Option<Budget>; dimension::COUNT],
     limits: &[Limit; dimension::COUNT],
     bucket: Option<Bucket>,
     now_ns: u64,
@@ -304,26 +299,24 @@ fn budget_states(
     let now = fine_time(now_ns);
     // A bucket idle past staleness is full, as the kernel will find it.
     let bucket = bucket.filter(|b| !is_stale(b.last_seen_ns, now_ns));
-    [
-        (dimension::PACKETS, "packets", &budgets.packets),
-        (dimension::BYTES, "bytes", &budgets.bytes),
-        (dimension::SYNS, "new_connections", &budgets.new_connections),
-    ]
-    .into_iter()
-    .filter_map(|(dim, name, budget)| {
-        let budget = budget.as_ref()?;
-        let avail = match bucket {
-            Some(b) => available(b.tat[dim], now, &limits[dim]).min(budget.burst),
-            None => budget.burst,
-        };
-        Some(BudgetState {
-            dimension: format!("{prefix}{name}"),
-            rate: budget.written.clone(),
-            rate_per_sec: budget.rate.per_sec_f64(),
-            burst: budget.burst,
-            available: avail,
-            over_budget: avail == 0,
+    ["packets", "bytes", "new_connections"]
+        .into_iter()
+        .zip(budgets)
+        .enumerate()
+        .filter_map(|(dim, (name, budget))| {
+            let budget = budget.as_ref()?;
+            let avail = match bucket {
+                Some(b) => available(b.tat[dim], now, &limits[dim]).min(budget.burst),
+                None => budget.burst,
+            };
+            Some(BudgetState {
+                dimension: format!("{prefix}{name}"),
+                rate: budget.written.clone(),
+                rate_per_sec: budget.rate.per_sec_f64(),
+                burst: budget.burst,
+                available: avail,
+                over_budget: avail == 0,
+            })
         })
-    })
-    .collect()
+        .collect()
 }
