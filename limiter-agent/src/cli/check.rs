@@ -63,11 +63,10 @@ pub fn print_check(config: &Config, out: &Output) {
                 r.prefixes().join(", ")
             );
             println!("      scope {}", r.scope());
-            for (what, rate, burst) in [
-                ("packets", &f.packets, &f.packet_burst),
-                ("bytes", &f.bytes, &f.byte_burst),
-                ("new connections", &f.new_connections, &f.connection_burst),
-            ] {
+            for (what, (rate, burst)) in ["packets", "bytes", "new connections"]
+                .into_iter()
+                .zip(f.budget_fields())
+            {
                 if rate.is_some() {
                     println!("      {what:<16}{}", budget_text(rate, burst));
                 }

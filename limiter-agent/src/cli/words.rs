@@ -59,14 +59,7 @@ pub(super) fn budget_text(rate: &Option<String>, burst: &Option<Quantity>) -> St
 /// "packets 5/s (burst 10), bytes 1Gbit/s, new conns 3/s", then its
 /// aggregate: "; all sources packets 20k/s"; "-" for none (allow, deny).
 pub(super) fn budgets_text(f: &RuleFields) -> String {
-    let own = budget_list(
-        &f.packets,
-        &f.packet_burst,
-        &f.bytes,
-        &f.byte_burst,
-        &f.new_connections,
-        &f.connection_burst,
-    );
+    let own = budget_list(f.budget_fields());
     match (own.is_empty(), aggregate_text(f)) {
         (true, _) => "-".to_owned(),
         (false, None) => own,
@@ -76,36 +69,19 @@ pub(super) fn budgets_text(f: &RuleFields) -> String {
 
 /// A per-source rule's aggregate, as written: "packets 20k/s (burst 40k)".
 pub(super) fn aggregate_text(f: &RuleFields) -> Option<String> {
-    let a = f.aggregate.as_ref()?;
-    let text = budget_list(
-        &a.packets,
-        &a.packet_burst,
-        &a.bytes,
-        &a.byte_burst,
-        &a.new_connections,
-        &a.connection_burst,
-    );
+    let text = budget_list(f.aggregate.as_ref()?.budget_fields());
     (!text.is_empty()).then_some(text)
 }
 
-fn budget_list(
-    packets: &Option<String>,
-    packet_burst: &Option<Quantity>,
-    bytes: &Option<String>,
-    byte_burst: &Option<Quantity>,
-    connections: &Option<String>,
-    connection_burst: &Option<Quantity>,
-) -> String {
-    [
-        ("packets", packets, packet_burst),
-        ("bytes", bytes, byte_burst),
-        ("new conns", connections, connection_burst),
-    ]
-    .into_iter()
-    .filter(|(_, rate, _)| rate.is_some())
-    .map(|(what, rate, burst)| format!("{what} {}", budget_text(rate, burst)))
-    .collect::<Vec<_>>()
-    .join(", ")
+/// The budgets set among (rate, burst) of packets, bytes and connections.
+fn budget_list(budgets: [(&Option<String>, &Option<Quantity>); 3]) -> String {
+    ["packets", "bytes", "new conns"]
+        .into_iter()
+        .zip(budgets)
+        .filter(|(_, (rate, _))| rate.is_some())
+        .map(|(what, (rate, burst))| format!("{what} {}", budget_text(rate, burst)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `status`'s count of rules: "3 of 8 (1 penalty)".

@@ -230,12 +230,30 @@ impl AggregateFields {
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }
+
+    /// (rate, burst) of packets, bytes and new connections, as written.
+    pub fn budget_fields(&self) -> [(&Option<String>, &Option<Quantity>); 3] {
+        [
+            (&self.packets, &self.packet_burst),
+            (&self.bytes, &self.byte_burst),
+            (&self.new_connections, &self.connection_burst),
+        ]
+    }
 }
 
 /// `PATCH /v1/rules/{name}`: what is given replaces the rule's value.
 pub type RulePatch = RuleFields;
 
 impl RuleFields {
+    /// (rate, burst) of packets, bytes and new connections, as written.
+    pub fn budget_fields(&self) -> [(&Option<String>, &Option<Quantity>); 3] {
+        [
+            (&self.packets, &self.packet_burst),
+            (&self.bytes, &self.byte_burst),
+            (&self.new_connections, &self.connection_burst),
+        ]
+    }
+
     /// Whether nothing is given.
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
