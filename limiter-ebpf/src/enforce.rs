@@ -163,6 +163,17 @@ fn lookup_rule(ip: &IpPacket) -> Option<&'static Rule> {
     }
 }
 
+/// The length a per-source rule masks sources of a family (a `family` tag)
+/// to.
+#[inline(always)]
+fn source_prefix_len(rule: &Rule, family_tag: u32) -> u32 {
+    if family_tag == family::IPV4 {
+        rule.source_prefix_v4.min(32)
+    } else {
+        rule.source_prefix_v6.min(128)
+    }
+}
+
 /// The bucket this packet is charged to, created on first use.
 #[inline(always)]
 fn bucket_for(rule: &Rule, ip: &ChargeArgs, now_ns: u64) -> Option<(*mut Bucket, SourceKey)> {
@@ -175,12 +186,7 @@ fn bucket_for(rule: &Rule, ip: &ChargeArgs, now_ns: u64) -> Option<(*mut Bucket,
         key.addr = [0; 16];
         return SHARED_BUCKETS.get_ptr_mut(rule.id).map(|b| (b, key));
     }
-    let prefix = if ip.family == family::IPV4 {
-        rule.source_prefix_v4.min(32)
-    } else {
-        rule.source_prefix_v6.min(128)
-    };
-    mask_addr(&mut key.addr, prefix);
+    mask_addr(&mut key.addr, source_prefix_len(rule, ip.family));
     if let Some(bucket) = SOURCE_BUCKETS.get_ptr_mut(&key) {
         return Some((bucket, key));
     }
@@ -289,10 +295,8 @@ fn charge(rule: &Rule, ip: &ChargeArgs) -> bool {
     }
     let prefix_len = if rule.scope == Scope::Shared as u32 {
         0
-    } else if ip.family == family::IPV4 {
-        rule.source_prefix_v4.min(32)
     } else {
-        rule.source_prefix_v6.min(128)
+        source_prefix_len(rule, ip.family)
     };
     let source = Report {
         addr: key.addr,
