@@ -30,6 +30,8 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const MAX_VLAN_TAGS: usize = 2;
 
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_ICMPV6: u8 = 58;
 /// "No next header": the only payload that can be empty (payload length 0)
 /// without being a jumbogram.
@@ -49,13 +51,26 @@ const MAX_OFFSET: usize = 2048;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
+/// The protocol of a packet whose L4 header was not found (IANA reserves
+/// 255; the agent refuses it in rules).
+pub const PROTO_UNKNOWN: u8 = 255;
+
 /// What the enforcement code needs to know about an IP packet.
 #[derive(Clone, Copy)]
 pub struct IpPacket {
     pub family: u32,
     pub src: [u8; 16],
-    /// Offset of the IP header (for the mark rewrite).
+    /// Offset of the IP header (for the mark rewrite; the destination
+    /// address is read from there when a rule names destinations).
     pub l3: usize,
+    /// The L4 protocol ([`PROTO_UNKNOWN`] past too long an IPv6 chain).
+    pub proto: u8,
+    /// Offset of the L4 header; 0 where there is none to read (a non-first
+    /// fragment, an unknown protocol).
+    pub l4: usize,
+    /// The destination port of TCP, UDP and SCTP, where the packet has one
+    /// (not a non-first fragment, not truncated before it).
+    pub dst_port: Option<u16>,
     /// A TCP SYN without ACK: a new connection attempt.
     pub syn: bool,
     /// A noteworthy but charged condition (fragment, truncated TCP...).
@@ -156,6 +171,9 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3: usize) -> Parsed {
         family: family::IPV4,
         src,
         l3,
+        proto: hdr[9],
+        l4: 0,
+        dst_port: None,
         syn: false,
         note: None,
     };
@@ -165,8 +183,28 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3: usize) -> Parsed {
             return Parsed::Drop(Reason::TinyFragment);
         }
         ip.note = Some(Reason::Fragment);
-    } else if hdr[9] == IPPROTO_TCP {
-        return tcp(pkt, l3 + header_len, l3 + total_len, more_fragments, ip);
+        return Parsed::Ip(ip);
+    }
+    transport(pkt, l3 + header_len, l3 + total_len, more_fragments, ip)
+}
+
+/// The L4 header of an unfragmented packet or a first fragment: the
+/// destination port of TCP, UDP and SCTP (all three start with the source
+/// and destination ports), and TCP's flags.
+#[inline(always)]
+fn transport<P: Packet>(
+    pkt: &P,
+    l4: usize,
+    end: usize,
+    first_fragment: bool,
+    mut ip: IpPacket,
+) -> Parsed {
+    ip.l4 = l4;
+    if matches!(ip.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        ip.dst_port = bytes_before::<4, P>(pkt, l4, end).map(|p| u16::from_be_bytes([p[2], p[3]]));
+    }
+    if ip.proto == IPPROTO_TCP {
+        return tcp(pkt, l4, end, first_fragment, ip);
     }
     Parsed::Ip(ip)
 }
@@ -222,6 +260,9 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
         family: family::IPV6,
         src,
         l3,
+        proto: PROTO_UNKNOWN,
+        l4: 0,
+        dst_port: None,
         syn: false,
         note: None,
     };
@@ -250,6 +291,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
                     if offset_bytes == 8 && ext[0] == IPPROTO_TCP {
                         return Parsed::Drop(Reason::TinyFragment);
                     }
+                    ip.proto = ext[0];
                     ip.note = Some(Reason::Fragment);
                     return Parsed::Ip(ip);
                 }
@@ -294,10 +336,13 @@ fn l4_ipv6<P: Packet>(
     end: usize,
     hop_limit: u8,
     first_fragment: bool,
-    ip: IpPacket,
+    mut ip: IpPacket,
 ) -> Parsed {
+    ip.proto = proto;
     match proto {
-        IPPROTO_TCP => return tcp(pkt, l4, end, first_fragment, ip),
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            return transport(pkt, l4, end, first_fragment, ip);
+        }
         IPPROTO_ICMPV6 => {
             // Router/neighbour solicitation/advertisement, redirect: 133..=137.
             // Real ND always has hop limit 255 (RFC 4861 7.1.1), so it cannot
@@ -312,5 +357,6 @@ fn l4_ipv6<P: Packet>(
         }
         _ => {}
     }
+    ip.l4 = l4;
     Parsed::Ip(ip)
 }
