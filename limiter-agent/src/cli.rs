@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::{
     api::{
         client::{Client, ClientError, segment},
-        types::{Applied, Offender, PenaltyRequest, RuleView, SourceView, Status},
+        types::{Applied, FlowQuery, Offender, PenaltyRequest, RuleView, SourceView, Status},
     },
     config::{ActionConfig, RuleConfig, RuleFields},
     pins::PinScope,
@@ -252,25 +252,45 @@ pub async fn show(client: &Client, out: &Output, name: &str) -> Result {
     Ok(())
 }
 
-pub async fn inspect(client: &Client, out: &Output, address: &str) -> Result {
-    let view: SourceView = client
-        .get(&format!("/v1/sources/{}", segment(address)))
-        .await?;
+pub async fn inspect(client: &Client, out: &Output, address: &str, flow: &FlowQuery) -> Result {
+    let mut query = Vec::new();
+    if let Some(to) = &flow.to {
+        query.push(format!("to={}", segment(to)));
+    }
+    if let Some(protocol) = &flow.protocol {
+        query.push(format!("protocol={}", segment(protocol)));
+    }
+    if let Some(port) = flow.port {
+        query.push(format!("port={port}"));
+    }
+    let mut path = format!("/v1/sources/{}", segment(address));
+    if !query.is_empty() {
+        path = format!("{path}?{}", query.join("&"));
+    }
+    let view: SourceView = client.get(&path).await?;
     out.print(&view, |v| {
         let Some(rule) = &v.rule else {
             println!(
-                "{}: no rule matches (passed, counted as no_rule)",
-                v.address
+                "{} ({}): no rule matches (passed, counted as no_rule)",
+                v.address, v.flow
             );
             return;
         };
         println!(
-            "{}: rule {} via {} ({})",
+            "{} ({}): rule {} via {}, {} ({})",
             v.address,
+            v.flow,
             rule,
             v.matched_prefix.as_deref().unwrap_or("?"),
+            v.service.as_deref().unwrap_or("?"),
             v.action.map_or("?", ActionConfig::word)
         );
+        for other in &v.also_matching {
+            println!(
+                "  also matches {} via {} ({}): a wider service, so it loses",
+                other.rule, other.matched_prefix, other.service
+            );
+        }
         if let Some(bucket) = &v.bucket {
             let tracked = if v.tracked {
                 "tracked"

@@ -57,8 +57,13 @@ enum Command {
     Rules(Box<RulesCommand>),
     /// Put a temporary budget (or a deny) on a prefix; it expires by itself
     Penalize(limiter_agent::api::types::PenaltyRequest),
-    /// Which rule a source matches, its bucket, and whether it is over budget
-    Inspect { address: String },
+    /// Which rule a flow from a source gets and why, its bucket, and whether
+    /// it is over budget
+    Inspect {
+        address: String,
+        #[command(flatten)]
+        flow: limiter_agent::api::types::FlowQuery,
+    },
     /// Sources most over budget (from the kernel's events)
     Top {
         #[arg(long, default_value_t = 20)]
@@ -242,7 +247,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
             RulesCommand::Revert { name, .. } => cli::revert(&client, &out, name.as_deref()).await,
         },
         Command::Penalize(request) => cli::penalize(&client, &out, &request).await,
-        Command::Inspect { address } => cli::inspect(&client, &out, &address).await,
+        Command::Inspect { address, flow } => cli::inspect(&client, &out, &address, &flow).await,
         Command::Top { limit, watch } => cli::top(&client, &out, limit, watch).await,
         Command::Detach { pin_path } => {
             let pin_path = pin_path.unwrap_or(config_pins);

@@ -19,8 +19,14 @@ pub mod map_names {
     pub const PREFIX: &str = "LIM_";
     /// V2: intervals in 2^-14 ns (V1: 2^-16 ns), aggregate budgets.
     pub const RULES: &str = "LIM_RULES_V2";
-    pub const PREFIXES_V4: &str = "LIM_PFX4_V1";
-    pub const PREFIXES_V6: &str = "LIM_PFX6_V1";
+    /// V2: keyed by (generation, service, source prefix).
+    pub const PREFIXES_V4: &str = "LIM_PFX4_V2";
+    pub const PREFIXES_V6: &str = "LIM_PFX6_V2";
+    /// The services a (protocol, destination port) is in.
+    pub const SERVICE_PORTS: &str = "LIM_SVCPORT_V1";
+    /// The services an IPv4 / IPv6 destination is in.
+    pub const SERVICE_DESTS_V4: &str = "LIM_SVCDST4_V1";
+    pub const SERVICE_DESTS_V6: &str = "LIM_SVCDST6_V1";
     /// V2: TATs in 2^-14 ns.
     pub const SOURCE_BUCKETS: &str = "LIM_SRC_V2";
     /// V2: TATs in 2^-14 ns; also a per-source rule's aggregate bucket.
@@ -28,11 +34,15 @@ pub mod map_names {
     pub const RULE_COUNTERS: &str = "LIM_RCNT_V1";
     pub const REASON_COUNTERS: &str = "LIM_REASON_V2";
     pub const EVENTS: &str = "LIM_EVENTS_V1";
-    pub const ACTIVE: &str = "LIM_ACTIVE_V1";
-    pub const ALL: [&str; 9] = [
+    /// V2: the generation and how to classify it ([`super::active`]).
+    pub const ACTIVE: &str = "LIM_ACTIVE_V2";
+    pub const ALL: [&str; 12] = [
         RULES,
         PREFIXES_V4,
         PREFIXES_V6,
+        SERVICE_PORTS,
+        SERVICE_DESTS_V4,
+        SERVICE_DESTS_V6,
         SOURCE_BUCKETS,
         SHARED_BUCKETS,
         RULE_COUNTERS,
@@ -60,6 +70,61 @@ pub const DEFAULT_MAX_RULES: u32 = 131_072;
 /// so it sees the old rule set or the new one, never half of each. The
 /// generation is the first byte of every prefix-trie key.
 pub const GENERATIONS: u32 = 2;
+/// Services: what a rule matches besides sources (a protocol, destination
+/// ports, destinations). The agent orders a rule set's services by
+/// precedence, most specific first; a packet is in a set of them (a bitmask
+/// by index), and gets the rule of its first service whose source prefixes
+/// hold its source. The source-prefix tries are keyed by (generation,
+/// service index, source).
+pub mod service {
+    /// Services a rule set may have: one bit each in a u64 mask.
+    pub const MAX: usize = 64;
+    /// Entries of the (protocol, port) trie per generation: ranges become
+    /// at most 30 prefix blocks each.
+    pub const MAX_PORT_ENTRIES: u32 = 4096;
+}
+
+/// The value of the `ACTIVE` map: the generation packets use, and how its
+/// rule set is classified, written in one store so a packet reads both
+/// together.
+pub mod active {
+    /// The generation (0 or 1).
+    pub const GENERATION: u32 = 1;
+    /// Some service names a protocol: look the packet's (protocol, port)
+    /// up in the service-port trie.
+    pub const BY_PROTOCOL: u32 = 1 << 1;
+    /// Some service names destinations: look the packet's destination up.
+    pub const BY_DESTINATION: u32 = 1 << 2;
+    /// Bits 8..16: how many services the generation has (1..=64). Without
+    /// either lookup, a packet is in every one of them.
+    pub const SERVICES_SHIFT: u32 = 8;
+
+    /// The `ACTIVE` value.
+    pub const fn word(
+        generation: u32,
+        services: u32,
+        by_protocol: bool,
+        by_destination: bool,
+    ) -> u32 {
+        (generation & GENERATION)
+            | if by_protocol { BY_PROTOCOL } else { 0 }
+            | if by_destination { BY_DESTINATION } else { 0 }
+            | (services & 0xff) << SERVICES_SHIFT
+    }
+
+    /// The services a packet is in before any lookup: all of them. A word
+    /// that counts none (a rule set of source prefixes only, written
+    /// without a count) has the one service, 0.
+    #[inline(always)]
+    pub const fn all_services(word: u32) -> u64 {
+        match (word >> SERVICES_SHIFT) & 0xff {
+            0 => 1,
+            n if n >= 64 => u64::MAX,
+            n => (1u64 << n) - 1,
+        }
+    }
+}
+
 /// Default number of tracked (rule, source) buckets in the LRU map.
 pub const DEFAULT_MAX_SOURCES: u32 = 1 << 20;
 /// Ring buffer size for over-budget events (a power of two, page aligned).

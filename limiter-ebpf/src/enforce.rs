@@ -12,7 +12,7 @@
 //! - Two CPUs creating the same bucket at once: one insert wins, the other
 //!   finds it on the second lookup; neither gets a second fresh burst.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use limiter_common::{
     Action, Bucket, EVENT_INTERVAL_NS, Limit, OverBudgetEvent, Reason, Rule, Scope, SourceKey,
     dimension, family, mask_addr,
@@ -22,11 +22,9 @@ use limiter_common::{
 
 use crate::{
     atomic::compare_exchange,
-    maps::{
-        ACTIVE, EVENTS, PREFIXES_V4, PREFIXES_V6, REASON_COUNTERS, RULE_COUNTERS, RULES,
-        SHARED_BUCKETS, SOURCE_BUCKETS,
-    },
-    parse::{IpPacket, Packet, Parsed, parse},
+    classify::{NO_RULE, limiter_classify},
+    maps::{EVENTS, REASON_COUNTERS, RULE_COUNTERS, RULES, SHARED_BUCKETS, SOURCE_BUCKETS},
+    parse::{IpPacket, Packet, Parsed, parse, read},
 };
 
 /// What the program must do with the packet.
@@ -79,21 +77,15 @@ pub fn decide<P: Packet>(pkt: &P) -> Decision {
     if let Some(note) = ip.note {
         count_reason(note);
     }
-    let Some(rule) = lookup_rule(&ip) else {
+    let args = packet_args(pkt, &ip);
+    let Some(rule) = lookup_rule(&args) else {
         return Decision::Pass;
     };
-    let wire_len = pkt.wire_len();
+    let wire_len = args.wire_len;
     let (slot, decision) = match Action::from_u32(rule.action) {
         Some(Action::Allow) => (verdict::PASSED, Decision::Pass),
         Some(Action::Deny) => (verdict::DROPPED, Decision::Drop),
         Some(action) => {
-            let args = ChargeArgs {
-                family: ip.family,
-                wire_len,
-                syn: u32::from(ip.syn),
-                _pad: 0,
-                src: ip.src,
-            };
             if limiter_charge(rule, &args) != 0 {
                 (verdict::PASSED, Decision::Pass)
             } else {
@@ -131,35 +123,47 @@ fn over_budget(rule: &Rule, action: Action, ip: IpPacket) -> (usize, Decision) {
     }
 }
 
+/// The rule the packet gets: one call to the classifier, a global
+/// function the verifier checks once (see `limiter_classify`).
 #[inline(always)]
-fn lookup_rule(ip: &IpPacket) -> Option<&'static Rule> {
-    // Read once: this packet sees one whole rule set.
-    let generation = ACTIVE.get(0).map_or(0, |g| (*g & 1) as u8);
-    let s = &ip.src;
-    let slot = if ip.family == family::IPV4 {
-        let key = Key::new(8 + 32, [generation, s[0], s[1], s[2], s[3]]);
-        PREFIXES_V4.get(&key).copied()
-    } else {
-        let key = Key::new(
-            8 + 128,
-            [
-                generation, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10],
-                s[11], s[12], s[13], s[14], s[15],
-            ],
-        );
-        PREFIXES_V6.get(&key).copied()
-    };
-    let Some(slot) = slot else {
+fn lookup_rule(args: &PacketArgs) -> Option<&'static Rule> {
+    let slot = limiter_classify(args);
+    if slot == NO_RULE {
         count_reason(Reason::NoRule);
         return None;
-    };
+    }
     match RULES.get(slot) {
-        // A reference into the map value, not a copy: rules are 80 bytes.
+        // A reference into the map value, not a copy: rules are 128 bytes.
         Some(rule) if rule.in_use != 0 => Some(rule),
         _ => {
             count_reason(Reason::InvalidRule);
             None
         }
+    }
+}
+
+/// What the classifier and the charging function need of a packet: one
+/// pointer argument each (global functions take scalars and pointers to
+/// plain memory, not packet pointers).
+#[inline(always)]
+fn packet_args<P: Packet>(pkt: &P, ip: &IpPacket) -> PacketArgs {
+    let mut dst = [0u8; 16];
+    if ip.family == family::IPV4 {
+        if let Some(d) = read::<4, P>(pkt, ip.l3 + 16) {
+            dst[..4].copy_from_slice(&d);
+        }
+    } else if let Some(d) = read::<16, P>(pkt, ip.l3 + 24) {
+        dst = d;
+    }
+    PacketArgs {
+        family: ip.family,
+        wire_len: pkt.wire_len(),
+        syn: u32::from(ip.syn),
+        proto: ip.proto,
+        has_port: u8::from(ip.dst_port.is_some()),
+        port: ip.dst_port.unwrap_or(0),
+        src: ip.src,
+        dst,
     }
 }
 
@@ -176,7 +180,7 @@ fn source_prefix_len(rule: &Rule, family_tag: u32) -> u32 {
 
 /// The bucket this packet is charged to, created on first use.
 #[inline(always)]
-fn bucket_for(rule: &Rule, ip: &ChargeArgs, now_ns: u64) -> Option<(*mut Bucket, SourceKey)> {
+fn bucket_for(rule: &Rule, ip: &PacketArgs, now_ns: u64) -> Option<(*mut Bucket, SourceKey)> {
     let mut key = SourceKey {
         rule_id: rule.id,
         family: ip.family,
@@ -212,16 +216,22 @@ fn bucket_for(rule: &Rule, ip: &ChargeArgs, now_ns: u64) -> Option<(*mut Bucket,
     }
 }
 
-/// What [`limiter_charge`] needs of a packet: one pointer argument.
+/// What [`limiter_classify`] and [`limiter_charge`] need of a packet.
 #[repr(C)]
-pub struct ChargeArgs {
+pub struct PacketArgs {
     /// A `family` tag.
     pub family: u32,
     pub wire_len: u32,
     /// 1 for a new TCP connection (SYN without ACK).
     pub syn: u32,
-    pub _pad: u32,
+    /// The L4 protocol (`parse::PROTO_UNKNOWN` when not found).
+    pub proto: u8,
+    /// 1 when `port` is the packet's destination port.
+    pub has_port: u8,
+    pub port: u16,
     pub src: [u8; 16],
+    /// The destination address (IPv4 in the first 4 bytes).
+    pub dst: [u8; 16],
 }
 
 /// [`charge`] as a *global* BPF function (the linker exports it: see
@@ -231,7 +241,7 @@ pub struct ChargeArgs {
 /// past its million instructions. 1: within budget; 0: over.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn limiter_charge(rule: *const Rule, args: *const ChargeArgs) -> u32 {
+pub extern "C" fn limiter_charge(rule: *const Rule, args: *const PacketArgs) -> u32 {
     // SAFETY: the verifier hands a global function its pointer arguments
     // as memory of their type's size, possibly null: checked here.
     let (Some(rule), Some(args)) = (unsafe { rule.as_ref() }, unsafe { args.as_ref() }) else {
@@ -247,7 +257,7 @@ pub extern "C" fn limiter_charge(rule: *const Rule, args: *const ChargeArgs) -> 
 /// open (admits) when no bucket can be had: a full map must not black-hole
 /// traffic.
 #[inline(always)]
-fn charge(rule: &Rule, ip: &ChargeArgs) -> bool {
+fn charge(rule: &Rule, ip: &PacketArgs) -> bool {
     // SAFETY: a plain helper call without arguments.
     let now_ns = unsafe { bpf_ktime_get_ns() };
     let Some((bucket, key)) = bucket_for(rule, ip, now_ns) else {
@@ -444,7 +454,7 @@ struct Report {
 
 /// Emits an over-budget event, at most one per bucket per second.
 #[inline(always)]
-fn maybe_report(bucket: *mut Bucket, rule: &Rule, ip: &ChargeArgs, report: &Report, now_ns: u64) {
+fn maybe_report(bucket: *mut Bucket, rule: &Rule, ip: &PacketArgs, report: &Report, now_ns: u64) {
     // SAFETY: see charge.
     let last_ptr = unsafe { core::ptr::addr_of_mut!((*bucket).last_event_ns) };
     // SAFETY: as above.

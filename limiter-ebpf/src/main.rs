@@ -21,6 +21,7 @@
 )]
 
 mod atomic;
+mod classify;
 mod enforce;
 mod maps;
 mod mark;

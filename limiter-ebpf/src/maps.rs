@@ -7,26 +7,48 @@ use aya_ebpf::{
 };
 use limiter_common::{
     Bucket, DEFAULT_MAX_RULES, DEFAULT_MAX_SOURCES, EVENTS_RING_BYTES, GENERATIONS, Reason, Rule,
-    RuleCounters, SourceKey,
+    RuleCounters, SourceKey, service,
 };
 
 /// Rules by slot (both generations' slots; the agent assigns them).
 #[map(name = "LIM_RULES_V2")]
 pub static RULES: Array<Rule> = Array::with_max_entries(DEFAULT_MAX_RULES * GENERATIONS, 0);
 
-/// The active rule-set generation (one u32, 0 or 1).
-#[map(name = "LIM_ACTIVE_V1")]
+/// The active rule-set generation and how to classify it (one u32, see
+/// `limiter_common::active`).
+#[map(name = "LIM_ACTIVE_V2")]
 pub static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 
-/// (generation, IPv4 source prefix) -> rule slot. Longest prefix wins; the
-/// generation byte is part of every entry's prefix.
-#[map(name = "LIM_PFX4_V1")]
-pub static PREFIXES_V4: LpmTrie<[u8; 5], u32> =
+/// (generation, service, IPv4 source prefix) -> rule slot. Longest prefix
+/// wins; the generation and service bytes are part of every entry's prefix.
+#[map(name = "LIM_PFX4_V2")]
+pub static PREFIXES_V4: LpmTrie<[u8; 6], u32> =
     LpmTrie::with_max_entries(DEFAULT_MAX_RULES * GENERATIONS, 0);
 
-/// (generation, IPv6 source prefix) -> rule slot.
-#[map(name = "LIM_PFX6_V1")]
-pub static PREFIXES_V6: LpmTrie<[u8; 17], u32> =
+/// (generation, service, IPv6 source prefix) -> rule slot.
+#[map(name = "LIM_PFX6_V2")]
+pub static PREFIXES_V6: LpmTrie<[u8; 18], u32> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_RULES * GENERATIONS, 0);
+
+/// (generation, protocol, destination port) -> the services (a bitmask by
+/// index) such a packet is in. The agent folds every shorter entry's
+/// services into the longer ones, so the longest match is the whole answer:
+/// (generation)/8 holds the services that name no protocol, (generation,
+/// protocol)/16 adds those naming the protocol but no ports, and port blocks
+/// add those naming their ports.
+#[map(name = "LIM_SVCPORT_V1")]
+pub static SERVICE_PORTS: LpmTrie<[u8; 4], u64> =
+    LpmTrie::with_max_entries(service::MAX_PORT_ENTRIES * GENERATIONS, 0);
+
+/// (generation, IPv4 destination prefix) -> services, folded likewise:
+/// (generation)/8 holds the services that name no destinations.
+#[map(name = "LIM_SVCDST4_V1")]
+pub static SERVICE_DESTS_V4: LpmTrie<[u8; 5], u64> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_RULES * GENERATIONS, 0);
+
+/// (generation, IPv6 destination prefix) -> services.
+#[map(name = "LIM_SVCDST6_V1")]
+pub static SERVICE_DESTS_V6: LpmTrie<[u8; 17], u64> =
     LpmTrie::with_max_entries(DEFAULT_MAX_RULES * GENERATIONS, 0);
 
 /// Per-source buckets. LRU: a flood of new sources evicts the idlest.

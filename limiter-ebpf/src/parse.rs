@@ -90,7 +90,7 @@ pub enum Parsed {
 /// Keep `N >= 2`: for one byte LLVM rewrites `p + 1 > end` into `p >= end`,
 /// a form the verifier does not accept as a bounds check.
 #[inline(always)]
-fn bytes<const N: usize, P: Packet>(pkt: &P, off: usize) -> Option<[u8; N]> {
+pub fn read<const N: usize, P: Packet>(pkt: &P, off: usize) -> Option<[u8; N]> {
     if off > MAX_OFFSET {
         return None;
     }
@@ -103,7 +103,7 @@ fn bytes<const N: usize, P: Packet>(pkt: &P, off: usize) -> Option<[u8; N]> {
     Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
 }
 
-/// [`bytes`], also refusing bytes at or past `end`: the end of the IP
+/// [`read`], also refusing bytes at or past `end`: the end of the IP
 /// packet, which comes before the frame's when Ethernet padding or a trailer
 /// follows it. Padding is not part of the packet and must not parse as L4.
 #[inline(always)]
@@ -111,12 +111,12 @@ fn bytes_before<const N: usize, P: Packet>(pkt: &P, off: usize, end: usize) -> O
     if off + N > end {
         return None;
     }
-    bytes::<N, P>(pkt, off)
+    read::<N, P>(pkt, off)
 }
 
 #[inline(always)]
 fn be16<P: Packet>(pkt: &P, off: usize) -> Option<u16> {
-    bytes::<2, P>(pkt, off).map(u16::from_be_bytes)
+    read::<2, P>(pkt, off).map(u16::from_be_bytes)
 }
 
 #[inline(always)]
@@ -148,7 +148,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv4<P: Packet>(pkt: &P, l3: usize) -> Parsed {
-    let Some(hdr) = bytes::<20, P>(pkt, l3) else {
+    let Some(hdr) = read::<20, P>(pkt, l3) else {
         return Parsed::Drop(Reason::MalformedIpv4);
     };
     let version = hdr[0] >> 4;
@@ -236,7 +236,7 @@ fn tcp<P: Packet>(
 
 #[inline(always)]
 fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
-    let Some(hdr) = bytes::<IPV6_HLEN, P>(pkt, l3) else {
+    let Some(hdr) = read::<IPV6_HLEN, P>(pkt, l3) else {
         return Parsed::Drop(Reason::MalformedIpv6);
     };
     let payload_len = usize::from(u16::from_be_bytes([hdr[4], hdr[5]]));

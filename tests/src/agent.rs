@@ -405,7 +405,7 @@ impl AgentEnv {
         };
         let active: Array<_, u32> = open(map_names::ACTIVE)?.try_into()?;
         let rules: Array<_, limiter_common::Rule> = open(map_names::RULES)?.try_into()?;
-        let generation = active.get(&0, 0)?;
+        let generation = active.get(&0, 0)? & limiter_common::active::GENERATION;
         let mut out = Vec::new();
         for id in 0..self.max_rules {
             let rule = rules.get(&(generation * self.max_rules + id), 0)?;

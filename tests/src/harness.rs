@@ -6,6 +6,8 @@
 
 use std::{
     cell::Cell,
+    collections::HashMap,
+    path::Path,
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
@@ -14,7 +16,11 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use ipnet::IpNet;
-use limiter_agent::datapath::{Capacities, Datapath};
+use limiter_agent::{
+    config::Config,
+    datapath::{Capacities, Datapath},
+    enforcer::{KernelRuleSet, install_whole},
+};
 use limiter_common::{
     Action, Limit, MarkMeta, OverBudgetEvent, Reason, Rule, RuleCounters, Scope, dimension, verdict,
 };
@@ -243,6 +249,23 @@ impl Harness {
             }
         }
         self
+    }
+
+    /// Installs the rules of a config file's text as the agent would (their
+    /// services, precedence and prefixes), rule `i` with kernel id `i + 1`;
+    /// returns each rule's id by name.
+    pub fn rule_set(&mut self, toml: &str) -> HashMap<String, u32> {
+        let config = Config::parse(toml, Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("test config: {e}"));
+        let ids: HashMap<String, u32> = config
+            .rules
+            .iter()
+            .zip(1..)
+            .map(|(def, id)| (def.name.clone(), id))
+            .collect();
+        let set = KernelRuleSet::new(config.rules.iter().map(|def| (def, ids[&def.name])));
+        install_whole(&mut self.dp, &set).unwrap_or_else(|e| panic!("installing the rules: {e}"));
+        ids
     }
 
     /// Runs `frame` through the XDP program: (action, output bytes).

@@ -577,8 +577,11 @@ fn a_new_harness_sees_nothing_of_the_last_one() {
     }
     for generation in [0, 1] {
         for addr in ["198.18.1.1", "198.18.3.1", "2001:db8::1"] {
-            let found =
-                h.dp.lookup_prefix(generation, addr.parse().unwrap_or_else(|e| panic!("{e}")));
+            let found = h.dp.lookup_prefix(
+                generation,
+                0,
+                addr.parse().unwrap_or_else(|e| panic!("{e}")),
+            );
             assert_eq!(found.unwrap_or_else(|e| panic!("{e}")), None, "{addr}");
         }
     }

@@ -147,9 +147,10 @@ fn flip_active_generation(env: &AgentEnv) -> u32 {
         .try_into()
         .unwrap_or_else(|e| panic!("{e}"));
     let now = active.get(&0, 0).unwrap_or_else(|e| panic!("{e}"));
-    let flipped = (now + 1) % limiter_common::GENERATIONS;
+    // The generation bit flipped, the rest of the word kept.
+    let flipped = now ^ limiter_common::active::GENERATION;
     active.set(0, &flipped, 0).unwrap_or_else(|e| panic!("{e}"));
-    flipped
+    flipped & limiter_common::active::GENERATION
 }
 
 #[test]

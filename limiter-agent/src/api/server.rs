@@ -245,8 +245,9 @@ async fn penalize(
 async fn inspect(
     State(s): State<Shared>,
     UrlPath(address): UrlPath<String>,
+    Query(flow): Query<super::types::FlowQuery>,
 ) -> ApiResult<super::types::SourceView> {
-    with_service(&s, move |svc| svc.inspect(&address))
+    with_service(&s, move |svc| svc.inspect(&address, &flow))
         .await
         .map(Json)
 }

@@ -77,15 +77,53 @@ pub struct BudgetState {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct SourceView {
     pub address: String,
-    /// The rule that matches (most specific prefix), if any.
+    /// The flow asked about, in words (`tcp port 22 to 198.19.0.1`).
+    #[serde(default)]
+    pub flow: String,
+    /// The rule the kernel gives the flow, if any.
     pub rule: Option<String>,
     pub matched_prefix: Option<String>,
+    /// The rule's service, in words (`tcp port 22`, `every packet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Rules of less specific services that hold the flow too, in the
+    /// order the kernel would have tried them: why `rule` won.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_matching: Vec<MatchingRule>,
     pub action: Option<ActionConfig>,
     /// The bucket the source is charged to: its masked prefix, or "shared".
     pub bucket: Option<String>,
     /// Whether the kernel tracks a bucket for it now.
     pub tracked: bool,
     pub budgets: Vec<BudgetState>,
+}
+
+/// A rule that holds a flow but lost it to a more specific service.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct MatchingRule {
+    pub rule: String,
+    pub service: String,
+    pub matched_prefix: String,
+}
+
+/// `GET /v1/sources/{address}?to=..&protocol=..&port=..`, and the flags of
+/// `limiter-agent inspect`: the flow asked about besides its source. What
+/// is left out is unknown: rules that name it are not considered.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct FlowQuery {
+    /// Destination address
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Protocol: tcp, udp, sctp, icmp, icmpv6 or a number
+    #[arg(long = "proto")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Destination port (tcp, udp, sctp)
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]

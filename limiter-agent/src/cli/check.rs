@@ -1,6 +1,7 @@
 //! `check`: the rules a configuration file would put in force, each with
 //! its budgets as written.
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 use super::{
@@ -8,7 +9,7 @@ use super::{
     words::{aggregate_text, budget_text},
 };
 use crate::{
-    config::{Config, RuleConfig},
+    config::{Config, RuleConfig, precedence_order},
     plural::count,
 };
 
@@ -20,6 +21,41 @@ struct CheckReport<'a> {
     interfaces: &'a [crate::config::InterfaceConfig],
     capacity: &'a crate::config::CapacitySection,
     rules: &'a [RuleConfig],
+    /// The effective rule table: services most specific first, each with
+    /// its rules' source prefixes longest first. A packet gets the first
+    /// service holding it, then that service's longest prefix holding its
+    /// source.
+    precedence: Vec<ServiceRules>,
+}
+
+#[derive(Serialize)]
+struct ServiceRules {
+    service: String,
+    /// (prefix, rule), longest prefix first.
+    prefixes: Vec<(String, String)>,
+}
+
+/// The effective rule table of `config`'s rules.
+fn precedence(config: &Config) -> Vec<ServiceRules> {
+    precedence_order(config.rules.iter().map(|r| r.service.clone()))
+        .into_iter()
+        .map(|service| {
+            let mut prefixes: Vec<(IpNet, &str)> = config
+                .rules
+                .iter()
+                .filter(|r| r.service == service)
+                .flat_map(|r| r.prefixes.iter().map(|p| (*p, r.name.as_str())))
+                .collect();
+            prefixes.sort_by(|(a, _), (b, _)| b.prefix_len().cmp(&a.prefix_len()).then(a.cmp(b)));
+            ServiceRules {
+                service: service.to_string(),
+                prefixes: prefixes
+                    .into_iter()
+                    .map(|(p, name)| (p.to_string(), name.to_owned()))
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 /// `check`: the rules the file would put in force, each with its budgets as
@@ -31,8 +67,9 @@ pub fn print_check(config: &Config, out: &Output) {
         interfaces: &config.file.interfaces,
         capacity: &config.file.capacity,
         rules: &config.file.rules,
+        precedence: precedence(config),
     };
-    out.print(&report, |_| {
+    out.print(&report, |report| {
         println!("{}: valid", config.source);
         for i in &config.file.interfaces {
             let netns = i
@@ -56,12 +93,17 @@ pub fn print_check(config: &Config, out: &Output) {
         }
         for r in &config.file.rules {
             let f = r.fields();
-            println!(
-                "  rule {}: {} {}",
-                r.name,
-                r.action,
+            let sources = if r.prefixes().is_empty() {
+                "every source".to_owned()
+            } else {
                 r.prefixes().join(", ")
-            );
+            };
+            println!("  rule {}: {} {sources}", r.name, r.action);
+            if let Some(def) = config.rules.iter().find(|d| d.name == r.name)
+                && def.service != crate::config::Service::ANY
+            {
+                println!("      service {}", def.service);
+            }
             println!("      scope {}", r.scope());
             for (what, (rate, burst)) in ["packets", "bytes", "new connections"]
                 .into_iter()
@@ -79,6 +121,15 @@ pub fn print_check(config: &Config, out: &Output) {
             }
             if let Some(mark) = f.skb_mark {
                 println!("      skb_mark        {mark:#x}");
+            }
+        }
+        if !report.precedence.is_empty() {
+            println!("  which rule a packet gets: the first service holding it, then its longest source prefix");
+        }
+        for (i, group) in report.precedence.iter().enumerate() {
+            println!("    {}. {}", i + 1, group.service);
+            for (prefix, rule) in &group.prefixes {
+                println!("         {prefix:<24} {rule}");
             }
         }
     });

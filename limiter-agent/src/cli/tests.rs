@@ -72,6 +72,9 @@ fn every_rule_field_but_the_name_is_a_flag() {
     let fields = serde_json::to_value(RuleFields {
         name: None,
         prefixes: Some(vec![]),
+        protocol: Some(crate::config::ProtocolField::Number(6)),
+        ports: Some(vec![crate::config::PortField::Number(22)]),
+        destinations: Some(vec![]),
         action: Some(ActionConfig::Drop),
         scope: Some(crate::config::ScopeConfig::Shared),
         source_prefix_v4: Some(1),
@@ -114,10 +117,12 @@ fn every_rule_field_but_the_name_is_a_flag() {
             .map(|k| format!("aggregate_{k}")),
     );
     for field in names {
-        let flag = if field == "prefixes" {
-            "prefix".to_owned()
-        } else {
-            field.replace('_', "-")
+        // Lists are given one item per flag.
+        let flag = match field.as_str() {
+            "prefixes" => "prefix".to_owned(),
+            "ports" => "port".to_owned(),
+            "destinations" => "destination".to_owned(),
+            _ => field.replace('_', "-"),
         };
         assert!(flags.contains(&flag), "no --{flag} for `{field}`");
     }

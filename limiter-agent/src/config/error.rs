@@ -65,10 +65,11 @@ pub enum Problem {
     Prefix(#[from] PrefixError),
     #[error("{0} is listed twice")]
     PrefixTwice(IpNet),
-    #[error("{prefix} is already in rule {owner:?}; a prefix belongs to one rule")]
+    #[error(
+        "{prefix} is already in rule {owner:?}, which matches the same protocol, ports and \
+         destinations: give the prefix to one of them, or make their services differ"
+    )]
     PrefixTaken { prefix: IpNet, owner: String },
-    #[error("a rule needs at least one prefix (0.0.0.0/0 and ::/0 for a default rule)")]
-    NoPrefix,
     #[error("{len} is longer than {max}; write 0 to {max}")]
     SourcePrefixTooLong { len: u32, max: u32 },
     #[error(transparent)]
@@ -113,13 +114,34 @@ pub enum Problem {
     DscpWithoutMark,
     #[error("only mark rules set skb_mark; remove it or use action \"mark\"")]
     SkbMarkWithoutMark,
+    #[error("{given} is not a protocol: write tcp, udp, sctp, icmp, icmpv6 or a number 0-254")]
+    UnknownProtocol { given: String },
+    #[error(
+        "{given} is not a port or a range of ports: write e.g. 22 or \"8000-8080\" (0-65535, first to last)"
+    )]
+    BadPort { given: String },
+    #[error("an empty list matches nothing: leave `{field}` out to match them all")]
+    EmptyList { field: &'static str },
+    #[error("ports need a protocol: add protocol = \"tcp\", \"udp\" or \"sctp\"")]
+    PortsWithoutProtocol,
+    #[error("{protocol} packets have no ports: remove `ports`, or use protocol tcp, udp or sctp")]
+    PortsOnPortless { protocol: String },
 }
 
 /// An IP family, as errors name it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {
     V4,
     V6,
+}
+
+impl Family {
+    pub fn of(net: &IpNet) -> Self {
+        match net {
+            IpNet::V4(_) => Self::V4,
+            IpNet::V6(_) => Self::V6,
+        }
+    }
 }
 
 impl fmt::Display for Family {
@@ -159,6 +181,42 @@ pub enum RuleSetError {
         count: usize,
         capacity: u32,
     },
+    #[error(
+        "rule {name:?} and rule {other:?} both match {example}, and neither's protocol, ports \
+         and destinations hold the other's: narrow one rule's service to inside the other's, or \
+         give the two rules sources that do not overlap"
+    )]
+    Ambiguous {
+        index: usize,
+        name: String,
+        other: String,
+        example: String,
+    },
+    #[error(
+        "{count} distinct services (protocol, ports and destinations together), but the kernel \
+         tells at most 64 apart: give rules meant for the same service the same protocol, ports \
+         and destinations"
+    )]
+    TooManyServices { index: usize, count: usize },
+    #[error(
+        "the rules' port ranges split into {count} port blocks, but the kernel holds {max}: \
+         use fewer or wider port ranges"
+    )]
+    TooManyPortBlocks {
+        index: usize,
+        count: usize,
+        max: u32,
+    },
+    #[error(
+        "{count} {family} destination prefixes, but the kernel's {family} destination table \
+         holds {capacity} (capacity.rules): raise `rules` in [capacity], or use fewer destinations"
+    )]
+    TooManyDestinations {
+        index: usize,
+        family: Family,
+        count: usize,
+        capacity: u32,
+    },
 }
 
 impl RuleSetError {
@@ -168,6 +226,9 @@ impl RuleSetError {
             Self::Rule { index, error, .. } => (*index, error.field),
             Self::TooManyRules { index, .. } => (*index, "name"),
             Self::TooManyPrefixes { index, .. } => (*index, "prefixes"),
+            Self::Ambiguous { index, .. } | Self::TooManyServices { index, .. } => (*index, "name"),
+            Self::TooManyPortBlocks { index, .. } => (*index, "ports"),
+            Self::TooManyDestinations { index, .. } => (*index, "destinations"),
         }
     }
 }

@@ -7,12 +7,17 @@
 //!   CLI;
 //! - `validate.rs`: rules to validated [`RuleDef`]s with kernel-ready
 //!   limits, and the rule set against the kernel's capacity;
+//! - `service.rs`: what a rule matches besides sources (protocol, ports,
+//!   destinations); `precedence.rs`: which of a set's services comes first,
+//!   ambiguous sets refused, and the kernel's tables for them;
 //! - `error.rs`, `locate.rs`: what is wrong, and on which line.
 
 mod error;
 mod file;
 mod locate;
+mod precedence;
 mod rule;
+mod service;
 pub mod units;
 mod validate;
 
@@ -28,11 +33,18 @@ pub use file::{
     AgentSection, CapacitySection, ConfigFile, InterfaceConfig, MetricsSection, XdpModeConfig,
 };
 use locate::{Table, line_of, line_of_field};
+pub use precedence::ServiceTable;
 pub use rule::{
     ActionConfig, AggregateFields, Quantity, RuleConfig, RuleFields, RulePatch, ScopeConfig,
     UnknownWord,
 };
-pub use validate::{Budget, Budgets, RuleDef, parse_prefix, validate_rule_set, validate_rules};
+pub use service::{
+    Flow, PortField, PortRange, ProtocolField, Service, parse_protocol, precedence_order,
+    protocol_name,
+};
+pub use validate::{
+    Budget, Budgets, RuleDef, every_source, parse_prefix, validate_rule_set, validate_rules,
+};
 
 /// Defaults, in one place.
 pub mod defaults {
@@ -252,6 +264,8 @@ fn check_file(
 
 #[cfg(test)]
 mod rule_tests;
+#[cfg(test)]
+mod service_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -15,7 +15,10 @@ use std::{fmt, str::FromStr};
 use clap::builder::{PossibleValuesParser, TypedValueParser as _};
 use serde::{Deserialize, Serialize};
 
-use super::error::{FieldError, Problem};
+use super::{
+    error::{FieldError, Problem},
+    service::{PortField, ProtocolField},
+};
 
 /// What a rule does with the traffic it matches.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -143,10 +146,23 @@ rule_fields! {
         #[arg(skip)]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub name: Option<String>,
-        /// Source prefix (repeatable)
+        /// Source prefix (repeatable; none: every source)
         #[arg(long = "prefix")]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub prefixes: Option<Vec<String>>,
+        /// Protocol: tcp, udp, sctp, icmp, icmpv6 or a number
+        #[arg(long)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub protocol: Option<ProtocolField>,
+        /// Destination port or range, e.g. 22 or 8000-8080 (repeatable; needs
+        /// --protocol tcp, udp or sctp)
+        #[arg(long = "port")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub ports: Option<Vec<PortField>>,
+        /// Destination prefix (repeatable; none: every destination)
+        #[arg(long = "destination")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub destinations: Option<Vec<String>>,
         #[arg(long, value_parser = PossibleValuesParser::new(ActionConfig::WORDS)
             .try_map(|word| word.parse::<ActionConfig>()))]
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -280,14 +296,14 @@ impl RuleFields {
 
 /// A rule as written in the file or sent to the API: [`RuleFields`] with a
 /// name and an action. Its JSON and TOML are those of `RuleFields`, with
-/// `prefixes` and `scope` always written.
+/// `scope` always written (`prefixes` is left out for every source).
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(into = "RuleFields")]
 pub struct RuleConfig {
     pub name: String,
     pub action: ActionConfig,
     /// The other fields; `name` and `action` are `None` here (they are
-    /// above), `prefixes` and `scope` are `Some`.
+    /// above), `scope` is `Some`.
     fields: RuleFields,
 }
 
@@ -298,7 +314,6 @@ impl RuleConfig {
         let mut fields = fields;
         fields.name = None;
         fields.action = None;
-        fields.prefixes.get_or_insert_default();
         fields.scope.get_or_insert_default();
         Self {
             name: name.into(),
@@ -312,6 +327,7 @@ impl RuleConfig {
         &self.fields
     }
 
+    /// The source prefixes as written; empty for every source.
     pub fn prefixes(&self) -> &[String] {
         self.fields.prefixes.as_deref().unwrap_or_default()
     }

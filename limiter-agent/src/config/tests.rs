@@ -311,7 +311,7 @@ fn bad_inputs_are_refused_with_line_field_and_reason() {
         (
             "[[rule]]\nname = \"r\"\nprefixes = []\naction = \"deny\"\n",
             3,
-            "at least one prefix",
+            "leave `prefixes` out to match them all",
         ),
         (
             "[[rule]]\nname = \"r\"\nprefixes = [\"198.18.0.0/15\", \"198.18.0.0/15\"]\naction = \"deny\"\n",

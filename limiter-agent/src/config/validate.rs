@@ -14,6 +14,8 @@ use limiter_common::{
 use super::{
     ActionConfig, AggregateFields, Quantity, RuleConfig, ScopeConfig, defaults,
     error::{Family, FieldError, PrefixError, Problem, RuleSetError},
+    precedence::check_services,
+    service::Service,
     units::{self, ParsedRate, UnitError},
 };
 
@@ -39,7 +41,10 @@ impl Budget {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleDef {
     pub name: String,
+    /// Source prefixes; a rule written without any has 0.0.0.0/0 and ::/0.
     pub prefixes: Vec<IpNet>,
+    /// What it matches besides sources.
+    pub service: Service,
     pub action: ActionConfig,
     pub scope: ScopeConfig,
     pub source_prefix_v4: u32,
@@ -311,17 +316,32 @@ impl RuleConfig {
     pub fn validate(&self) -> Result<RuleDef, FieldError> {
         check_name(&self.name)?;
         let f = self.fields();
-        let mut prefixes = Vec::with_capacity(self.prefixes().len());
-        for p in self.prefixes() {
-            let net = parse_prefix(p).map_err(|e| FieldError::new("prefixes", e))?;
-            if prefixes.contains(&net) {
-                return Err(FieldError::new("prefixes", Problem::PrefixTwice(net)));
+        let prefixes = match &f.prefixes {
+            None => every_source(),
+            Some(list) if list.is_empty() => {
+                return Err(FieldError::new(
+                    "prefixes",
+                    Problem::EmptyList { field: "prefixes" },
+                ));
             }
-            prefixes.push(net);
-        }
-        if prefixes.is_empty() {
-            return Err(FieldError::new("prefixes", Problem::NoPrefix));
-        }
+            Some(list) => {
+                let mut prefixes = Vec::with_capacity(list.len());
+                for p in list {
+                    let net = parse_prefix(p).map_err(|e| FieldError::new("prefixes", e))?;
+                    if prefixes.contains(&net) {
+                        return Err(FieldError::new("prefixes", Problem::PrefixTwice(net)));
+                    }
+                    prefixes.push(net);
+                }
+                prefixes
+            }
+        };
+        let service = Service::from_fields(
+            f.protocol.as_ref(),
+            f.ports.as_deref(),
+            f.destinations.as_deref(),
+        )
+        .map_err(|(field, problem)| FieldError::new(field, problem))?;
         let v4 = source_prefix(
             f.source_prefix_v4,
             defaults::SOURCE_PREFIX_V4,
@@ -375,6 +395,7 @@ impl RuleConfig {
         Ok(RuleDef {
             name: self.name.clone(),
             prefixes,
+            service,
             action: self.action,
             scope: self.scope(),
             source_prefix_v4: v4,
@@ -389,28 +410,32 @@ impl RuleConfig {
     }
 }
 
+/// Every source, both families: the prefixes of a rule that names none.
+pub fn every_source() -> Vec<IpNet> {
+    vec![IpNet::V4(Default::default()), IpNet::V6(Default::default())]
+}
+
 /// Validates a whole rule set: each rule, unique names, no prefix in two
-/// rules, then what the kernel maps hold, `capacity` being capacity.rules:
-/// at most that many rules, and that many prefixes per family (each
-/// family's trie holds `capacity` prefixes for each of the two generations;
-/// the enforcer writes a generation without ever holding more).
+/// rules of one service, no packet two rules could claim alike (see
+/// [`check_services`]), then what the kernel maps hold, `capacity` being
+/// capacity.rules: at most that many rules, and that many prefixes per
+/// family (each family's trie holds `capacity` prefixes for each of the two
+/// generations; the enforcer writes a generation without ever holding
+/// more).
 pub fn validate_rules(rules: &[RuleConfig], capacity: u32) -> Result<Vec<RuleDef>, RuleSetError> {
     validate_rule_set(rules, capacity, rules.len())
 }
 
-/// [`validate_rules`] where the rules from index `shadowing` on (the
-/// penalties) may hold a prefix that an earlier rule holds too: the later
-/// rule wins it, and the earlier rule's [`RuleDef`] goes without it (the
-/// kernel's trie has one entry per prefix) until the later rule is gone.
-/// Only exactly equal prefixes are taken; a longer prefix inside a rule's
-/// needs nothing taken, the trie's longest match gives it to its rule.
+/// [`validate_rules`] where the rules from index `penalties` on are
+/// penalties: their service is every packet, ahead of every other rule, so
+/// a penalized source gets its penalty whatever else it sends.
 pub fn validate_rule_set(
     rules: &[RuleConfig],
     capacity: u32,
-    shadowing: usize,
+    penalties: usize,
 ) -> Result<Vec<RuleDef>, RuleSetError> {
     let mut out: Vec<RuleDef> = Vec::with_capacity(rules.len());
-    let mut owners: HashMap<IpNet, usize> = HashMap::new();
+    let mut owners: HashMap<(Service, IpNet), usize> = HashMap::new();
     let mut names: HashSet<&str> = HashSet::new();
     for (index, rule) in rules.iter().enumerate() {
         let fail = |error| RuleSetError::Rule {
@@ -418,20 +443,17 @@ pub fn validate_rule_set(
             name: rule.name.clone(),
             error,
         };
-        let def = rule.validate().map_err(fail)?;
+        let mut def = rule.validate().map_err(fail)?;
+        if index >= penalties {
+            def.service = Service::penalty();
+        }
         if !names.insert(&rule.name) {
             return Err(fail(FieldError::new("name", Problem::NameTaken)));
         }
         for p in &def.prefixes {
-            let Some(owner) = owners.insert(*p, index) else {
+            let Some(owner) = owners.insert((def.service.clone(), *p), index) else {
                 continue;
             };
-            if index >= shadowing && owner < shadowing {
-                if let Some(shadowed) = out.get_mut(owner) {
-                    shadowed.prefixes.retain(|q| q != p);
-                }
-                continue;
-            }
             return Err(fail(FieldError::new(
                 "prefixes",
                 Problem::PrefixTaken {
@@ -443,6 +465,7 @@ pub fn validate_rule_set(
         out.push(def);
     }
     check_capacity(&out, capacity)?;
+    check_services(&out, capacity)?;
     Ok(out)
 }
 

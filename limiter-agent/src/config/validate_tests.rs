@@ -92,7 +92,7 @@ fn a_prefix_with_host_bits_suggests_its_network() {
 #[test]
 fn prefixes_are_checked() {
     for (prefixes, wanted) in [
-        (r#"[]"#, "at least one prefix"),
+        (r#"[]"#, "leave `prefixes` out"),
         (r#"["banana"]"#, "not a prefix"),
         (r#"["198.18.0.0/15", "198.18.0.0/15"]"#, "listed twice"),
     ] {

@@ -12,13 +12,40 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_common::{
-    Bucket, GENERATIONS, Reason, Rule, RuleCounters, SourceKey, map_names, verdict,
+    Bucket, GENERATIONS, Reason, Rule, RuleCounters, SourceKey, active, map_names, verdict,
 };
 
 use super::{Datapath, DatapathError, Result, duplicate, map_err};
 
-pub(super) type V4Trie = LpmTrie<MapData, [u8; 5], u32>;
-pub(super) type V6Trie = LpmTrie<MapData, [u8; 17], u32>;
+pub(super) type V4Trie = LpmTrie<MapData, [u8; 6], u32>;
+pub(super) type V6Trie = LpmTrie<MapData, [u8; 18], u32>;
+type PortTrie = LpmTrie<MapData, [u8; 4], u64>;
+type Dest4Trie = LpmTrie<MapData, [u8; 5], u64>;
+type Dest6Trie = LpmTrie<MapData, [u8; 17], u64>;
+
+/// An entry of the service-port trie: every packet (`protocol` `None`),
+/// every packet of a protocol (`port_bits` 0), or a block of `2^(16 -
+/// port_bits)` destination ports of a protocol starting at `first_port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortBlock {
+    pub protocol: Option<u8>,
+    pub first_port: u16,
+    /// 0..=16 leading bits of the port fixed.
+    pub port_bits: u8,
+}
+
+impl PortBlock {
+    fn key(&self, generation: u8) -> Key<[u8; 4]> {
+        let [hi, lo] = self.first_port.to_be_bytes();
+        match self.protocol {
+            None => Key::new(8, [generation, 0, 0, 0]),
+            Some(p) => Key::new(
+                16 + u32::from(self.port_bits.min(16)),
+                [generation, p, hi, lo],
+            ),
+        }
+    }
+}
 
 /// One field per map of `map_names::ALL`.
 pub(super) struct Maps {
@@ -26,6 +53,9 @@ pub(super) struct Maps {
     pub(super) active: Array<MapData, u32>,
     pub(super) prefixes_v4: V4Trie,
     pub(super) prefixes_v6: V6Trie,
+    service_ports: PortTrie,
+    service_dests_v4: Dest4Trie,
+    service_dests_v6: Dest6Trie,
     /// An LRU hash: aya's `HashMap` reads both kinds.
     pub(super) source_buckets: HashMap<MapData, SourceKey, Bucket>,
     pub(super) shared_buckets: Array<MapData, Bucket>,
@@ -50,6 +80,9 @@ impl Maps {
             active: take(ebpf, map_names::ACTIVE)?,
             prefixes_v4: take(ebpf, map_names::PREFIXES_V4)?,
             prefixes_v6: take(ebpf, map_names::PREFIXES_V6)?,
+            service_ports: take(ebpf, map_names::SERVICE_PORTS)?,
+            service_dests_v4: take(ebpf, map_names::SERVICE_DESTS_V4)?,
+            service_dests_v6: take(ebpf, map_names::SERVICE_DESTS_V6)?,
             source_buckets: take(ebpf, map_names::SOURCE_BUCKETS)?,
             shared_buckets: take(ebpf, map_names::SHARED_BUCKETS)?,
             rule_counters: take(ebpf, map_names::RULE_COUNTERS)?,
@@ -72,6 +105,9 @@ impl Maps {
             (map_names::RULES, self.rules.map()),
             (map_names::PREFIXES_V4, self.prefixes_v4.map()),
             (map_names::PREFIXES_V6, self.prefixes_v6.map()),
+            (map_names::SERVICE_PORTS, self.service_ports.map()),
+            (map_names::SERVICE_DESTS_V4, self.service_dests_v4.map()),
+            (map_names::SERVICE_DESTS_V6, self.service_dests_v6.map()),
             (map_names::SOURCE_BUCKETS, self.source_buckets.map()),
             (map_names::SHARED_BUCKETS, self.shared_buckets.map()),
             (map_names::RULE_COUNTERS, self.rule_counters.map()),
@@ -111,82 +147,212 @@ impl Datapath {
             .map_err(map_err(map_names::RULES))
     }
 
-    /// The generation packets use now.
-    pub fn active_generation(&self) -> Result<u32> {
+    /// The `ACTIVE` word: the generation packets use now, and how it is
+    /// classified (`limiter_common::active`).
+    pub fn active_word(&self) -> Result<u32> {
         self.maps
             .active
             .get(&0, 0)
             .map_err(map_err(map_names::ACTIVE))
     }
 
-    /// Makes packets use `generation`'s prefixes from the next packet on.
-    pub fn set_active_generation(&mut self, generation: u32) -> Result<()> {
+    /// The generation packets use now.
+    pub fn active_generation(&self) -> Result<u32> {
+        Ok(self.active_word()? & active::GENERATION)
+    }
+
+    /// Makes packets use the generation in `word` (see
+    /// `limiter_common::active::word`) from the next packet on.
+    pub fn set_active_word(&mut self, word: u32) -> Result<()> {
         self.maps
             .active
-            .set(0, &(generation % GENERATIONS), 0)
+            .set(0, &word, 0)
             .map_err(map_err(map_names::ACTIVE))
     }
 
-    /// Points sources in `prefix` at the rule in `slot`, in `generation`.
+    /// Makes packets use `generation`, a rule set of one service (source
+    /// prefixes only), from the next packet on.
+    pub fn set_active_generation(&mut self, generation: u32) -> Result<()> {
+        self.set_active_word(active::word(generation % GENERATIONS, 1, false, false))
+    }
+
+    /// Points sources in `prefix` at the rule in `slot`, for packets of
+    /// service index 0, in `generation`.
     pub fn set_prefix(&mut self, generation: u32, prefix: IpNet, slot: u32) -> Result<()> {
-        self.prefix_op(generation, prefix, Some(slot))
+        self.prefix_op(generation, 0, prefix, Some(slot))
     }
 
-    pub fn remove_prefix(&mut self, generation: u32, prefix: IpNet) -> Result<()> {
-        self.prefix_op(generation, prefix, None)
+    /// Points sources in `prefix` at the rule in `slot`, for packets of
+    /// service index `service`, in `generation`.
+    pub fn set_service_prefix(
+        &mut self,
+        generation: u32,
+        service: u8,
+        prefix: IpNet,
+        slot: u32,
+    ) -> Result<()> {
+        self.prefix_op(generation, service, prefix, Some(slot))
     }
 
-    /// The slot `addr` maps to in `generation` (longest prefix match), if any.
-    pub fn lookup_prefix(&self, generation: u32, addr: IpAddr) -> Result<Option<u32>> {
+    pub fn remove_service_prefix(
+        &mut self,
+        generation: u32,
+        service: u8,
+        prefix: IpNet,
+    ) -> Result<()> {
+        self.prefix_op(generation, service, prefix, None)
+    }
+
+    /// The slot `addr` maps to for service index `service` in `generation`
+    /// (longest prefix match), if any.
+    pub fn lookup_prefix(&self, generation: u32, service: u8, addr: IpAddr) -> Result<Option<u32>> {
         let generation = (generation % GENERATIONS) as u8;
         let (name, result) = match addr {
             IpAddr::V4(a) => (
                 map_names::PREFIXES_V4,
-                self.maps
-                    .prefixes_v4
-                    .get(&Key::new(40, gen_key(generation, &a.octets())), 0),
+                self.maps.prefixes_v4.get(
+                    &Key::new(16 + 32, service_key(generation, service, &a.octets())),
+                    0,
+                ),
             ),
             IpAddr::V6(a) => (
                 map_names::PREFIXES_V6,
-                self.maps
-                    .prefixes_v6
-                    .get(&Key::new(136, gen_key(generation, &a.octets())), 0),
+                self.maps.prefixes_v6.get(
+                    &Key::new(16 + 128, service_key(generation, service, &a.octets())),
+                    0,
+                ),
             ),
         };
-        match result {
-            Ok(slot) => Ok(Some(slot)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DatapathError::Map { name, source }),
-        }
+        found(name, result)
     }
 
-    fn prefix_op(&mut self, generation: u32, prefix: IpNet, slot: Option<u32>) -> Result<()> {
+    fn prefix_op(
+        &mut self,
+        generation: u32,
+        service: u8,
+        prefix: IpNet,
+        slot: Option<u32>,
+    ) -> Result<()> {
         let prefix = prefix.trunc();
         let generation = (generation % GENERATIONS) as u8;
-        let bits = 8 + u32::from(prefix.prefix_len());
+        let bits = 16 + u32::from(prefix.prefix_len());
         match prefix.addr() {
             IpAddr::V4(addr) => trie_op(
                 &mut self.maps.prefixes_v4,
                 map_names::PREFIXES_V4,
-                &Key::new(bits, gen_key(generation, &addr.octets())),
+                &Key::new(bits, service_key(generation, service, &addr.octets())),
                 slot,
             ),
             IpAddr::V6(addr) => trie_op(
                 &mut self.maps.prefixes_v6,
                 map_names::PREFIXES_V6,
-                &Key::new(bits, gen_key(generation, &addr.octets())),
+                &Key::new(bits, service_key(generation, service, &addr.octets())),
                 slot,
             ),
         }
     }
 
-    /// Removes every prefix of `generation` from both tries.
+    /// Sets (`Some`) or removes (`None`) the services of a port block.
+    pub fn service_port_op(
+        &mut self,
+        generation: u32,
+        block: PortBlock,
+        services: Option<u64>,
+    ) -> Result<()> {
+        let key = block.key((generation % GENERATIONS) as u8);
+        trie_op(
+            &mut self.maps.service_ports,
+            map_names::SERVICE_PORTS,
+            &key,
+            services,
+        )
+    }
+
+    /// Sets (`Some`) or removes (`None`) the services of a destination
+    /// prefix (`/0`: the family's every destination).
+    pub fn service_destination_op(
+        &mut self,
+        generation: u32,
+        prefix: IpNet,
+        services: Option<u64>,
+    ) -> Result<()> {
+        let prefix = prefix.trunc();
+        let generation = (generation % GENERATIONS) as u8;
+        let bits = 8 + u32::from(prefix.prefix_len());
+        match prefix.addr() {
+            IpAddr::V4(addr) => trie_op(
+                &mut self.maps.service_dests_v4,
+                map_names::SERVICE_DESTS_V4,
+                &Key::new(bits, gen_key(generation, &addr.octets())),
+                services,
+            ),
+            IpAddr::V6(addr) => trie_op(
+                &mut self.maps.service_dests_v6,
+                map_names::SERVICE_DESTS_V6,
+                &Key::new(bits, gen_key(generation, &addr.octets())),
+                services,
+            ),
+        }
+    }
+
+    /// The services a (protocol, port) is in, as the kernel looks it up.
+    pub fn lookup_service_port(
+        &self,
+        generation: u32,
+        protocol: u8,
+        port: Option<u16>,
+    ) -> Result<u64> {
+        let generation = (generation % GENERATIONS) as u8;
+        let (bits, [hi, lo]) = port.map_or((16, [0, 0]), |p| (32, p.to_be_bytes()));
+        let key = Key::new(bits, [generation, protocol, hi, lo]);
+        Ok(found(
+            map_names::SERVICE_PORTS,
+            self.maps.service_ports.get(&key, 0),
+        )?
+        .unwrap_or(0))
+    }
+
+    /// The services a destination is in, as the kernel looks it up.
+    pub fn lookup_service_destination(&self, generation: u32, addr: IpAddr) -> Result<u64> {
+        let generation = (generation % GENERATIONS) as u8;
+        let (name, result) = match addr {
+            IpAddr::V4(a) => (
+                map_names::SERVICE_DESTS_V4,
+                self.maps
+                    .service_dests_v4
+                    .get(&Key::new(8 + 32, gen_key(generation, &a.octets())), 0),
+            ),
+            IpAddr::V6(a) => (
+                map_names::SERVICE_DESTS_V6,
+                self.maps
+                    .service_dests_v6
+                    .get(&Key::new(8 + 128, gen_key(generation, &a.octets())), 0),
+            ),
+        };
+        Ok(found(name, result)?.unwrap_or(0))
+    }
+
+    /// Removes every entry of `generation` from the source and service
+    /// tries.
     pub fn clear_generation(&mut self, generation: u32) -> Result<usize> {
         let generation = (generation % GENERATIONS) as u8;
         let is_ours = |key: &[u8]| key[0] == generation;
-        let v4 = clear_trie(&mut self.maps.prefixes_v4, map_names::PREFIXES_V4, is_ours)?;
-        let v6 = clear_trie(&mut self.maps.prefixes_v6, map_names::PREFIXES_V6, is_ours)?;
-        Ok(v4 + v6)
+        let m = &mut self.maps;
+        Ok(
+            clear_trie(&mut m.prefixes_v4, map_names::PREFIXES_V4, is_ours)?
+                + clear_trie(&mut m.prefixes_v6, map_names::PREFIXES_V6, is_ours)?
+                + clear_trie(&mut m.service_ports, map_names::SERVICE_PORTS, is_ours)?
+                + clear_trie(
+                    &mut m.service_dests_v4,
+                    map_names::SERVICE_DESTS_V4,
+                    is_ours,
+                )?
+                + clear_trie(
+                    &mut m.service_dests_v6,
+                    map_names::SERVICE_DESTS_V6,
+                    is_ours,
+                )?,
+        )
     }
 
     /// Zeroes a rule id's counters and shared bucket, before the id is given
@@ -255,25 +421,34 @@ impl Datapath {
     }
 }
 
-/// Inserts (`Some(slot)`) or removes (`None`) one prefix-trie key.
-fn trie_op<const N: usize>(
-    trie: &mut LpmTrie<MapData, [u8; N], u32>,
+/// Inserts (`Some(value)`) or removes (`None`) one trie key.
+fn trie_op<const N: usize, V: aya::Pod>(
+    trie: &mut LpmTrie<MapData, [u8; N], V>,
     name: &'static str,
     key: &Key<[u8; N]>,
-    slot: Option<u32>,
+    value: Option<V>,
 ) -> Result<()> {
-    match slot {
-        Some(slot) => trie.insert(key, &slot, 0),
+    match value {
+        Some(value) => trie.insert(key, &value, 0),
         None => trie.remove(key),
     }
     .map_err(map_err(name))
 }
 
+/// A lookup's value, `None` for a key not found.
+fn found<V>(name: &'static str, result: std::result::Result<V, MapError>) -> Result<Option<V>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(DatapathError::Map { name, source }),
+    }
+}
+
 /// Removes every key of a prefix trie whose bytes `remove` picks; returns
 /// how many. Keys are collected first: removing while walking would restart
 /// the walk.
-pub(super) fn clear_trie<const N: usize>(
-    trie: &mut LpmTrie<MapData, [u8; N], u32>,
+pub(super) fn clear_trie<const N: usize, V: aya::Pod>(
+    trie: &mut LpmTrie<MapData, [u8; N], V>,
     name: &'static str,
     remove: impl Fn(&[u8]) -> bool,
 ) -> Result<usize> {
@@ -288,7 +463,20 @@ pub(super) fn clear_trie<const N: usize>(
     Ok(keys.len())
 }
 
-/// A prefix-trie key: the generation byte, then the address.
+/// A source-trie key: the generation and service bytes, then the address.
+fn service_key<const N: usize, const M: usize>(
+    generation: u8,
+    service: u8,
+    addr: &[u8; M],
+) -> [u8; N] {
+    let mut key = [0u8; N];
+    key[0] = generation;
+    key[1] = service;
+    key[2..].copy_from_slice(addr);
+    key
+}
+
+/// A destination-trie key: the generation byte, then the address.
 fn gen_key<const N: usize, const M: usize>(generation: u8, addr: &[u8; M]) -> [u8; N] {
     let mut key = [0u8; N];
     key[0] = generation;

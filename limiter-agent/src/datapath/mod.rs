@@ -5,6 +5,8 @@
 //! and writes on them.
 
 mod maps;
+
+pub use self::maps::PortBlock;
 #[cfg(feature = "test-support")]
 mod test_support;
 
@@ -137,6 +139,8 @@ impl Datapath {
             map_names::RULES,
             map_names::PREFIXES_V4,
             map_names::PREFIXES_V6,
+            map_names::SERVICE_DESTS_V4,
+            map_names::SERVICE_DESTS_V6,
         ] {
             loader.map_max_entries(name, slots);
         }

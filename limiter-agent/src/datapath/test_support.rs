@@ -6,7 +6,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _};
 use aya::maps::{IterableMap as _, MapData};
 use limiter_common::{Bucket, GENERATIONS, Reason, Rule, SourceKey, map_names};
 
-use super::{Datapath, Result, map_err, maps::clear_trie};
+use super::{Datapath, Result, map_err};
 
 impl Datapath {
     /// Creates or replaces a per-source bucket (benchmarks pre-fill the map).
@@ -58,8 +58,9 @@ impl Datapath {
                 .set(slot, &Rule::EMPTY, 0)
                 .map_err(map_err(rules))?;
         }
-        clear_trie(&mut self.maps.prefixes_v4, map_names::PREFIXES_V4, |_| true)?;
-        clear_trie(&mut self.maps.prefixes_v6, map_names::PREFIXES_V6, |_| true)?;
+        for generation in 0..GENERATIONS {
+            self.clear_generation(generation)?;
+        }
         self.set_active_generation(0)?;
         for rule_id in 0..self.capacities.max_rules {
             self.reset_rule_state(rule_id)?;

@@ -13,11 +13,11 @@ mod tests;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use limiter_common::{Action, GENERATIONS, Rule, Scope};
+use limiter_common::{Action, GENERATIONS, Rule, Scope, active};
 
 use self::plan::{Installed, Write};
 use crate::{
-    config::{ActionConfig, RuleDef, ScopeConfig},
+    config::{ActionConfig, RuleDef, ScopeConfig, ServiceTable, precedence_order},
     datapath::{Datapath, DatapathError},
 };
 
@@ -37,16 +37,56 @@ fn wait_for_grace_period() {
     }
 }
 
-/// A rule as the kernel gets it: its id, its kernel form, its prefixes.
+/// A rule as the kernel gets it: its id, its kernel form, its service's
+/// index and its prefixes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelRule {
     pub id: u32,
     pub rule: Rule,
+    pub service: u8,
     pub prefixes: Vec<IpNet>,
 }
 
-/// The kernel form of a validated rule.
-pub fn kernel_rule(def: &RuleDef, id: u32) -> KernelRule {
+/// A rule set as the kernel gets it: the rules and the tables that sort
+/// packets into their services.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelRuleSet {
+    pub rules: Vec<KernelRule>,
+    pub services: ServiceTable,
+}
+
+impl KernelRuleSet {
+    /// The kernel form of validated rules, each with its kernel id.
+    pub fn new<'a>(defs: impl IntoIterator<Item = (&'a RuleDef, u32)>) -> Self {
+        let defs: Vec<(&RuleDef, u32)> = defs.into_iter().collect();
+        let services = ServiceTable::build(precedence_order(
+            defs.iter().map(|(def, _)| def.service.clone()),
+        ));
+        let rules = defs
+            .iter()
+            .map(|(def, id)| {
+                // Every rule's service is in the table it was built from.
+                let service = services.index_of(&def.service).unwrap_or(0);
+                kernel_rule(def, *id, service)
+            })
+            .collect();
+        Self { rules, services }
+    }
+
+    /// The `ACTIVE` word that makes this set, written in `generation`,
+    /// the one packets use.
+    fn active_word(&self, generation: u32) -> u32 {
+        active::word(
+            generation,
+            self.services.order.len() as u32,
+            self.services.by_protocol,
+            self.services.by_destination,
+        )
+    }
+}
+
+/// The kernel form of a validated rule whose service has index `service`.
+fn kernel_rule(def: &RuleDef, id: u32, service: u8) -> KernelRule {
     let action = match def.action {
         ActionConfig::Allow => Action::Allow,
         ActionConfig::Deny => Action::Deny,
@@ -73,8 +113,36 @@ pub fn kernel_rule(def: &RuleDef, id: u32) -> KernelRule {
             limits: def.limits(),
             aggregate: def.aggregate_limits(),
         },
+        service,
         prefixes: def.prefixes.clone(),
     }
+}
+
+/// Writes `set` whole into generation 0 of `dp` and makes it active, for
+/// tests that run frames through the programs without an enforcer: the
+/// same writes an enforcer makes into an empty generation.
+#[cfg(feature = "test-support")]
+pub fn install_whole(dp: &mut Datapath, set: &KernelRuleSet) -> Result<(), DatapathError> {
+    dp.clear_generation(0)?;
+    let installed = Installed::default();
+    for write in plan::writes(&installed, &plan::wanted(0, set)) {
+        match write {
+            Write::SetRule(slot, rule) => dp.set_rule(slot, &rule)?,
+            Write::SetPrefix((service, prefix), slot) => {
+                dp.set_service_prefix(0, service, prefix, slot)?;
+            }
+            Write::SetPorts(block, services) => dp.service_port_op(0, block, Some(services))?,
+            Write::SetDestination(net, services) => {
+                dp.service_destination_op(0, net, Some(services))?;
+            }
+            // An empty generation has nothing to remove or clear.
+            Write::RemovePrefix(_)
+            | Write::RemovePorts(_)
+            | Write::RemoveDestination(_)
+            | Write::ClearRule(_) => {}
+        }
+    }
+    dp.set_active_word(set.active_word(0))
 }
 
 /// How much an `apply` wrote.
@@ -136,15 +204,15 @@ impl Enforcer {
     }
 
     /// Makes `rules` the rule set in force, atomically.
-    pub fn apply(&mut self, rules: &[KernelRule]) -> Result<ApplyStats, DatapathError> {
+    pub fn apply(&mut self, set: &KernelRuleSet) -> Result<ApplyStats, DatapathError> {
         let next = (self.active + 1) % GENERATIONS;
         if self.deactivated_at[next as usize].is_some_and(|at| at.elapsed() < RECENT) {
             wait_for_grace_period();
         }
-        let result = self.write_generation(next, rules);
+        let result = self.write_generation(next, set);
         match result {
             Ok(writes) => {
-                self.dp.set_active_generation(next)?;
+                self.dp.set_active_word(set.active_word(next))?;
                 self.deactivated_at[self.active as usize] = Some(Instant::now());
                 self.active = next;
                 Ok(ApplyStats {
@@ -163,7 +231,7 @@ impl Enforcer {
     fn write_generation(
         &mut self,
         generation: u32,
-        rules: &[KernelRule],
+        set: &KernelRuleSet,
     ) -> Result<usize, DatapathError> {
         let mut writes = 0;
         let mut installed = match self.installed[generation as usize].take() {
@@ -174,12 +242,27 @@ impl Enforcer {
             }
         };
         let base = generation * self.dp.capacities().max_rules;
-        for write in plan::writes(&installed, &plan::wanted(base, rules)) {
+        for write in plan::writes(&installed, &plan::wanted(base, set)) {
+            let dp = &mut self.dp;
             match write {
-                Write::SetRule(slot, rule) => self.dp.set_rule(slot, &rule)?,
-                Write::RemovePrefix(prefix) => self.dp.remove_prefix(generation, prefix)?,
-                Write::SetPrefix(prefix, slot) => self.dp.set_prefix(generation, prefix, slot)?,
-                Write::ClearRule(slot) => self.dp.set_rule(slot, &Rule::EMPTY)?,
+                Write::SetRule(slot, rule) => dp.set_rule(slot, &rule)?,
+                Write::RemovePrefix((service, prefix)) => {
+                    dp.remove_service_prefix(generation, service, prefix)?;
+                }
+                Write::RemovePorts(block) => dp.service_port_op(generation, block, None)?,
+                Write::RemoveDestination(net) => {
+                    dp.service_destination_op(generation, net, None)?;
+                }
+                Write::SetPrefix((service, prefix), slot) => {
+                    dp.set_service_prefix(generation, service, prefix, slot)?;
+                }
+                Write::SetPorts(block, services) => {
+                    dp.service_port_op(generation, block, Some(services))?;
+                }
+                Write::SetDestination(net, services) => {
+                    dp.service_destination_op(generation, net, Some(services))?;
+                }
+                Write::ClearRule(slot) => dp.set_rule(slot, &Rule::EMPTY)?,
             }
             // Recorded only once the kernel has it: a failure leaves an
             // accurate picture of what was written.

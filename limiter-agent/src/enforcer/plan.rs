@@ -1,26 +1,36 @@
 //! Which map writes turn what a generation holds into what a rule set
 //! needs, and in which order. Pure: the enforcer carries the writes out.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, hash::Hash};
 
 use ipnet::IpNet;
 use limiter_common::Rule;
 
-use super::KernelRule;
+use super::KernelRuleSet;
+use crate::datapath::PortBlock;
+
+/// A source prefix of one service: a key of the source tries.
+pub type ServicePrefix = (u8, IpNet);
 
 /// What one generation holds in the kernel, as far as we know.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Installed {
-    pub prefixes: HashMap<IpNet, u32>,
+    pub prefixes: HashMap<ServicePrefix, u32>,
     pub rules: HashMap<u32, Rule>,
+    pub ports: HashMap<PortBlock, u64>,
+    pub destinations: HashMap<IpNet, u64>,
 }
 
 /// One map write, by slot of the rules array.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Write {
     SetRule(u32, Rule),
-    RemovePrefix(IpNet),
-    SetPrefix(IpNet, u32),
+    RemovePrefix(ServicePrefix),
+    RemovePorts(PortBlock),
+    RemoveDestination(IpNet),
+    SetPrefix(ServicePrefix, u32),
+    SetPorts(PortBlock, u64),
+    SetDestination(IpNet, u64),
     ClearRule(u32),
 }
 
@@ -34,8 +44,20 @@ impl Installed {
             Write::RemovePrefix(prefix) => {
                 self.prefixes.remove(&prefix);
             }
+            Write::RemovePorts(block) => {
+                self.ports.remove(&block);
+            }
+            Write::RemoveDestination(net) => {
+                self.destinations.remove(&net);
+            }
             Write::SetPrefix(prefix, slot) => {
                 self.prefixes.insert(prefix, slot);
+            }
+            Write::SetPorts(block, services) => {
+                self.ports.insert(block, services);
+            }
+            Write::SetDestination(net, services) => {
+                self.destinations.insert(net, services);
             }
             Write::ClearRule(slot) => {
                 self.rules.remove(&slot);
@@ -44,25 +66,57 @@ impl Installed {
     }
 }
 
-/// What a generation must hold for `rules`, its slots starting at `base`.
-pub fn wanted(base: u32, rules: &[KernelRule]) -> Installed {
+/// What a generation must hold for `set`, its slots starting at `base`.
+pub fn wanted(base: u32, set: &KernelRuleSet) -> Installed {
     let mut want = Installed::default();
-    for r in rules {
+    for r in &set.rules {
         let slot = base + r.id;
         want.rules.insert(slot, r.rule);
         for p in &r.prefixes {
-            want.prefixes.insert(*p, slot);
+            want.prefixes.insert((r.service, *p), slot);
         }
     }
+    want.ports = set.services.ports.iter().copied().collect();
+    want.destinations = set.services.destinations.iter().copied().collect();
     want
+}
+
+/// The keys of `installed` that `want` lacks or holds with another value,
+/// sorted.
+fn outdated<K: Copy + Ord + Hash, V: PartialEq>(
+    installed: &HashMap<K, V>,
+    want: &HashMap<K, V>,
+) -> Vec<K> {
+    let mut keys: Vec<K> = installed
+        .iter()
+        .filter(|(k, v)| want.get(k) != Some(v))
+        .map(|(k, _)| *k)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// The entries of `want` that `installed` lacks or holds with another
+/// value, sorted.
+fn added<K: Copy + Ord + Hash, V: Copy + PartialEq>(
+    installed: &HashMap<K, V>,
+    want: &HashMap<K, V>,
+) -> Vec<(K, V)> {
+    let mut entries: Vec<(K, V)> = want
+        .iter()
+        .filter(|(k, v)| installed.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    entries.sort_unstable_by_key(|(k, _)| *k);
+    entries
 }
 
 /// The writes from `installed` to `want`, in the order they must happen:
 /// - rules first, so no prefix ever points at a slot not yet written;
-/// - then prefixes leaving the generation or pointing elsewhere are removed
-///   before any is added, so the trie never holds more than the active
-///   generation's prefixes plus the new set's (each bounded by
-///   capacity.rules at validation). A moved prefix is removed and added
+/// - then prefixes (and service-table entries) leaving the generation or
+///   pointing elsewhere are removed before any is added, so a trie never
+///   holds more than the active generation's entries plus the new set's
+///   (each bounded at validation). A moved prefix is removed and added
 ///   rather than updated in place: kernels before 6.13 refuse an in-place
 ///   update in a full trie;
 /// - slots no rule uses any more are cleared last.
@@ -75,21 +129,18 @@ pub fn writes(installed: &Installed, want: &Installed) -> Vec<Write> {
         .collect();
     rules.sort_unstable_by_key(|(slot, _)| **slot);
     out.extend(rules.into_iter().map(|(s, r)| Write::SetRule(*s, *r)));
-    let mut outdated: Vec<IpNet> = installed
-        .prefixes
-        .iter()
-        .filter(|(prefix, slot)| want.prefixes.get(prefix) != Some(slot))
-        .map(|(prefix, _)| *prefix)
-        .collect();
-    outdated.sort_unstable();
-    out.extend(outdated.into_iter().map(Write::RemovePrefix));
-    let mut added: Vec<(&IpNet, &u32)> = want
-        .prefixes
-        .iter()
-        .filter(|(prefix, slot)| installed.prefixes.get(prefix) != Some(slot))
-        .collect();
-    added.sort_unstable();
-    out.extend(added.into_iter().map(|(p, s)| Write::SetPrefix(*p, *s)));
+    let prefixes = outdated(&installed.prefixes, &want.prefixes);
+    out.extend(prefixes.into_iter().map(Write::RemovePrefix));
+    let ports = outdated(&installed.ports, &want.ports);
+    out.extend(ports.into_iter().map(Write::RemovePorts));
+    let dests = outdated(&installed.destinations, &want.destinations);
+    out.extend(dests.into_iter().map(Write::RemoveDestination));
+    let prefixes = added(&installed.prefixes, &want.prefixes);
+    out.extend(prefixes.into_iter().map(|(p, s)| Write::SetPrefix(p, s)));
+    let ports = added(&installed.ports, &want.ports);
+    out.extend(ports.into_iter().map(|(b, m)| Write::SetPorts(b, m)));
+    let dests = added(&installed.destinations, &want.destinations);
+    out.extend(dests.into_iter().map(|(d, m)| Write::SetDestination(d, m)));
     let mut unused: Vec<u32> = installed
         .rules
         .keys()

@@ -25,6 +25,16 @@ pub enum ServiceError {
     NameMismatch { body: String, path: String },
     #[error("{0:?} is not an IP address")]
     NotAnAddress(String),
+    #[error("`{field}`: {problem}")]
+    BadFlow {
+        field: &'static str,
+        problem: crate::config::Problem,
+    },
+    #[error(
+        "the source {from} and the destination {to} are of different IP families: \
+         give a destination of the source's family"
+    )]
+    MixedFamilies { from: String, to: String },
     #[error("resetting counters of rule id {id}: {source}")]
     ResetRule {
         id: u32,
@@ -53,7 +63,9 @@ impl ServiceError {
             Self::Config(_)
             | Self::RestartNeeded
             | Self::NameMismatch { .. }
-            | Self::NotAnAddress(_) => ErrorKind::Invalid,
+            | Self::NotAnAddress(_)
+            | Self::BadFlow { .. }
+            | Self::MixedFamilies { .. } => ErrorKind::Invalid,
             Self::ResetRule { .. }
             | Self::Kernel(_)
             | Self::Read(_)

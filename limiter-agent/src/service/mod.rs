@@ -22,8 +22,8 @@ pub use views::reload_message;
 
 use crate::{
     attachments::Attachments,
-    config::{Config, RuleConfig, RulePatch},
-    enforcer::{Enforcer, kernel_rule},
+    config::{Config, RuleConfig, RulePatch, ServiceTable},
+    enforcer::{Enforcer, KernelRuleSet},
     rules::{self, Change, InForce, PenaltyRequest, Plan},
     state::State,
 };
@@ -92,6 +92,8 @@ pub struct Service {
     state_path: PathBuf,
     enforcer: Enforcer,
     in_force: Vec<InForce>,
+    /// The services of the rules in force, as the kernel has them.
+    services: ServiceTable,
     /// Each id in force: its rule's name, and when it was given to that
     /// rule (kernel clock, ns; 0 for ids held since before this agent).
     by_id: HashMap<u32, IdHolder>,
@@ -122,6 +124,7 @@ impl Service {
             state_path,
             enforcer,
             in_force: Vec::new(),
+            services: ServiceTable::default(),
             by_id: HashMap::new(),
             attachments: None,
             config_generation: 0,
@@ -142,15 +145,11 @@ impl Service {
             state,
             fresh_ids,
         } = rules::plan(config, state)?;
-        let kernel: Vec<_> = in_force
-            .iter()
-            .filter_map(|r| {
-                state
-                    .ids
-                    .get(&r.def.name)
-                    .map(|id| kernel_rule(&r.def, *id))
-            })
-            .collect();
+        let kernel = KernelRuleSet::new(
+            in_force
+                .iter()
+                .filter_map(|r| state.ids.get(&r.def.name).map(|id| (&r.def, *id))),
+        );
         let dp = self.enforcer.datapath_mut();
         for id in &fresh_ids {
             dp.reset_rule_state(*id)
@@ -160,7 +159,7 @@ impl Service {
         tracing::debug!(
             generation = applied.generation,
             map_writes = applied.writes,
-            rules = kernel.len(),
+            rules = kernel.rules.len(),
             "rule set written to the kernel and made active"
         );
         // A crash here leaves the kernel ahead of the state file; the next
@@ -178,6 +177,7 @@ impl Service {
         self.by_id = id_holders(&state, &self.by_id, &fresh_ids, monotonic_ns());
         self.state = state;
         self.in_force = in_force;
+        self.services = kernel.services;
         self.config_generation += 1;
         Ok(())
     }
@@ -191,16 +191,12 @@ impl Service {
     }
 
     /// The kernel's view of the rules in force now.
-    fn kernel_rules(&self) -> Vec<crate::enforcer::KernelRule> {
-        self.in_force
-            .iter()
-            .filter_map(|r| {
-                self.state
-                    .ids
-                    .get(&r.def.name)
-                    .map(|id| kernel_rule(&r.def, *id))
-            })
-            .collect()
+    fn kernel_rules(&self) -> KernelRuleSet {
+        KernelRuleSet::new(
+            self.in_force
+                .iter()
+                .filter_map(|r| self.state.ids.get(&r.def.name).map(|id| (&r.def, *id))),
+        )
     }
 
     pub fn add_rule(&mut self, rule: RuleConfig, who: &Requester) -> Result<()> {

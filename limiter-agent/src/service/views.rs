@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use limiter_common::{
-    Bucket, Limit, Reason, SourceKey, dimension,
+    Bucket, Limit, Reason, SourceKey, active, dimension,
     rate::{available, fine_time, is_stale},
     verdict,
 };
@@ -13,15 +13,84 @@ use limiter_common::{
 use super::{Result, Service, ServiceError};
 use crate::{
     api::types::{
-        BudgetState, Counters, LiveOverride, ProgramIds, RuleView, SourceView, Status,
-        VerdictCounts,
+        BudgetState, Counters, FlowQuery, LiveOverride, MatchingRule, ProgramIds, RuleView,
+        SourceView, Status, VerdictCounts,
     },
     attach::Attached,
-    config::{ActionConfig, Budget, ScopeConfig},
+    config::{
+        ActionConfig, Budget, Flow, ProtocolField, ScopeConfig, parse_protocol, protocol_name,
+    },
     rules::{InForce, source_bucket},
 };
 
 use super::monotonic_ns;
+
+/// The longest of `prefixes` holding `addr`.
+fn longest_holding(prefixes: &[ipnet::IpNet], addr: IpAddr) -> Option<String> {
+    prefixes
+        .iter()
+        .filter(|p| p.contains(&addr))
+        .max_by_key(|p| p.prefix_len())
+        .map(ToString::to_string)
+}
+
+/// The flow `query` describes from `source`.
+fn flow_of(source: IpAddr, query: &FlowQuery) -> Result<Flow> {
+    let destination = match &query.to {
+        None => None,
+        Some(text) => {
+            let dst: IpAddr = text
+                .parse()
+                .map_err(|_| ServiceError::NotAnAddress(text.clone()))?;
+            if dst.is_ipv4() != source.is_ipv4() {
+                return Err(ServiceError::MixedFamilies {
+                    from: source.to_string(),
+                    to: dst.to_string(),
+                });
+            }
+            Some(dst)
+        }
+    };
+    let protocol = match &query.protocol {
+        None => None,
+        Some(text) => Some(parse_protocol(&ProtocolField::Name(text.clone())).map_err(
+            |problem| ServiceError::BadFlow {
+                field: "protocol",
+                problem,
+            },
+        )?),
+    };
+    if query.port.is_some() && !matches!(protocol, Some(6 | 17 | 132)) {
+        return Err(ServiceError::BadFlow {
+            field: "port",
+            problem: crate::config::Problem::PortsWithoutProtocol,
+        });
+    }
+    Ok(Flow {
+        protocol,
+        port: query.port,
+        destination,
+    })
+}
+
+/// `tcp port 22 to 198.19.0.1`, `any packet`.
+fn describe_flow(flow: &Flow) -> String {
+    let mut parts = Vec::new();
+    if let Some(p) = flow.protocol {
+        parts.push(protocol_name(p));
+    }
+    if let Some(port) = flow.port {
+        parts.push(format!("port {port}"));
+    }
+    if let Some(dst) = flow.destination {
+        parts.push(format!("to {dst}"));
+    }
+    if parts.is_empty() {
+        "any packet".into()
+    } else {
+        parts.join(" ")
+    }
+}
 
 /// What a reload says: that it applied, and which rules live changes still
 /// hold away from the file (a reload never undoes a live change).
@@ -150,41 +219,79 @@ impl Service {
         self.rule_epoch(key.rule_id) == Some(key.epoch)
     }
 
-    pub fn inspect(&self, address: &str) -> Result<SourceView> {
+    pub fn inspect(&self, address: &str, query: &FlowQuery) -> Result<SourceView> {
         let addr: IpAddr = address
             .parse()
             .map_err(|_| ServiceError::NotAnAddress(address.to_owned()))?;
+        let flow = flow_of(addr, query)?;
         let dp = self.enforcer.datapath();
         let mut view = SourceView {
             address: addr.to_string(),
+            flow: describe_flow(&flow),
             rule: None,
             matched_prefix: None,
+            service: None,
+            also_matching: Vec::new(),
             action: None,
             bucket: None,
             tracked: false,
             budgets: Vec::new(),
         };
-        let slot = dp
-            .lookup_prefix(self.enforcer.active_generation(), addr)
-            .map_err(ServiceError::Read)?;
-        let Some(slot) = slot else {
+        // The kernel's own lookups, in its order: its maps decide.
+        let word = dp.active_word().map_err(ServiceError::Read)?;
+        let generation = word & active::GENERATION;
+        let mut services = active::all_services(word);
+        if word & active::BY_PROTOCOL != 0 {
+            services &= dp
+                .lookup_service_port(generation, flow.protocol.unwrap_or(u8::MAX), flow.port)
+                .map_err(ServiceError::Read)?;
+        }
+        if word & active::BY_DESTINATION != 0 {
+            services &= match flow.destination {
+                Some(dst) => dp
+                    .lookup_service_destination(generation, dst)
+                    .map_err(ServiceError::Read)?,
+                // No destination given: only services that name none.
+                None => self.services.order.iter().enumerate().fold(0, |m, (i, s)| {
+                    if s.destinations.is_empty() {
+                        m | 1 << i
+                    } else {
+                        m
+                    }
+                }),
+            };
+        }
+        let mut holders = Vec::new();
+        for index in 0..limiter_common::service::MAX {
+            if services & (1 << index) == 0 {
+                continue;
+            }
+            if let Some(slot) = dp
+                .lookup_prefix(generation, index as u8, addr)
+                .map_err(ServiceError::Read)?
+            {
+                holders.push(slot);
+            }
+        }
+        let mut found = holders.iter().filter_map(|slot| {
+            let kernel = dp.rule(*slot).ok()?;
+            let name = self.rule_name(kernel.id)?;
+            let rule = self.in_force.iter().find(|r| r.def.name == name)?;
+            Some((kernel, rule))
+        });
+        let Some((kernel, rule)) = found.next() else {
             return Ok(view);
         };
-        let kernel = dp.rule(slot).map_err(ServiceError::Read)?;
-        let Some(rule) = self
-            .rule_name(kernel.id)
-            .and_then(|name| self.in_force.iter().find(|r| r.def.name == name))
-        else {
-            return Ok(view);
-        };
+        view.also_matching = found
+            .map(|(_, r)| MatchingRule {
+                rule: r.def.name.clone(),
+                service: r.def.service.to_string(),
+                matched_prefix: longest_holding(&r.def.prefixes, addr).unwrap_or_default(),
+            })
+            .collect();
         view.rule = Some(rule.def.name.clone());
-        view.matched_prefix = rule
-            .def
-            .prefixes
-            .iter()
-            .filter(|p| p.contains(&addr))
-            .max_by_key(|p| p.prefix_len())
-            .map(ToString::to_string);
+        view.service = Some(rule.def.service.to_string());
+        view.matched_prefix = longest_holding(&rule.def.prefixes, addr);
         view.action = Some(rule.def.action);
         if matches!(rule.def.action, ActionConfig::Allow | ActionConfig::Deny) {
             return Ok(view);

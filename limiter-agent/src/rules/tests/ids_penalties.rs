@@ -178,39 +178,29 @@ fn a_second_penalty_on_a_prefix_replaces_the_first_and_says_so() {
 }
 
 #[test]
-fn a_penalty_on_a_rules_own_prefix_wins_it_while_it_lasts() {
+fn a_penalty_on_a_rules_own_prefix_comes_before_it_while_it_lasts() {
     // `clients` holds 198.18.0.0/16; a penalty on exactly that prefix.
     let state = with_penalty(&State::default(), "198.18.0.0/16", 2_000);
     let rules = compose(&config(), &state).unwrap_or_else(|e| panic!("{e}"));
-    let prefixes = |name: &str| -> Vec<String> {
+    let def = |name: &str| {
         rules
             .iter()
             .find(|r| r.def.name == name)
-            .map(|r| r.def.prefixes.iter().map(ToString::to_string).collect())
+            .map(|r| &r.def)
             .unwrap_or_else(|| panic!("no rule {name}"))
     };
+    let prefixes = |name: &str| -> Vec<String> {
+        def(name).prefixes.iter().map(ToString::to_string).collect()
+    };
+    // Both keep the prefix; the penalty's service is every packet, ahead
+    // of every other rule's, so the kernel gives the source the penalty.
     assert_eq!(prefixes("penalty:198.18.0.0/16"), ["198.18.0.0/16"]);
-    assert!(
-        prefixes("clients").is_empty(),
-        "the kernel gets it from the penalty"
-    );
-    // As written, the rule keeps its prefix (views show the file's rule).
-    let clients = rules.iter().find(|r| r.def.name == "clients");
-    assert_eq!(clients.map(|r| r.config.prefixes().len()), Some(1));
-    // Only that prefix: `partners` keeps its other one when one is taken.
-    let state = with_penalty(&State::default(), "2001:db8:1::/48", 2_000);
-    let rules = compose(&config(), &state).unwrap_or_else(|e| panic!("{e}"));
-    let partners = rules.iter().find(|r| r.def.name == "partners");
-    assert_eq!(
-        partners.map(|r| r
-            .def
-            .prefixes
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()),
-        Some(vec!["198.19.0.0/24".to_owned()])
-    );
-    // Expired: the rule has its prefix back.
+    assert_eq!(prefixes("clients"), ["198.18.0.0/16"]);
+    let penalty = &def("penalty:198.18.0.0/16").service;
+    assert!(penalty.before_all && penalty.contains(&def("clients").service));
+    let order = crate::config::precedence_order(rules.iter().map(|r| r.def.service.clone()));
+    assert_eq!(order.first(), Some(penalty));
+    // Expired: only the file's rules are left.
     let Some((after, _)) = expire(
         &with_penalty(&State::default(), "198.18.0.0/16", 2_000),
         2_000,
@@ -219,21 +209,13 @@ fn a_penalty_on_a_rules_own_prefix_wins_it_while_it_lasts() {
     };
     let rules = compose(&config(), &after).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(rules.len(), 2);
-    assert_eq!(
-        rules[0]
-            .def
-            .prefixes
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
-        ["198.18.0.0/16"]
-    );
+    assert!(rules.iter().all(|r| !r.def.service.before_all));
 }
 
 #[test]
 fn two_rules_still_cannot_share_a_prefix() {
-    // Shadowing is for penalties only: a live rule on a file rule's prefix
-    // is refused as before.
+    // Only penalties come before other rules: a live rule on a file rule's
+    // prefix (of the same service) is refused as before.
     let err = staged(&[Change::Add(rule("more", "198.18.0.0/16"))])
         .and_then(|state| compose(&config(), &state).map(|_| state))
         .unwrap_err();
