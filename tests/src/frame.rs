@@ -1,7 +1,7 @@
 //! Builds Ethernet frames for packet-level tests: VLAN tags, IPv4 with
 //! options and fragments, IPv6 with extension headers, TCP/UDP/ICMPv6.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
@@ -49,15 +49,16 @@ impl L4 {
         }
     }
 
-    fn bytes(&self, payload: usize) -> Vec<u8> {
+    /// The L4 bytes; `dst_port` replaces TCP's 80 and UDP's 9.
+    fn bytes(&self, payload: usize, dst_port: Option<u16>) -> Vec<u8> {
         let mut out = match self {
-            L4::Tcp { flags } => tcp_header(*flags, 5),
-            L4::TcpDataOffset { flags, data_offset } => tcp_header(*flags, *data_offset),
+            L4::Tcp { flags } => tcp_header(*flags, 5, dst_port),
+            L4::TcpDataOffset { flags, data_offset } => tcp_header(*flags, *data_offset, dst_port),
             L4::TruncatedTcp { len } => return vec![0u8; *len],
             L4::Udp => {
                 let mut h = vec![0u8; 8];
                 h[0..2].copy_from_slice(&40000u16.to_be_bytes());
-                h[2..4].copy_from_slice(&9u16.to_be_bytes());
+                h[2..4].copy_from_slice(&dst_port.unwrap_or(9).to_be_bytes());
                 h[4..6].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
                 h
             }
@@ -69,10 +70,10 @@ impl L4 {
     }
 }
 
-fn tcp_header(flags: u8, data_offset: u8) -> Vec<u8> {
+fn tcp_header(flags: u8, data_offset: u8, dst_port: Option<u16>) -> Vec<u8> {
     let mut h = vec![0u8; 20];
     h[0..2].copy_from_slice(&40000u16.to_be_bytes());
-    h[2..4].copy_from_slice(&80u16.to_be_bytes());
+    h[2..4].copy_from_slice(&dst_port.unwrap_or(80).to_be_bytes());
     h[12] = (data_offset & 0x0f) << 4;
     h[13] = flags;
     h
@@ -178,6 +179,11 @@ pub struct Frame {
     pub l3: L3,
     pub l4: L4,
     pub payload: usize,
+    /// The destination address: [`DST_V4`] / [`DST_V6`] when `None` (of
+    /// the source's family; one of the other family is ignored).
+    pub dst: Option<IpAddr>,
+    /// TCP's and UDP's destination port: 80 and 9 when `None`.
+    pub dst_port: Option<u16>,
 }
 
 #[derive(Clone, Debug)]
@@ -213,6 +219,8 @@ impl Frame {
             },
             l4,
             payload: 18,
+            dst: None,
+            dst_port: None,
         }
     }
 
@@ -227,6 +235,8 @@ impl Frame {
             },
             l4,
             payload: 18,
+            dst: None,
+            dst_port: None,
         }
     }
 
@@ -240,6 +250,18 @@ impl Frame {
         self
     }
 
+    /// Sent to `dst` (of the source's family).
+    pub fn to(mut self, dst: IpAddr) -> Self {
+        self.dst = Some(dst);
+        self
+    }
+
+    /// Sent to destination port `port` (TCP and UDP).
+    pub fn port(mut self, port: u16) -> Self {
+        self.dst_port = Some(port);
+        self
+    }
+
     pub fn build(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(128);
         out.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // dst MAC
@@ -248,7 +270,7 @@ impl Frame {
             out.extend_from_slice(&tpid.to_be_bytes());
             out.extend_from_slice(&100u16.to_be_bytes()); // TCI: VLAN 100
         }
-        let l4 = self.l4.bytes(self.payload);
+        let l4 = self.l4.bytes(self.payload, self.dst_port);
         match &self.l3 {
             L3::V4 {
                 src,
@@ -258,8 +280,13 @@ impl Frame {
                 more_fragments,
             } => {
                 out.extend_from_slice(&ETH_P_IPV4.to_be_bytes());
+                let dst = match self.dst {
+                    Some(IpAddr::V4(dst)) => dst,
+                    _ => DST_V4,
+                };
                 out.extend(ipv4_header(
                     *src,
+                    dst,
                     *tos,
                     *options,
                     *fragment_offset,
@@ -281,8 +308,13 @@ impl Frame {
                     chain.extend(e.bytes(next));
                 }
                 let first = ext.first().map_or(self.l4.proto(), Ext::code);
+                let dst = match self.dst {
+                    Some(IpAddr::V6(dst)) => dst,
+                    _ => DST_V6,
+                };
                 out.extend(ipv6_header(
                     *src,
+                    dst,
                     *traffic_class,
                     *hop_limit,
                     first,
@@ -296,8 +328,13 @@ impl Frame {
     }
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one per header field a test sets"
+)]
 fn ipv4_header(
     src: Ipv4Addr,
+    dst: Ipv4Addr,
     tos: u8,
     options: usize,
     fragment_offset: u16,
@@ -316,7 +353,7 @@ fn ipv4_header(
     h[8] = 64;
     h[9] = proto;
     h[12..16].copy_from_slice(&src.octets());
-    h[16..20].copy_from_slice(&DST_V4.octets());
+    h[16..20].copy_from_slice(&dst.octets());
     // Options: NOPs then end-of-list.
     for b in &mut h[20..] {
         *b = 1;
@@ -329,7 +366,14 @@ fn ipv4_header(
     h
 }
 
-fn ipv6_header(src: Ipv6Addr, tc: u8, hop_limit: u8, next: u8, payload: usize) -> Vec<u8> {
+fn ipv6_header(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    tc: u8,
+    hop_limit: u8,
+    next: u8,
+    payload: usize,
+) -> Vec<u8> {
     let mut h = vec![0u8; 40];
     h[0] = 0x60 | (tc >> 4);
     h[1] = (tc << 4) | 0x0a; // flow label high nibble, kept by the rewrite
@@ -339,7 +383,7 @@ fn ipv6_header(src: Ipv6Addr, tc: u8, hop_limit: u8, next: u8, payload: usize) -
     h[6] = next;
     h[7] = hop_limit;
     h[8..24].copy_from_slice(&src.octets());
-    h[24..40].copy_from_slice(&DST_V6.octets());
+    h[24..40].copy_from_slice(&dst.octets());
     h
 }
 

@@ -29,7 +29,7 @@ use limiter_common::{Action, OverBudgetEvent, Reason, verdict};
 use limiter_tests::{
     frame::{Ext, Frame, L3, L4, TCP_SYN},
     harness::{RuleSpec, net},
-    model::{BucketKey, BucketState, Model, Target},
+    model::{BucketKey, BucketState, Model, ServiceSpec, Target},
 };
 use proptest::{
     prelude::*,
@@ -145,6 +145,10 @@ fn the_kernel_matches_the_model_frame_by_frame() {
             // The generator reaches an aggregate's refusal, not only the
             // sources' own.
             assert!(tally.aggregate_events > 0, "no aggregate refused:\n{tally}");
+            assert!(
+                tally.by_service > 0,
+                "no frame got a service's rule:\n{tally}"
+            );
         }
         Err(TestError::Fail(reason, case)) => {
             let minimal = minimize(&mut kernel.borrow_mut(), case);
@@ -220,6 +224,9 @@ struct Tally {
     events: usize,
     /// Events of a per-source rule's aggregate refusing.
     aggregate_events: usize,
+    /// Frames counted for a rule that names a protocol, ports or
+    /// destinations.
+    by_service: u64,
 }
 
 impl Tally {
@@ -235,6 +242,16 @@ impl Tally {
                 *sum += n;
             }
         }
+        let table = &model.table;
+        for (i, rule) in table.rules.iter().enumerate() {
+            let serviced = table
+                .prefixes
+                .iter()
+                .any(|(s, _, t)| *t == Target::Rule(i) && table.services[*s] != ServiceSpec::ANY);
+            if serviced && let Some(counters) = model.counters.get(&rule.id) {
+                self.by_service += counters.packets.iter().sum::<u64>();
+            }
+        }
         self.events += model.events.len();
         self.aggregate_events += model
             .events
@@ -248,8 +265,9 @@ impl fmt::Display for Tally {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "  through TC: {}; pauses: {}; events: {} ({} of an aggregate)\n  rule verdicts:",
-            self.via_tc, self.pauses, self.events, self.aggregate_events
+            "  through TC: {}; pauses: {}; events: {} ({} of an aggregate); \
+             counted for a rule with a service: {}\n  rule verdicts:",
+            self.via_tc, self.pauses, self.events, self.aggregate_events, self.by_service
         )?;
         for (name, n) in verdict::NAMES.iter().zip(self.verdicts) {
             write!(f, " {name} {n}")?;
@@ -348,6 +366,8 @@ fn one_rule(rule: RuleSpec, prefixes: &[&str]) -> TableSpec {
     TableSpec {
         sources: Vec::new(),
         rules: vec![rule.0],
+        rule_services: vec![0],
+        empty_slot_service: 0,
         prefixes: prefixes
             .iter()
             .map(|p| (net(p), PrefixTarget::Rule(0)))

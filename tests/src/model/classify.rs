@@ -16,35 +16,116 @@ pub enum Target {
     EmptySlot,
 }
 
-/// A rule set as the agent would install it: rules, and source prefixes
-/// pointing at them. Prefixes are unique and have no host bits.
+/// What a rule matches besides sources, read as sets of packets (the
+/// model's own reading of docs/datapath.md, not the agent's code).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub protocol: Option<u8>,
+    /// Inclusive ranges; empty: any port, and packets without one.
+    pub ports: Vec<(u16, u16)>,
+    /// Empty: any destination.
+    pub destinations: Vec<IpNet>,
+}
+
+impl ServiceSpec {
+    /// Every packet.
+    pub const ANY: Self = Self {
+        protocol: None,
+        ports: Vec::new(),
+        destinations: Vec::new(),
+    };
+
+    pub fn matches(&self, ip: &IpInfo) -> bool {
+        let protocol = self.protocol.is_none() || self.protocol == ip.protocol;
+        let port = self.ports.is_empty()
+            || ip
+                .dst_port
+                .is_some_and(|p| self.ports.iter().any(|(lo, hi)| *lo <= p && p <= *hi));
+        let destination = self.destinations.is_empty()
+            || self
+                .destinations
+                .iter()
+                .any(|d| d.contains(&ip.destination));
+        protocol && port && destination
+    }
+
+    /// Whether every packet `other` holds, this one holds too.
+    pub fn contains(&self, other: &Self) -> bool {
+        let protocol = self.protocol.is_none() || self.protocol == other.protocol;
+        let ports = self.ports.is_empty()
+            || (!other.ports.is_empty()
+                && other.ports.iter().all(|(lo, hi)| {
+                    (*lo..=*hi).all(|p| self.ports.iter().any(|(a, b)| *a <= p && p <= *b))
+                }));
+        let destinations = self.destinations.is_empty()
+            || (!other.destinations.is_empty()
+                && other
+                    .destinations
+                    .iter()
+                    .all(|o| self.destinations.iter().any(|d| d.contains(o))));
+        protocol && ports && destinations
+    }
+}
+
+/// A rule set as the agent would install it: rules, services, and source
+/// prefixes of a service pointing at them. Prefixes are unique per service
+/// and have no host bits.
 #[derive(Clone, Debug)]
 pub struct RuleTable {
     pub rules: Vec<Rule>,
-    pub prefixes: Vec<(IpNet, Target)>,
+    pub services: Vec<ServiceSpec>,
+    /// (index into `services`, prefix, target).
+    pub prefixes: Vec<(usize, IpNet, Target)>,
 }
 
 impl RuleTable {
+    /// Rules of source prefixes only (one service: every packet).
     pub fn new(rules: Vec<Rule>, prefixes: Vec<(IpNet, Target)>) -> Self {
+        let prefixes = prefixes.into_iter().map(|(n, t)| (0, n, t)).collect();
+        Self::with_services(rules, vec![ServiceSpec::ANY], prefixes)
+    }
+
+    pub fn with_services(
+        rules: Vec<Rule>,
+        services: Vec<ServiceSpec>,
+        prefixes: Vec<(usize, IpNet, Target)>,
+    ) -> Self {
         let mut seen = HashSet::new();
-        for (net, target) in &prefixes {
+        for (service, net, target) in &prefixes {
             assert_eq!(*net, net.trunc(), "prefix {net} has host bits");
-            assert!(seen.insert(*net), "prefix {net} given twice");
+            assert!(*service < services.len(), "prefix {net} of no service");
+            assert!(seen.insert((*service, *net)), "prefix {net} given twice");
             if let Target::Rule(i) = target {
                 assert!(*i < rules.len(), "prefix {net} points past the rules");
             }
         }
-        Self { rules, prefixes }
+        Self {
+            rules,
+            services,
+            prefixes,
+        }
     }
 
-    /// The most specific prefix containing `source` (v4 prefixes for v4
-    /// sources, v6 for v6; `/0` is the family's default).
-    pub fn lookup(&self, source: IpAddr) -> Option<Target> {
-        self.prefixes
+    /// The entry a packet gets: of the entries whose service holds the
+    /// packet and whose prefix holds its source, the one whose service every
+    /// other's holds, then the longest prefix. (A valid rule set has no two
+    /// such services neither of which holds the other.)
+    pub fn lookup(&self, ip: &IpInfo) -> Option<Target> {
+        let candidates: Vec<&(usize, IpNet, Target)> = self
+            .prefixes
             .iter()
-            .filter(|(net, _)| net.contains(&source))
-            .max_by_key(|(net, _)| net.prefix_len())
-            .map(|(_, target)| *target)
+            .filter(|(s, net, _)| net.contains(&ip.source) && self.services[*s].matches(ip))
+            .collect();
+        let narrowest = candidates.iter().map(|(s, _, _)| *s).find(|s| {
+            candidates
+                .iter()
+                .all(|(o, _, _)| self.services[*o].contains(&self.services[*s]))
+        })?;
+        candidates
+            .into_iter()
+            .filter(|(s, _, _)| *s == narrowest)
+            .max_by_key(|(_, net, _)| net.prefix_len())
+            .map(|(_, _, target)| *target)
     }
 }
 

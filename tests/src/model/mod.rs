@@ -14,6 +14,6 @@ mod classify;
 mod parse;
 mod state;
 
-pub use classify::{BucketKey, RuleTable, Target, with_dscp};
+pub use classify::{BucketKey, RuleTable, ServiceSpec, Target, with_dscp};
 pub use parse::{IpInfo, Parsed, parse};
 pub use state::{BucketState, Classified, Expected, Model, Verdict};

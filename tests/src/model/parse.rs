@@ -25,6 +25,12 @@ pub enum Parsed {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IpInfo {
     pub source: IpAddr,
+    pub destination: IpAddr,
+    /// The upper-layer protocol; `None` where the IPv6 chain hides it.
+    pub protocol: Option<u8>,
+    /// TCP's, UDP's and SCTP's destination port, when the packet holds it
+    /// (not in a non-first fragment, not cut before it).
+    pub dst_port: Option<u16>,
     /// Where the IP header starts in the frame.
     pub l3_offset: usize,
     /// A TCP SYN without ACK.
@@ -45,6 +51,8 @@ const ETHERTYPE_IPV6: u16 = 0x86dd;
 const IPV4_MIN_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;
 const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+const PROTO_SCTP: u8 = 132;
 const PROTO_ICMPV6: u8 = 58;
 /// "No next header": the one payload that may be empty.
 const PROTO_NONE: u8 = 59;
@@ -108,8 +116,12 @@ fn ipv4(frame: &[u8], l3: usize) -> Parsed {
     }
     let packet = &on_wire[..total_len];
     let s = &packet[12..16];
+    let d = &packet[16..20];
     let mut ip = IpInfo {
         source: IpAddr::V4(Ipv4Addr::new(s[0], s[1], s[2], s[3])),
+        destination: IpAddr::V4(Ipv4Addr::new(d[0], d[1], d[2], d[3])),
+        protocol: Some(packet[9]),
+        dst_port: None,
         l3_offset: l3,
         new_connection: false,
         note: None,
@@ -123,8 +135,19 @@ fn ipv4(frame: &[u8], l3: usize) -> Parsed {
             return Parsed::Drop(Reason::TinyFragment);
         }
         ip.note = Some(Reason::Fragment);
-    } else if packet[9] == PROTO_TCP {
-        return tcp(&packet[header_len..], more_fragments, ip);
+        return Parsed::Ip(ip);
+    }
+    upper_layer(packet[9], &packet[header_len..], more_fragments, ip)
+}
+
+/// The upper-layer header of an unfragmented packet or a first fragment.
+fn upper_layer(protocol: u8, segment: &[u8], first_fragment: bool, mut ip: IpInfo) -> Parsed {
+    if matches!(protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
+        // All three start with the source port, then the destination port.
+        ip.dst_port = be16(segment, 2);
+    }
+    if protocol == PROTO_TCP {
+        return tcp(segment, first_fragment, ip);
     }
     Parsed::Ip(ip)
 }
@@ -169,8 +192,13 @@ fn ipv6(frame: &[u8], l3: usize) -> Parsed {
     let packet = &on_wire[..end];
     let mut source = [0u8; 16];
     source.copy_from_slice(&packet[8..24]);
+    let mut destination = [0u8; 16];
+    destination.copy_from_slice(&packet[24..40]);
     let mut ip = IpInfo {
         source: IpAddr::V6(Ipv6Addr::from(source)),
+        destination: IpAddr::V6(Ipv6Addr::from(destination)),
+        protocol: None,
+        dst_port: None,
         l3_offset: l3,
         new_connection: false,
         note: None,
@@ -199,6 +227,8 @@ fn ipv6(frame: &[u8], l3: usize) -> Parsed {
                 return Parsed::Drop(Reason::TinyFragment);
             }
             if offset_units != 0 {
+                // What follows is no header: only its kind is known.
+                ip.protocol = Some(header[0]);
                 ip.note = Some(Reason::Fragment);
                 return Parsed::Ip(ip);
             }
@@ -213,8 +243,11 @@ fn ipv6(frame: &[u8], l3: usize) -> Parsed {
         }
     }
     let upper = &packet[at..];
+    ip.protocol = Some(next);
     match next {
-        PROTO_TCP => return tcp(upper, first_fragment, ip),
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            return upper_layer(next, upper, first_fragment, ip);
+        }
         PROTO_ICMPV6
             if upper.len() >= ICMPV6_HEADER
                 && ND_TYPES.contains(&upper[0])

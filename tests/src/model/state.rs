@@ -124,7 +124,7 @@ impl Model {
                 bucket: None,
             };
         };
-        let target = self.table.lookup(ip.source);
+        let target = self.table.lookup(&ip);
         let bucket = match target {
             Some(Target::Rule(i)) if is_rate_limited(&self.table.rules[i]) => {
                 Some(BucketKey::of(&self.table.rules[i], ip.source))

@@ -1,7 +1,10 @@
 //! Generated frames: valid ones across every header combination the parser
 //! knows, then padded, lied about, bit-flipped or cut.
 
-use std::{fmt::Write as _, net::IpAddr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use limiter_tests::frame::{ETH_P_8021AD, ETH_P_8021Q, Ext, Frame, L3, L4};
 use proptest::{prelude::*, sample::Index};
@@ -30,6 +33,10 @@ pub enum Body {
         l3: L3Spec,
         l4: L4,
         payload: usize,
+        /// Sent outside the destinations rules name (else inside them).
+        elsewhere: bool,
+        /// TCP's and UDP's destination port; `None`: 80 and 9.
+        dst_port: Option<u16>,
     },
     NonIp {
         vlans: Vec<u16>,
@@ -143,6 +150,8 @@ impl FrameSpec {
             l3,
             l4,
             payload,
+            elsewhere,
+            dst_port,
         } = &self.body
         else {
             unreachable!("only IP bodies make a Frame")
@@ -181,11 +190,17 @@ impl FrameSpec {
                 ext: ext.clone(),
             },
         };
+        let dst = elsewhere.then(|| match l3 {
+            L3::V4 { .. } => IpAddr::V4(Ipv4Addr::new(198, 19, 1, 1)),
+            L3::V6 { .. } => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xfffe, 0, 0, 0, 0, 1)),
+        });
         Frame {
             vlan_tpids: vlans.clone(),
             l3,
             l4: l4.clone(),
             payload: *payload,
+            dst,
+            dst_port: *dst_port,
         }
     }
 
@@ -262,15 +277,34 @@ pub fn frame() -> impl Strategy<Value = FrameSpec> {
 }
 
 fn body() -> impl Strategy<Value = Body> {
-    let ip = (vlans(), any::<Index>(), l3_and_l4(), payload()).prop_map(
-        |(vlans, source, (l3, l4), payload)| Body::Ip {
-            vlans,
-            source,
-            l3,
-            l4,
-            payload,
-        },
-    );
+    // Ports in and out of the rule services' (tests/differential/rules.rs).
+    let dst_port = prop_oneof![
+        3 => Just(None),
+        1 => prop_oneof![
+            Just(22u16), Just(53), Just(80), Just(85), Just(90), Just(91), Just(443),
+            Just(5000), Just(5010), Just(5011), any::<u16>(),
+        ]
+        .prop_map(Some),
+    ];
+    let ip = (
+        vlans(),
+        any::<Index>(),
+        l3_and_l4(),
+        payload(),
+        prop::bool::weighted(0.3),
+        dst_port,
+    )
+        .prop_map(
+            |(vlans, source, (l3, l4), payload, elsewhere, dst_port)| Body::Ip {
+                vlans,
+                source,
+                l3,
+                l4,
+                payload,
+                elsewhere,
+                dst_port,
+            },
+        );
     let ethertype = prop_oneof![
         Just(0x0806u16), // ARP
         Just(0x88cc),    // LLDP

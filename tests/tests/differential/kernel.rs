@@ -3,15 +3,17 @@
 //! buckets of earlier cases can never be seen; all state is reset when ids
 //! or source-map room run low.
 
-use ipnet::IpNet;
-use limiter_agent::datapath::Capacities;
-use limiter_common::{Bucket, OverBudgetEvent, Reason, RuleCounters};
+use limiter_agent::{
+    config::{ServiceTable, precedence_order},
+    datapath::Capacities,
+};
+use limiter_common::{Bucket, OverBudgetEvent, Reason, RuleCounters, active};
 use limiter_tests::{
     harness::Harness,
     model::{BucketKey, RuleTable},
 };
 
-use crate::rules::{PrefixTarget, TableSpec};
+use crate::rules::{PrefixTarget, TableSpec, agent_service};
 
 const MAX_RULES: u32 = 4096;
 /// Per-source buckets a load may create: twice what is ever used before a
@@ -76,13 +78,40 @@ impl Kernel {
             dp.set_rule(slot_of(rule.id), rule)
                 .unwrap_or_else(|e| panic!("{e}"));
         }
+        // The services in use, ordered and tabled by the agent's code; the
+        // model decides from the services' definitions alone.
+        let used = spec
+            .prefixes
+            .iter()
+            .map(|(_, target)| spec.service_of(*target))
+            .chain(spec.rule_services.iter().copied());
+        let services = ServiceTable::build(precedence_order(used.map(agent_service)));
         for (net, target) in &spec.prefixes {
             let slot = match target {
                 PrefixTarget::Rule(i) => slot_of(ids[*i]),
                 PrefixTarget::EmptySlot => empty_slot,
             };
-            set_prefix(&mut self.harness, *net, slot);
+            let index = services
+                .index_of(&agent_service(spec.service_of(*target)))
+                .unwrap_or_else(|| panic!("service of {net} not in the table"));
+            dp.set_service_prefix(0, index, *net, slot)
+                .unwrap_or_else(|e| panic!("prefix {net}: {e}"));
         }
+        for (block, mask) in &services.ports {
+            dp.service_port_op(0, *block, Some(*mask))
+                .unwrap_or_else(|e| panic!("{block:?}: {e}"));
+        }
+        for (net, mask) in &services.destinations {
+            dp.service_destination_op(0, *net, Some(*mask))
+                .unwrap_or_else(|e| panic!("{net}: {e}"));
+        }
+        dp.set_active_word(active::word(
+            0,
+            services.order.len() as u32,
+            services.by_protocol,
+            services.by_destination,
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
         table
     }
 
@@ -149,13 +178,6 @@ pub fn tc_test_run_accepts(frame: &[u8]) -> bool {
 /// test sees that counters follow the id.
 fn slot_of(id: u32) -> u32 {
     MAX_RULES + id
-}
-
-fn set_prefix(harness: &mut Harness, net: IpNet, slot: u32) {
-    harness
-        .dp
-        .set_prefix(0, net, slot)
-        .unwrap_or_else(|e| panic!("prefix {net}: {e}"));
 }
 
 fn monotonic_ns() -> u64 {

@@ -8,9 +8,62 @@ use std::{
 };
 
 use ipnet::IpNet;
+use limiter_agent::config::{PortField, ProtocolField, Service};
 use limiter_common::{Action, Limit, Rule, Scope, dimension};
-use limiter_tests::model::{RuleTable, Target};
+use limiter_tests::model::{RuleTable, ServiceSpec, Target};
 use proptest::{prelude::*, sample::Index};
+
+/// A service as written: (protocol, port ranges, destinations).
+type PoolService = (Option<u8>, &'static [(u16, u16)], &'static [&'static str]);
+
+/// Services rules are drawn from.
+/// Any two are nested or share no packet, so every table of them is valid
+/// (no packet two rules could claim alike); frames go to 198.19.0.1 and
+/// 2001:db8:ffff::1 (inside) or elsewhere, to ports in and out of these.
+pub const SERVICE_POOL: [PoolService; 11] = [
+    (None, &[], &[]),
+    (Some(6), &[], &[]),
+    (Some(6), &[(80, 90)], &[]),
+    (Some(6), &[(80, 80)], &[]),
+    (Some(6), &[(22, 22)], &[]),
+    (Some(6), &[(443, 443)], &["198.19.0.0/24"]),
+    (Some(17), &[], &[]),
+    (Some(17), &[(9, 9), (53, 53)], &[]),
+    (Some(17), &[(5000, 5010)], &["2001:db8:ffff::/48"]),
+    (Some(1), &[], &[]),
+    (Some(132), &[], &[]),
+];
+
+/// A pool service as the model reads it.
+pub fn model_service(index: usize) -> ServiceSpec {
+    let (protocol, ports, destinations) = SERVICE_POOL[index];
+    ServiceSpec {
+        protocol,
+        ports: ports.to_vec(),
+        destinations: destinations.iter().map(|d| net(d)).collect(),
+    }
+}
+
+/// A pool service as the agent reads it from a rule's fields.
+pub fn agent_service(index: usize) -> Service {
+    let (protocol, ports, destinations) = SERVICE_POOL[index];
+    let protocol = protocol.map(|p| ProtocolField::Number(p.into()));
+    let ports: Vec<PortField> = ports
+        .iter()
+        .map(|(lo, hi)| PortField::Text(format!("{lo}-{hi}")))
+        .collect();
+    let destinations: Vec<String> = destinations.iter().map(|d| (*d).to_owned()).collect();
+    Service::from_fields(
+        protocol.as_ref(),
+        (!ports.is_empty()).then_some(ports.as_slice()),
+        (!destinations.is_empty()).then_some(destinations.as_slice()),
+    )
+    .unwrap_or_else(|(field, problem)| panic!("pool service {index}: {field}: {problem}"))
+}
+
+fn net(text: &str) -> IpNet {
+    text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
+}
 
 /// A rule table before the kernel ids are known.
 #[derive(Clone)]
@@ -18,7 +71,21 @@ pub struct TableSpec {
     /// The sources frames are sent from (198.18.0.0/15, 2001:db8::/32).
     pub sources: Vec<IpAddr>,
     pub rules: Vec<Rule>,
+    /// Each rule's service, an index into [`SERVICE_POOL`].
+    pub rule_services: Vec<usize>,
+    /// The service of the prefix pointing at an empty slot, if any.
+    pub empty_slot_service: usize,
     pub prefixes: Vec<(IpNet, PrefixTarget)>,
+}
+
+impl TableSpec {
+    /// The pool service of a prefix's target.
+    pub fn service_of(&self, target: PrefixTarget) -> usize {
+        match target {
+            PrefixTarget::Rule(i) => self.rule_services[i],
+            PrefixTarget::EmptySlot => self.empty_slot_service,
+        }
+    }
 }
 
 /// What a prefix points at: `rules[i]`, or a slot with no rule in it.
@@ -41,14 +108,15 @@ impl TableSpec {
             .prefixes
             .iter()
             .map(|(net, target)| {
-                let target = match target {
+                let model_target = match target {
                     PrefixTarget::Rule(i) => Target::Rule(*i),
                     PrefixTarget::EmptySlot => Target::EmptySlot,
                 };
-                (*net, target)
+                (self.service_of(*target), *net, model_target)
             })
             .collect();
-        RuleTable::new(rules, prefixes)
+        let services = (0..SERVICE_POOL.len()).map(model_service).collect();
+        RuleTable::with_services(rules, services, prefixes)
     }
 }
 
@@ -84,7 +152,13 @@ impl fmt::Debug for TableSpec {
                     )?;
                 }
             }
-            writeln!(f, ", dscp {} mark {:#x}", r.dscp, r.skb_mark)?;
+            writeln!(
+                f,
+                ", dscp {} mark {:#x}, service {}",
+                r.dscp,
+                r.skb_mark,
+                agent_service(self.rule_services[i])
+            )?;
         }
         writeln!(f, "prefixes:")?;
         for (net, target) in &self.prefixes {
@@ -98,30 +172,50 @@ pub fn table() -> impl Strategy<Value = TableSpec> {
     (
         prop::collection::vec(v4_source(), 4..12),
         prop::collection::vec(v6_source(), 4..12),
-        prop::collection::vec(rule(), 1..=8),
+        prop::collection::vec((rule(), service()), 1..=8),
         prop::collection::vec((0..8usize, prefix_choice()), 1..=16),
         prop::option::weighted(0.1, prefix_choice()),
+        service(),
     )
-        .prop_map(|(v4, v6, rules, prefix_choices, empty_slot)| {
-            let sources: Vec<IpAddr> = v4.into_iter().chain(v6).collect();
-            let mut prefixes: Vec<(IpNet, PrefixTarget)> = Vec::new();
-            let targets = prefix_choices
-                .into_iter()
-                .map(|(rule, choice)| (PrefixTarget::Rule(rule % rules.len()), choice))
-                .chain(empty_slot.map(|choice| (PrefixTarget::EmptySlot, choice)));
-            for (target, choice) in targets {
-                let net = choice.resolve(&sources);
-                // A prefix maps to one slot: the first wins, as in a trie.
-                if prefixes.iter().all(|(n, _)| *n != net) {
-                    prefixes.push((net, target));
+        .prop_map(
+            |(v4, v6, rules, prefix_choices, empty_slot, empty_slot_service)| {
+                let (rules, rule_services): (Vec<Rule>, Vec<usize>) = rules.into_iter().unzip();
+                let sources: Vec<IpAddr> = v4.into_iter().chain(v6).collect();
+                let mut prefixes: Vec<(IpNet, PrefixTarget)> = Vec::new();
+                let targets = prefix_choices
+                    .into_iter()
+                    .map(|(rule, choice)| (PrefixTarget::Rule(rule % rules.len()), choice))
+                    .chain(empty_slot.map(|choice| (PrefixTarget::EmptySlot, choice)));
+                let service_of = |target: &PrefixTarget| match target {
+                    PrefixTarget::Rule(i) => rule_services[*i],
+                    PrefixTarget::EmptySlot => empty_slot_service,
+                };
+                for (target, choice) in targets {
+                    let net = choice.resolve(&sources);
+                    // A prefix of a service maps to one slot: the first wins, as
+                    // in a trie.
+                    if prefixes
+                        .iter()
+                        .all(|(n, t)| *n != net || service_of(t) != service_of(&target))
+                    {
+                        prefixes.push((net, target));
+                    }
                 }
-            }
-            TableSpec {
-                sources,
-                rules,
-                prefixes,
-            }
-        })
+                TableSpec {
+                    sources,
+                    rules,
+                    rule_services,
+                    empty_slot_service,
+                    prefixes,
+                }
+            },
+        )
+}
+
+/// A pool service: "every packet" most often, so source-only tables stay
+/// common.
+fn service() -> impl Strategy<Value = usize> {
+    prop_oneof![3 => Just(0usize), 5 => 1..SERVICE_POOL.len()]
 }
 
 /// Sources in a few /24s and /64s of the test ranges, so masks collide.
