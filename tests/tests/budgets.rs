@@ -92,3 +92,126 @@ fn each_source_keeps_to_its_own_budget_and_all_of_them_to_the_aggregate() {
     let shown = env.cli_ok(&["rules", "show", "clients"]);
     assert!(shown.contains("all sources      packets 12/min"), "{shown}");
 }
+
+/// "50 DNS packets per source on udp/53, but leave everything else alone",
+/// scaled down so nothing refills while the test runs.
+const DNS_RULES: &str = r#"
+[[rule]]
+name = "dns"
+prefixes = ["198.18.0.0/24"]
+protocol = "udp"
+ports = [53]
+action = "drop"
+packets = "5/min"
+
+[[rule]]
+name = "everything"
+action = "monitor"
+packets = "1/min"
+"#;
+
+#[test]
+fn a_service_rule_limits_its_port_and_leaves_the_others_alone() {
+    let mut env = AgentEnv::new().unwrap_or_else(|e| panic!("environment: {e:#}"));
+    env.write_config(DNS_RULES)
+        .unwrap_or_else(|e| panic!("config: {e:#}"));
+    env.start().unwrap_or_else(|e| panic!("{e:#}"));
+    let send = |port: u16| {
+        udp_through(&env.pair, "198.18.0.1:0", &format!("198.18.0.2:{port}"), 10)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    };
+    assert_eq!(send(53), 5, "udp/53 holds to its budget");
+    assert_eq!(send(PORT), 10, "another port is only monitored");
+
+    // inspect says which rule a flow gets, and which wider one lost it.
+    let dns = env.cli_json(&[
+        "inspect",
+        "198.18.0.1",
+        "--to",
+        "198.18.0.2",
+        "--proto",
+        "udp",
+        "--port",
+        "53",
+    ]);
+    assert_eq!(dns["rule"], "dns", "{dns}");
+    assert_eq!(dns["service"], "udp port 53", "{dns}");
+    assert_eq!(dns["also_matching"][0]["rule"], "everything", "{dns}");
+    let other = env.cli_json(&["inspect", "198.18.0.1", "--proto", "udp", "--port", "54"]);
+    assert_eq!(other["rule"], "everything", "{other}");
+    let text = env.cli_ok(&[
+        "inspect",
+        "198.18.0.1",
+        "--to",
+        "198.18.0.2",
+        "--proto",
+        "udp",
+        "--port",
+        "53",
+    ]);
+    assert!(
+        text.starts_with(
+            "198.18.0.1 (udp port 53 to 198.18.0.2): rule dns via 198.18.0.0/24, udp port 53 (drop)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("also matches everything via 0.0.0.0/0 (every packet): a wider service"),
+        "{text}"
+    );
+
+    // A flow that names no protocol cannot have a port; an unknown
+    // protocol is named with what to write.
+    let (status, body) = env
+        .api("GET", "/v1/sources/198.18.0.1?protocol=ftp", None)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("`protocol`") && body.contains("write tcp, udp"),
+        "{body}"
+    );
+    let out = env
+        .cli(&["inspect", "198.18.0.1", "--port", "53"])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`port`") && err.contains("add protocol"),
+        "{err}"
+    );
+
+    // A rule whose service shares packets and sources with dns, neither
+    // holding the other, is refused with both names and a packet; nothing
+    // in force changes.
+    let out = env
+        .cli(&[
+            "rules",
+            "add",
+            "resolvers",
+            "--action",
+            "deny",
+            "--destination",
+            "198.18.0.2/32",
+        ])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rule \"resolvers\" and rule \"dns\" both match a udp packet from 198.18.0.0 to 198.18.0.2 port 53"),
+        "{err}"
+    );
+    let rules = env.cli_json(&["rules", "list"]);
+    assert!(rule(&rules, "resolvers").is_none(), "{rules}");
+    // With sources apart from dns's, it is no longer ambiguous.
+    env.cli_ok(&[
+        "rules",
+        "add",
+        "resolvers",
+        "--action",
+        "deny",
+        "--destination",
+        "198.18.0.2/32",
+        "--prefix",
+        "198.18.1.0/24",
+    ]);
+}

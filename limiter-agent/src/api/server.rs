@@ -74,12 +74,12 @@ pub fn router(shared: Shared) -> Router {
         .route("/v1/revert", post(revert_all))
         .route("/v1/batch", post(batch))
         .route("/v1/penalties", post(penalize))
-        .route("/v1/sources/{address}", get(inspect))
         .route("/v1/reload", post(reload))
         .route("/v1/detach", post(detach))
-        // Every route above takes no query; `/v1/top`, added after this
-        // layer, has its own (`TopQuery`).
+        // Every route above takes no query; those added after this layer
+        // have their own (`FlowQuery`, `TopQuery`).
         .route_layer(middleware::from_fn(no_query))
+        .route("/v1/sources/{address}", get(inspect))
         .route("/v1/top", get(top))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared);
