@@ -4,6 +4,7 @@
 //! (see `limiter_charge` in src/enforce.rs).
 fn main() {
     println!("cargo:rustc-link-arg-bin=limiter=--export=limiter_charge");
+    println!("cargo:rustc-link-arg-bin=limiter=--export=limiter_reply_allowed");
     match which::which("bpf-linker") {
         Ok(path) => println!("cargo:rerun-if-changed={}", path.display()),
         Err(error) => println!("cargo:warning=bpf-linker not found ({error}); run ./x setup"),
