@@ -31,6 +31,7 @@ pub(super) struct Maps {
     pub(super) shared_buckets: Array<MapData, Bucket>,
     pub(super) rule_counters: PerCpuArray<MapData, RuleCounters>,
     pub(super) reason_counters: PerCpuArray<MapData, u64>,
+    pub(super) reply_buckets: Array<MapData, Bucket>,
     /// A second handle on the event ring, whose own handle goes to its
     /// reader: the map must stay pinnable after that.
     events: MapData,
@@ -54,6 +55,7 @@ impl Maps {
             shared_buckets: take(ebpf, map_names::SHARED_BUCKETS)?,
             rule_counters: take(ebpf, map_names::RULE_COUNTERS)?,
             reason_counters: take(ebpf, map_names::REASON_COUNTERS)?,
+            reply_buckets: take(ebpf, map_names::REPLY_BUCKETS)?,
             events: duplicate(map_names::EVENTS, events.as_fd())?,
             cpus,
         };
@@ -78,6 +80,7 @@ impl Maps {
             (map_names::REASON_COUNTERS, self.reason_counters.map()),
             (map_names::EVENTS, &self.events),
             (map_names::ACTIVE, self.active.map()),
+            (map_names::REPLY_BUCKETS, self.reply_buckets.map()),
         ]
     }
 }
@@ -189,8 +192,8 @@ impl Datapath {
         Ok(v4 + v6)
     }
 
-    /// Zeroes a rule id's counters and shared bucket, before the id is given
-    /// to a new rule.
+    /// Zeroes a rule id's counters, shared bucket and reply bucket, before
+    /// the id is given to a new rule.
     pub fn reset_rule_state(&mut self, rule_id: u32) -> Result<()> {
         let zeros = self.maps.per_cpu_zeros()?;
         self.maps
@@ -200,7 +203,11 @@ impl Datapath {
         self.maps
             .shared_buckets
             .set(rule_id, &Bucket::default(), 0)
-            .map_err(map_err(map_names::SHARED_BUCKETS))
+            .map_err(map_err(map_names::SHARED_BUCKETS))?;
+        self.maps
+            .reply_buckets
+            .set(rule_id, &Bucket::default(), 0)
+            .map_err(map_err(map_names::REPLY_BUCKETS))
     }
 
     /// A rule's counters, summed over CPUs.

@@ -53,6 +53,7 @@ pub fn kernel_rule(def: &RuleDef, id: u32) -> KernelRule {
         ActionConfig::Drop => Action::Drop,
         ActionConfig::Mark => Action::Mark,
         ActionConfig::Monitor => Action::Monitor,
+        ActionConfig::Reject => Action::Reject,
     };
     KernelRule {
         id,
@@ -72,6 +73,7 @@ pub fn kernel_rule(def: &RuleDef, id: u32) -> KernelRule {
             // "unlimited".
             limits: def.limits(),
             aggregate: def.aggregate_limits(),
+            reply: def.reply_limit(),
         },
         prefixes: def.prefixes.clone(),
     }
