@@ -12,6 +12,7 @@
 
 mod classify;
 mod parse;
+mod reply;
 mod state;
 
 pub use classify::{BucketKey, RuleTable, Target, with_dscp};
