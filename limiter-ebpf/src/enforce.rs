@@ -41,10 +41,11 @@ pub enum Decision {
         dscp: u8,
         skb_mark: u32,
     },
-    /// Answer the SYN with a RST (see `reply`): its reply budget is
-    /// charged already.
+    /// Answer the SYN with a RST acknowledging `ack` (see `reply`): its
+    /// reply budget is charged already.
     Reject {
         ip: IpPacket,
+        ack: u32,
     },
 }
 
@@ -103,7 +104,7 @@ pub fn decide<P: Packet>(pkt: &P) -> Decision {
             if limiter_charge(rule, &args) != 0 {
                 (verdict::PASSED, Decision::Pass)
             } else {
-                over_budget(rule, action, ip)
+                over_budget(pkt, rule, action, ip)
             }
         }
         None => {
@@ -122,21 +123,27 @@ pub fn decide<P: Packet>(pkt: &P) -> Decision {
 }
 
 #[inline(always)]
-fn over_budget(rule: &Rule, action: Action, ip: IpPacket) -> (usize, Decision) {
+fn over_budget<P: Packet>(pkt: &P, rule: &Rule, action: Action, ip: IpPacket) -> (usize, Decision) {
     match action {
         // Only a SYN is answered: a RST to anything else would tear down
         // an established connection or answer a spoofed segment.
         Action::Reject if ip.syn => {
             // Unanswerable SYNs are told apart first, so that they never
-            // spend the reply budget.
-            if !reply::answerable(&ip) {
+            // spend the reply budget and are counted as what they get.
+            let ack = if reply::answerable(&ip) {
+                reply::ack_for(pkt.data(), pkt.data_end(), &ip)
+            } else {
+                0
+            };
+            if ack == 0 {
                 count_reason(Reason::RejectUnanswerable);
                 (verdict::DROPPED, Decision::Drop)
             } else if limiter_reply_allowed(rule) == 0 {
                 count_reason(Reason::ReplyBudgetExceeded);
                 (verdict::DROPPED, Decision::Drop)
             } else {
-                (verdict::REJECTED, Decision::Reject { ip })
+                let ack = ack as u32;
+                (verdict::REJECTED, Decision::Reject { ip, ack })
             }
         }
         Action::Mark => (

@@ -127,8 +127,8 @@ pub fn limiter_xdp(ctx: XdpContext) -> u32 {
             }
             xdp_action::XDP_PASS
         }
-        Decision::Reject { ip } => {
-            if xdp_reject(&ctx, &ip).is_some() {
+        Decision::Reject { ip, ack } => {
+            if xdp_reject(&ctx, &ip, ack).is_some() {
                 xdp_action::XDP_TX
             } else {
                 count_reason(Reason::RejectUnanswerable);
@@ -141,12 +141,8 @@ pub fn limiter_xdp(ctx: XdpContext) -> u32 {
 /// Turns the SYN into its RST in place, cuts the frame to it: XDP_TX then
 /// sends it back out of the interface it came in on.
 #[inline(always)]
-fn xdp_reject(ctx: &XdpContext, ip: &IpPacket) -> Option<()> {
-    let ack = reply::ack_for(ctx.data(), ctx.data_end(), ip);
-    if ack == 0 {
-        return None;
-    }
-    let reply_len = reply::build(ctx.data(), ctx.data_end(), ip, ack as u32, true);
+fn xdp_reject(ctx: &XdpContext, ip: &IpPacket, ack: u32) -> Option<()> {
+    let reply_len = reply::build(ctx.data(), ctx.data_end(), ip, ack, true);
     if reply_len == 0 {
         return None;
     }
@@ -226,8 +222,8 @@ pub fn limiter_tc(ctx: TcContext) -> i32 {
             }
             TC_ACT_OK
         }
-        Decision::Reject { ip } => {
-            if tc_reject(&ctx, &ip).is_some() {
+        Decision::Reject { ip, ack } => {
+            if tc_reject(&ctx, &ip, ack).is_some() {
                 TC_ACT_REDIRECT
             } else {
                 count_reason(Reason::RejectUnanswerable);
@@ -264,14 +260,10 @@ pub fn limiter_tc(ctx: TcContext) -> i32 {
 ///   options can meet that.
 /// - The IPv4 header checksum is in no skb checksum state: written whole.
 #[inline(always)]
-fn tc_reject(ctx: &TcContext, ip: &IpPacket) -> Option<()> {
+fn tc_reject(ctx: &TcContext, ip: &IpPacket, ack: u32) -> Option<()> {
     // Written in place first (everything it reads lies in front of where
     // the reply ends), then cut.
-    let ack = reply::ack_for(ctx.data(), ctx.data_end(), ip);
-    if ack == 0 {
-        return None;
-    }
-    let reply_len = reply::build(ctx.data(), ctx.data_end(), ip, ack as u32, false) as u32;
+    let reply_len = reply::build(ctx.data(), ctx.data_end(), ip, ack, false) as u32;
     if reply_len == 0 {
         return None;
     }
