@@ -39,7 +39,7 @@ const PACKAGES: &[&str] = &[
 /// The test targets of limiter-tests each guest runs: the packet-level
 /// tests (BPF_PROG_TEST_RUN) and native XDP on a veth between two
 /// namespaces. In steps: the binaries of a step run side by side, steps one
-/// after another. parsing, actions and hostile only test-run programs and
+/// after another. parsing, actions, hostile and reject only test-run programs and
 /// maps of their own (one load per binary, shared by its tests: the
 /// verifier is most of their time); netns_xdp sends timed traffic, so it
 /// runs alone, as does
@@ -48,7 +48,7 @@ const PACKAGES: &[&str] = &[
 /// netns_tc is left out (TCX needs 6.6), as are agent and metrics (they
 /// need nftables and Prometheus).
 const PLAN: &[&[&str]] = &[
-    &["parsing", "actions", "hostile"],
+    &["parsing", "actions", "hostile", "reject"],
     &["netns_xdp"],
     &["kernel_features"],
 ];
