@@ -6,6 +6,7 @@
 fn main() {
     println!("cargo:rustc-link-arg-bin=limiter=--export=limiter_charge");
     println!("cargo:rustc-link-arg-bin=limiter=--export=limiter_classify");
+    println!("cargo:rustc-link-arg-bin=limiter=--export=limiter_reply_allowed");
     match which::which("bpf-linker") {
         Ok(path) => println!("cargo:rerun-if-changed={}", path.display()),
         Err(error) => println!("cargo:warning=bpf-linker not found ({error}); run ./x setup"),

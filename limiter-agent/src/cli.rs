@@ -172,12 +172,13 @@ fn rules_table(rules: &[RuleView], now: u64) -> Vec<String> {
             "EXPIRES",
             "PASSED",
             "DROPPED",
-            "OVER(MARK/MON)",
+            "OVER(MARK/MON/REJ)",
         ]
         .map(str::to_owned),
     ];
     for r in rules {
-        let over = r.counters.packets.marked + r.counters.packets.would_drop;
+        let p = &r.counters.packets;
+        let over = p.marked + p.would_drop + p.rejected;
         rows.push([
             r.name.clone(),
             r.id.to_string(),
@@ -241,12 +242,16 @@ pub async fn show(client: &Client, out: &Output, name: &str) -> Result {
         }
         let c = &r.counters;
         println!(
-            "  packets          passed {} dropped {} marked {} would-drop {}",
-            c.packets.passed, c.packets.dropped, c.packets.marked, c.packets.would_drop
+            "  packets          passed {} dropped {} marked {} would-drop {} rejected {}",
+            c.packets.passed,
+            c.packets.dropped,
+            c.packets.marked,
+            c.packets.would_drop,
+            c.packets.rejected
         );
         println!(
-            "  bytes            passed {} dropped {} marked {} would-drop {}",
-            c.bytes.passed, c.bytes.dropped, c.bytes.marked, c.bytes.would_drop
+            "  bytes            passed {} dropped {} marked {} would-drop {} rejected {}",
+            c.bytes.passed, c.bytes.dropped, c.bytes.marked, c.bytes.would_drop, c.bytes.rejected
         );
     });
     Ok(())

@@ -144,7 +144,7 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
 
     let mut packets = Family::new(
         "limiter_packets_total",
-        "Packets of each rule, by verdict (passed, dropped, marked, would_drop), summed over CPUs.",
+        "Packets of each rule, by verdict (passed, dropped, marked, would_drop, rejected), summed over CPUs.",
         MetricType::COUNTER,
     );
     let mut bytes = Family::new(

@@ -17,8 +17,9 @@ pub use rate::Limit;
 pub mod map_names {
     /// Every map name starts with this (older layouts' too).
     pub const PREFIX: &str = "LIM_";
-    /// V2: intervals in 2^-14 ns (V1: 2^-16 ns), aggregate budgets.
-    pub const RULES: &str = "LIM_RULES_V2";
+    /// V3: the reply budget of `reject` rules (V2: intervals in 2^-14 ns,
+    /// aggregate budgets; V1: 2^-16 ns).
+    pub const RULES: &str = "LIM_RULES_V3";
     /// V2: keyed by (generation, service, source prefix).
     pub const PREFIXES_V4: &str = "LIM_PFX4_V2";
     pub const PREFIXES_V6: &str = "LIM_PFX6_V2";
@@ -31,12 +32,16 @@ pub mod map_names {
     pub const SOURCE_BUCKETS: &str = "LIM_SRC_V2";
     /// V2: TATs in 2^-14 ns; also a per-source rule's aggregate bucket.
     pub const SHARED_BUCKETS: &str = "LIM_SHARED_V2";
-    pub const RULE_COUNTERS: &str = "LIM_RCNT_V1";
+    /// V2: the `rejected` verdict.
+    pub const RULE_COUNTERS: &str = "LIM_RCNT_V2";
     pub const REASON_COUNTERS: &str = "LIM_REASON_V2";
     pub const EVENTS: &str = "LIM_EVENTS_V1";
     /// V2: the generation and how to classify it ([`super::active`]).
     pub const ACTIVE: &str = "LIM_ACTIVE_V2";
-    pub const ALL: [&str; 12] = [
+    /// A `reject` rule's reply bucket by rule id (`tat[0]`): all its
+    /// sources share it.
+    pub const REPLY_BUCKETS: &str = "LIM_REPLY_V1";
+    pub const ALL: [&str; 13] = [
         RULES,
         PREFIXES_V4,
         PREFIXES_V6,
@@ -49,6 +54,7 @@ pub mod map_names {
         REASON_COUNTERS,
         EVENTS,
         ACTIVE,
+        REPLY_BUCKETS,
     ];
 }
 
@@ -147,6 +153,9 @@ pub enum Action {
     Mark = 4,
     /// Over budget: passed, but counted as would-drop. The dry run.
     Monitor = 5,
+    /// Over budget: a TCP SYN is answered with a RST (within the rule's
+    /// reply budget, [`Rule::reply`]), everything else is dropped.
+    Reject = 6,
 }
 
 impl Action {
@@ -157,6 +166,7 @@ impl Action {
             3 => Self::Drop,
             4 => Self::Mark,
             5 => Self::Monitor,
+            6 => Self::Reject,
             _ => return None,
         })
     }
@@ -210,9 +220,13 @@ pub struct Rule {
     /// otherwise): a packet must fit its source's budget and these. All
     /// unlimited: no aggregate.
     pub aggregate: [Limit; dimension::COUNT],
+    /// [`Action::Reject`]: the RSTs all sources of the rule may get
+    /// together (one per SYN answered). Unlimited (`interval == 0`): no
+    /// RST is sent at all; the agent always sets a budget.
+    pub reply: Limit,
 }
 
-const _: () = assert!(size_of::<Rule>() == 128);
+const _: () = assert!(size_of::<Rule>() == 144);
 
 impl Rule {
     pub const EMPTY: Self = Self {
@@ -226,6 +240,7 @@ impl Rule {
         in_use: 0,
         limits: [Limit::UNLIMITED; dimension::COUNT],
         aggregate: [Limit::UNLIMITED; dimension::COUNT],
+        reply: Limit::UNLIMITED,
     };
 
     /// Whether a per-source rule also has budgets for all its sources
@@ -276,14 +291,17 @@ const _: () = assert!(size_of::<Bucket>() == 40);
 pub mod verdict {
     /// Within budget, or an `allow` rule.
     pub const PASSED: usize = 0;
-    /// Over budget with `drop`, or a `deny` rule.
+    /// Over budget with `drop`, or a `deny` rule; over budget with
+    /// `reject` and not answered (not a SYN, or no reply budget left).
     pub const DROPPED: usize = 1;
     /// Over budget with `mark`: rewritten and passed.
     pub const MARKED: usize = 2;
     /// Over budget with `monitor`: passed, would have been dropped.
     pub const WOULD_DROP: usize = 3;
-    pub const COUNT: usize = 4;
-    pub const NAMES: [&str; COUNT] = ["passed", "dropped", "marked", "would_drop"];
+    /// Over budget with `reject`: a SYN answered with a RST.
+    pub const REJECTED: usize = 4;
+    pub const COUNT: usize = 5;
+    pub const NAMES: [&str; COUNT] = ["passed", "dropped", "marked", "would_drop", "rejected"];
 }
 
 /// Per-rule, per-CPU counters, indexed by [`verdict`].
@@ -294,7 +312,7 @@ pub struct RuleCounters {
     pub bytes: [u64; verdict::COUNT],
 }
 
-const _: () = assert!(size_of::<RuleCounters>() == 64);
+const _: () = assert!(size_of::<RuleCounters>() == 80);
 
 /// Stable reason codes for the global per-CPU counters. Values are never
 /// reused; new reasons are appended before `Count`.
@@ -344,7 +362,14 @@ pub enum Reason {
     /// XDP marked a packet but could not leave the mark for the TC program
     /// (the device gives XDP no metadata room): `skb->mark` is not set.
     MarkNotCarried = 18,
-    Count = 19,
+    /// A `reject` rule's over-budget SYN found the rule's reply budget
+    /// spent: dropped without a RST.
+    ReplyBudgetExceeded = 19,
+    /// A `reject` rule's over-budget SYN that cannot be answered: IPv6
+    /// extension headers, an IPv4 first fragment, or headers the reply
+    /// cannot be written over (see docs/datapath.md). Dropped.
+    RejectUnanswerable = 20,
+    Count = 21,
 }
 
 impl Reason {
@@ -369,6 +394,8 @@ impl Reason {
         Reason::MalformedTcp,
         Reason::TinyFragment,
         Reason::MarkNotCarried,
+        Reason::ReplyBudgetExceeded,
+        Reason::RejectUnanswerable,
     ];
 
     /// Metric label value.
@@ -393,6 +420,8 @@ impl Reason {
             Reason::MalformedTcp => "malformed_tcp",
             Reason::TinyFragment => "tiny_fragment",
             Reason::MarkNotCarried => "mark_not_carried",
+            Reason::ReplyBudgetExceeded => "reply_budget_exceeded",
+            Reason::RejectUnanswerable => "reject_unanswerable",
             Reason::Count => "count",
         }
     }
@@ -581,6 +610,7 @@ mod tests {
             Action::Drop,
             Action::Mark,
             Action::Monitor,
+            Action::Reject,
         ] {
             assert_eq!(Action::from_u32(a as u32), Some(a));
         }

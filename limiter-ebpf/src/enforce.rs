@@ -23,8 +23,12 @@ use limiter_common::{
 use crate::{
     atomic::compare_exchange,
     classify::{NO_RULE, limiter_classify},
-    maps::{EVENTS, REASON_COUNTERS, RULE_COUNTERS, RULES, SHARED_BUCKETS, SOURCE_BUCKETS},
+    maps::{
+        EVENTS, REASON_COUNTERS, REPLY_BUCKETS, RULE_COUNTERS, RULES, SHARED_BUCKETS,
+        SOURCE_BUCKETS,
+    },
     parse::{IpPacket, Packet, Parsed, parse, read},
+    reply,
 };
 
 /// What the program must do with the packet.
@@ -37,6 +41,12 @@ pub enum Decision {
         ip: IpPacket,
         dscp: u8,
         skb_mark: u32,
+    },
+    /// Answer the SYN with a RST acknowledging `ack` (see `reply`): its
+    /// reply budget is charged already.
+    Reject {
+        ip: IpPacket,
+        ack: u32,
     },
 }
 
@@ -89,7 +99,7 @@ pub fn decide<P: Packet>(pkt: &P) -> Decision {
             if limiter_charge(rule, &args) != 0 {
                 (verdict::PASSED, Decision::Pass)
             } else {
-                over_budget(rule, action, ip)
+                over_budget(pkt, rule, action, ip)
             }
         }
         None => {
@@ -108,8 +118,29 @@ pub fn decide<P: Packet>(pkt: &P) -> Decision {
 }
 
 #[inline(always)]
-fn over_budget(rule: &Rule, action: Action, ip: IpPacket) -> (usize, Decision) {
+fn over_budget<P: Packet>(pkt: &P, rule: &Rule, action: Action, ip: IpPacket) -> (usize, Decision) {
     match action {
+        // Only a SYN is answered: a RST to anything else would tear down
+        // an established connection or answer a spoofed segment.
+        Action::Reject if ip.syn => {
+            // Unanswerable SYNs are told apart first, so that they never
+            // spend the reply budget and are counted as what they get.
+            let ack = if reply::answerable(&ip) {
+                reply::ack_for(pkt.data(), pkt.data_end(), &ip)
+            } else {
+                0
+            };
+            if ack == 0 {
+                count_reason(Reason::RejectUnanswerable);
+                (verdict::DROPPED, Decision::Drop)
+            } else if limiter_reply_allowed(rule) == 0 {
+                count_reason(Reason::ReplyBudgetExceeded);
+                (verdict::DROPPED, Decision::Drop)
+            } else {
+                let ack = ack as u32;
+                (verdict::REJECTED, Decision::Reject { ip, ack })
+            }
+        }
         Action::Mark => (
             verdict::MARKED,
             Decision::Mark {
@@ -248,6 +279,37 @@ pub extern "C" fn limiter_charge(rule: *const Rule, args: *const PacketArgs) -> 
         return 1;
     };
     u32::from(charge(rule, args))
+}
+
+/// Charges one reply to a `reject` rule's reply bucket, which all its
+/// sources share: 1 if a RST may be sent, 0 if not. A global function for
+/// the same reason as [`limiter_charge`]. Fails closed: without a budget
+/// (the agent always sets one) or without its bucket, no RST is sent, so a
+/// spoofed SYN flood can never be reflected beyond the budget.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn limiter_reply_allowed(rule: *const Rule) -> u32 {
+    // SAFETY: as in limiter_charge.
+    let Some(rule) = (unsafe { rule.as_ref() }) else {
+        return 0;
+    };
+    if rule.reply.is_unlimited() {
+        return 0;
+    }
+    let Some(bucket) = REPLY_BUCKETS.get_ptr_mut(rule.id) else {
+        return 0;
+    };
+    // SAFETY: a plain helper call without arguments.
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let now = fine_time(now_ns);
+    let (stale, tats) = seen(bucket, now_ns);
+    refresh(tats, stale, now);
+    u32::from(charge_one(
+        tats,
+        now,
+        rule.reply.cost(1),
+        rule.reply.tolerance,
+    ))
 }
 
 /// Charges the packet to its bucket, and to the rule's aggregate if it has

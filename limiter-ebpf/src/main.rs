@@ -26,11 +26,15 @@ mod enforce;
 mod maps;
 mod mark;
 mod parse;
+mod reply;
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{__sk_buff, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::bpf_xdp_adjust_meta,
+    bindings::{
+        __sk_buff, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        xdp_action,
+    },
+    helpers::{bpf_redirect, bpf_xdp_adjust_meta, bpf_xdp_adjust_tail},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -124,7 +128,32 @@ pub fn limiter_xdp(ctx: XdpContext) -> u32 {
             }
             xdp_action::XDP_PASS
         }
+        Decision::Reject { ip, ack } => {
+            if xdp_reject(&ctx, &ip, ack).is_some() {
+                xdp_action::XDP_TX
+            } else {
+                count_reason(Reason::RejectUnanswerable);
+                xdp_action::XDP_DROP
+            }
+        }
     }
+}
+
+/// Turns the SYN into its RST in place, cuts the frame to it: XDP_TX then
+/// sends it back out of the interface it came in on.
+#[inline(always)]
+fn xdp_reject(ctx: &XdpContext, ip: &IpPacket, ack: u32) -> Option<()> {
+    let reply_len = reply::build(ctx.data(), ctx.data_end(), ip, ack, true);
+    if reply_len == 0 {
+        return None;
+    }
+    let delta = reply_len as i32 - (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: the helper checks the length itself; packet pointers are not
+    // used after it.
+    if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return None;
+    }
+    Some(())
 }
 
 /// Puts [`MarkMeta`] in front of the packet, where `limiter_tc_after_xdp`
@@ -194,7 +223,81 @@ pub fn limiter_tc(ctx: TcContext) -> i32 {
             }
             TC_ACT_OK
         }
+        Decision::Reject { ip, ack } => {
+            if tc_reject(&ctx, &ip, ack).is_some() {
+                TC_ACT_REDIRECT
+            } else {
+                count_reason(Reason::RejectUnanswerable);
+                TC_ACT_SHOT
+            }
+        }
     }
+}
+
+/// Turns the SYN's skb into its RST and redirects it to the egress of the
+/// device it came in on. An outer VLAN tag the device took out of the
+/// frame stays in `skb->vlan_tci` and is put back on transmit; inline tags
+/// stay in the frame.
+///
+/// Checksums: the program cannot read `skb->ip_summed`, so the reply must
+/// come out right whatever it is:
+/// - CHECKSUM_COMPLETE (`skb->csum` covers the frame): the frame's length
+///   is changed, and `bpf_skb_change_tail` turns COMPLETE into NONE (a
+///   frame already of the reply's length is grown by 2 bytes first, then
+///   cut), so no stale `skb->csum` follows the reply to a receiver that
+///   would trust it (a veth peer does).
+/// - CHECKSUM_PARTIAL (a local or virtual sender left the TCP checksum to
+///   be finished on transmit, from `csum_start`; veth passes that on):
+///   the checksum field must then hold the folded pseudo-header sum, not
+///   the full checksum, and the TCP header must stay where `csum_start`
+///   points. So the TCP checksum is not stored directly but added with
+///   `bpf_l4_csum_replace` in two steps from 0: the TCP header's sum
+///   without `BPF_F_PSEUDO_HDR` (ignored for PARTIAL, whose transmit adds
+///   it) and the pseudo-header's sum with it. For NONE/UNNECESSARY that
+///   gives the full checksum; for PARTIAL the pseudo-header sum. IPv4
+///   options would move the TCP header off `csum_start`: then
+///   `bpf_skb_change_tail` refuses to cut the checksum's place off and the
+///   SYN is dropped (`reject_unanswerable`); only a local sender's own IP
+///   options can meet that.
+/// - The IPv4 header checksum is in no skb checksum state: written whole.
+#[inline(always)]
+fn tc_reject(ctx: &TcContext, ip: &IpPacket, ack: u32) -> Option<()> {
+    // Written in place first (everything it reads lies in front of where
+    // the reply ends), then cut.
+    let reply_len = reply::build(ctx.data(), ctx.data_end(), ip, ack, false) as u32;
+    if reply_len == 0 {
+        return None;
+    }
+    if ctx.len() == reply_len {
+        ctx.change_tail(reply_len + 2, 0).ok()?;
+    }
+    ctx.change_tail(reply_len, 0).ok()?;
+    // change_tail invalidates packet pointers: read them again.
+    let ipv6 = ip.family == family::IPV6;
+    let sums = reply::sums(ctx.data(), ctx.data_end(), ip.l3, ipv6)?;
+    let check = reply_len as usize - 20 + 16;
+    ctx.l4_csum_replace(check, 0, u64::from(wsum(sums.tcp)), 0)
+        .ok()?;
+    ctx.l4_csum_replace(
+        check,
+        0,
+        u64::from(wsum(sums.pseudo)),
+        u64::from(BPF_F_PSEUDO_HDR),
+    )
+    .ok()?;
+    let skb = ctx.as_ptr() as *const __sk_buff;
+    // SAFETY: the context pointer the kernel passed to the program.
+    let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: a plain helper call; 0: to the device's egress.
+    let action = unsafe { bpf_redirect(ifindex, 0) };
+    (action == i64::from(TC_ACT_REDIRECT)).then_some(())
+}
+
+/// A sum of big-endian words as the kernel's `__wsum`: its checksum
+/// helpers add words as loaded in host order.
+#[inline(always)]
+fn wsum(be_sum: u32) -> u32 {
+    u32::from(u16::from_ne_bytes(reply::fold(be_sum).to_be_bytes()))
 }
 
 #[classifier]

@@ -11,7 +11,7 @@ use limiter_common::{
 };
 
 /// Rules by slot (both generations' slots; the agent assigns them).
-#[map(name = "LIM_RULES_V2")]
+#[map(name = "LIM_RULES_V3")]
 pub static RULES: Array<Rule> = Array::with_max_entries(DEFAULT_MAX_RULES * GENERATIONS, 0);
 
 /// The active rule-set generation and how to classify it (one u32, see
@@ -61,7 +61,7 @@ pub static SOURCE_BUCKETS: LruHashMap<SourceKey, Bucket> =
 pub static SHARED_BUCKETS: Array<Bucket> = Array::with_max_entries(DEFAULT_MAX_RULES, 0);
 
 /// Per-rule, per-CPU counters by rule id.
-#[map(name = "LIM_RCNT_V1")]
+#[map(name = "LIM_RCNT_V2")]
 pub static RULE_COUNTERS: PerCpuArray<RuleCounters> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_RULES, 0);
 
@@ -72,3 +72,8 @@ pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Rea
 /// Over-budget events for the agent.
 #[map(name = "LIM_EVENTS_V1")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// `reject` rules' reply buckets by rule id (`tat[0]`): an array, so a
+/// flood of sources can never evict it and earn fresh replies.
+#[map(name = "LIM_REPLY_V1")]
+pub static REPLY_BUCKETS: Array<Bucket> = Array::with_max_entries(DEFAULT_MAX_RULES, 0);

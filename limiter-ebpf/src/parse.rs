@@ -73,6 +73,9 @@ pub struct IpPacket {
     pub dst_port: Option<u16>,
     /// A TCP SYN without ACK: a new connection attempt.
     pub syn: bool,
+    /// A first fragment with more to come (IPv4 MF, IPv6 fragment header
+    /// M): its payload is not all here (a `reject` reply needs it).
+    pub more_fragments: bool,
     /// A noteworthy but charged condition (fragment, truncated TCP...).
     pub note: Option<Reason>,
 }
@@ -175,6 +178,7 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3: usize) -> Parsed {
         l4: 0,
         dst_port: None,
         syn: false,
+        more_fragments,
         note: None,
     };
     if fragment_offset != 0 {
@@ -264,6 +268,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
         l4: 0,
         dst_port: None,
         syn: false,
+        more_fragments: false,
         note: None,
     };
     let hop_limit = hdr[7];
@@ -297,6 +302,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
                 }
                 // The M flag: more fragments follow this first one.
                 first_fragment = ext[3] & 1 != 0;
+                ip.more_fragments = first_fragment;
                 next = ext[0];
                 off += 8;
             }

@@ -27,8 +27,10 @@ use limiter_common::{
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// `struct __sk_buff` is 192 bytes on the kernels we support; `mark` is its
 /// third u32.
@@ -89,6 +91,13 @@ impl RuleSpec {
         self.0.scope = Scope::PerSource as u32;
         self.0.source_prefix_v4 = v4_len;
         self.0.source_prefix_v6 = v6_len;
+        self
+    }
+
+    /// A reject rule's reply budget: `rate` RSTs per second, `burst` at
+    /// once.
+    pub fn replies(mut self, rate: u64, burst: u64) -> Self {
+        self.0.reply = limit(rate, burst);
         self
     }
 
@@ -287,8 +296,13 @@ impl Harness {
                 .unwrap_or_else(|e| panic!("XDP test run of {} bytes: {e}", frame.len()))
         };
         out.truncate(result.data_size_out as usize);
-        // The program never changes the frame's length, only adds metadata.
-        let meta_len = out.len().saturating_sub(frame.len());
+        // The program only adds metadata, or cuts a SYN to its RST (then it
+        // adds no metadata).
+        let meta_len = if result.return_value == XDP_TX {
+            0
+        } else {
+            out.len().saturating_sub(frame.len())
+        };
         let frame_out = out.split_off(meta_len);
         let carried_mark = match out.as_slice() {
             [m0, m1, m2, m3, k0, k1, k2, k3, ..]
@@ -352,7 +366,8 @@ impl Harness {
             .unwrap_or_else(|e| panic!("counters of rule {rule_id}: {e}"))
     }
 
-    /// Packets of `rule_id` by verdict: [passed, dropped, marked, would_drop].
+    /// Packets of `rule_id` by verdict: [passed, dropped, marked, would_drop,
+    /// rejected].
     pub fn packets(&self, rule_id: u32) -> [u64; verdict::COUNT] {
         self.counters(rule_id).packets
     }

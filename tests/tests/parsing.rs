@@ -218,7 +218,7 @@ fn non_ip_passes_untouched() {
     assert_eq!(action, XDP_PASS);
     assert_eq!(out, frame);
     assert_eq!(h.reason(Reason::NotIp), 1);
-    assert_eq!(h.packets(DENY), [0; 4]);
+    assert_eq!(h.packets(DENY), [0; verdict::COUNT]);
 }
 
 #[test]
@@ -301,7 +301,7 @@ fn truncation_case(frame: &[u8], ethertype_end: usize, ip_reason: Reason) {
     assert_eq!(h.reason(Reason::TruncatedL2), cuts_in_l2);
     assert_eq!(h.reason(ip_reason), cuts_in_ip);
     // Nothing truncated was charged to the rule.
-    assert_eq!(h.packets(DENY), [0; 4]);
+    assert_eq!(h.packets(DENY), [0; verdict::COUNT]);
     // The whole frame is still fine.
     assert_eq!(h.xdp(frame).0, XDP_DROP);
     assert_eq!(h.packets(DENY)[verdict::DROPPED], 1);
@@ -345,7 +345,11 @@ fn malformed_ipv4_headers_are_dropped_with_a_reason() {
         assert_eq!(h.xdp(&frame).0, XDP_DROP, "{name}");
     }
     assert_eq!(h.reason(Reason::MalformedIpv4), cases.len() as u64);
-    assert_eq!(h.packets(DENY), [0; 4], "malformed packets are not charged");
+    assert_eq!(
+        h.packets(DENY),
+        [0; verdict::COUNT],
+        "malformed packets are not charged"
+    );
 }
 
 #[test]
@@ -367,7 +371,7 @@ fn malformed_ipv6_headers_are_dropped_with_a_reason() {
     cut_ext[18..20].copy_from_slice(&1u16.to_be_bytes());
     assert_eq!(h.xdp(&cut_ext).0, XDP_DROP);
     assert_eq!(h.reason(Reason::MalformedIpv6Ext), 1);
-    assert_eq!(h.packets(DENY), [0; 4]);
+    assert_eq!(h.packets(DENY), [0; verdict::COUNT]);
 }
 
 #[test]

@@ -16,6 +16,9 @@ pub struct VerdictCounts {
     pub dropped: u64,
     pub marked: u64,
     pub would_drop: u64,
+    /// SYNs answered with a RST (`reject`); absent from older agents.
+    #[serde(default)]
+    pub rejected: u64,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -87,6 +87,8 @@ fn every_rule_field_but_the_name_is_a_flag() {
         connection_burst: Some(Quantity::Number(1)),
         dscp: Some(1),
         skb_mark: Some(1),
+        replies: Some(String::new()),
+        reply_burst: Some(Quantity::Number(1)),
         aggregate: Some(AggregateFields {
             packets: Some(String::new()),
             packet_burst: Some(Quantity::Number(1)),
@@ -132,7 +134,7 @@ fn every_rule_field_but_the_name_is_a_flag() {
 fn a_wrong_action_lists_the_possible_ones() {
     let err = rule_args(&["web", "--action", "explode"]).unwrap_err();
     assert!(
-        err.contains("[possible values: allow, deny, drop, mark, monitor]"),
+        err.contains("[possible values: allow, deny, drop, mark, monitor, reject]"),
         "{err}"
     );
 }

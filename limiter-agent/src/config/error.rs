@@ -59,7 +59,7 @@ pub enum Problem {
     Rename { from: String, to: String },
     #[error("another rule has this name")]
     NameTaken,
-    #[error("every rule needs an action: write allow, deny, drop, mark or monitor")]
+    #[error("every rule needs an action: write allow, deny, drop, mark, monitor or reject")]
     MissingAction,
     #[error(transparent)]
     Prefix(#[from] PrefixError),
@@ -92,7 +92,7 @@ pub enum Problem {
         rate: String,
         max: u64,
     },
-    #[error("allow and deny rules take no budget; use drop, mark or monitor to limit")]
+    #[error("allow and deny rules take no budget; use drop, mark, monitor or reject to limit")]
     BudgetWithoutLimit,
     #[error(
         "a shared rule is already one budget for all its sources: put these budgets in the \
@@ -126,6 +126,16 @@ pub enum Problem {
     PortsWithoutProtocol,
     #[error("{protocol} packets have no ports: remove `ports`, or use protocol tcp, udp or sctp")]
     PortsOnPortless { protocol: String },
+    #[error(
+        "only reject rules send replies; remove it or use action \"reject\" (with a \
+         new_connections budget, e.g. new_connections = \"3/min\")"
+    )]
+    RepliesWithoutReject,
+    #[error(
+        "a reject rule answers SYNs over its budget: set new_connections (e.g. \"3/min\") \
+         or packets"
+    )]
+    RejectWithoutBudget,
 }
 
 /// An IP family, as errors name it.

@@ -64,6 +64,11 @@ pub mod defaults {
     pub const TOP_K: usize = 20;
     /// The smallest byte burst: one full-size Ethernet frame without FCS.
     pub const MIN_BYTE_BURST: u64 = 1514;
+    /// A reject rule's RSTs, all its sources together (docs/agent.md,
+    /// "reject"): about 60 kbit/s of replies at most, however many
+    /// spoofed SYNs arrive, and still a fast "no" for a few hundred
+    /// clients refused per second-ish burst.
+    pub const REPLIES: &str = "100/s";
 }
 
 /// What runs when no `--config` is given: observe only, on every source.

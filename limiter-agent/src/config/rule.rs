@@ -29,6 +29,9 @@ pub enum ActionConfig {
     Drop,
     Mark,
     Monitor,
+    /// Over budget: a TCP SYN gets a RST (within `replies`), the rest is
+    /// dropped.
+    Reject,
 }
 
 /// Whether each source has its own budget or the rule's sources share one.
@@ -81,7 +84,8 @@ macro_rules! words {
 }
 
 words!(ActionConfig, "an action",
-    Allow => "allow", Deny => "deny", Drop => "drop", Mark => "mark", Monitor => "monitor");
+    Allow => "allow", Deny => "deny", Drop => "drop", Mark => "mark", Monitor => "monitor",
+    Reject => "reject");
 words!(ScopeConfig, "a scope", PerSource => "per-source", Shared => "shared");
 
 /// A count or size written as a number or as text with units.
@@ -204,6 +208,13 @@ rule_fields! {
         #[arg(long)]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub skb_mark: Option<u32>,
+        /// RSTs a reject rule sends, all its sources together, e.g. 100/s
+        #[arg(long)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub replies: Option<String>,
+        #[arg(long)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reply_burst: Option<Quantity>,
         /// Budgets all sources of a per-source rule share, on top of each
         /// source's own: `aggregate = { packets = "20k/s" }`. Given, it
         /// replaces the rule's aggregate as a whole; `{}` removes it.

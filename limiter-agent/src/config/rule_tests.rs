@@ -19,6 +19,7 @@ fn words_are_serdes_words() {
         ActionConfig::Drop,
         ActionConfig::Mark,
         ActionConfig::Monitor,
+        ActionConfig::Reject,
     ] {
         let json = serde_json::to_string(&action).unwrap();
         assert_eq!(json, format!("\"{action}\""));
@@ -29,7 +30,7 @@ fn words_are_serdes_words() {
         assert_eq!(json, format!("\"{scope}\""));
         assert_eq!(scope.word().parse::<ScopeConfig>(), Ok(scope));
     }
-    assert_eq!(ActionConfig::WORDS.len(), 5);
+    assert_eq!(ActionConfig::WORDS.len(), 6);
 }
 
 #[test]
@@ -37,7 +38,7 @@ fn an_unknown_word_lists_what_to_write() {
     let err = "explode".parse::<ActionConfig>().unwrap_err().to_string();
     assert_eq!(
         err,
-        "\"explode\" is not an action: write allow, deny, drop, mark, monitor"
+        "\"explode\" is not an action: write allow, deny, drop, mark, monitor, reject"
     );
     let err = "everyone".parse::<ScopeConfig>().unwrap_err().to_string();
     assert!(err.contains("per-source, shared"), "{err}");
@@ -66,7 +67,7 @@ fn a_rule_survives_json_unchanged() {
 fn a_rule_without_an_action_names_the_field_and_the_choices() {
     let err = rule(r#"{"name": "r", "prefixes": ["198.18.0.0/15"]}"#).unwrap_err();
     assert!(
-        err.contains("`action`") && err.contains("allow, deny, drop, mark or monitor"),
+        err.contains("`action`") && err.contains("allow, deny, drop, mark, monitor or reject"),
         "{err}"
     );
 }

@@ -56,6 +56,9 @@ pub struct RuleDef {
     pub skb_mark: u32,
     /// A per-source rule's budgets for all its sources together.
     pub aggregate: Option<Budgets>,
+    /// A reject rule's RSTs, all its sources together (always set for
+    /// reject, never for other actions).
+    pub replies: Option<Budget>,
 }
 
 /// Budgets by dimension, each optional (at least one given).
@@ -93,6 +96,12 @@ impl RuleDef {
     /// where the rule sets none.
     pub fn limits(&self) -> [Limit; DIMENSIONS] {
         limits_of(self.budgets())
+    }
+
+    /// The reply budget's limit (unlimited, meaning no replies, without
+    /// one).
+    pub fn reply_limit(&self) -> Limit {
+        self.replies.as_ref().map_or(Limit::UNLIMITED, |b| b.limit)
     }
 
     /// The aggregate's limits (all unlimited without one).
@@ -151,6 +160,13 @@ const NEW_CONNECTIONS: Dimension = Dimension {
     max_units: 1,
     slowest: "1 every 3 days, e.g. 1/day",
     unit: "",
+};
+
+/// A reject rule's replies: RSTs, one per answered SYN.
+const REPLIES: Dimension = Dimension {
+    rate_field: "replies",
+    burst_field: "reply_burst",
+    ..NEW_CONNECTIONS
 };
 
 /// The same dimensions inside `aggregate = { ... }`: errors name the
@@ -375,6 +391,9 @@ impl RuleConfig {
             ActionConfig::Allow | ActionConfig::Deny if has_budget => {
                 return Err(FieldError::new("action", Problem::BudgetWithoutLimit));
             }
+            ActionConfig::Reject if !has_budget => {
+                return Err(FieldError::new("action", Problem::RejectWithoutBudget));
+            }
             ActionConfig::Drop | ActionConfig::Mark | ActionConfig::Monitor if !has_budget => {
                 return Err(FieldError::new("action", Problem::NoBudget));
             }
@@ -392,6 +411,19 @@ impl RuleConfig {
         if f.skb_mark.is_some() && self.action != ActionConfig::Mark {
             return Err(FieldError::new("skb_mark", Problem::SkbMarkWithoutMark));
         }
+        let replies = if self.action == ActionConfig::Reject {
+            let rate = f.replies.clone().unwrap_or(defaults::REPLIES.to_owned());
+            REPLIES.budget(Some(&rate), f.reply_burst.as_ref())?
+        } else if f.replies.is_some() {
+            return Err(FieldError::new("replies", Problem::RepliesWithoutReject));
+        } else if f.reply_burst.is_some() {
+            return Err(FieldError::new(
+                "reply_burst",
+                Problem::RepliesWithoutReject,
+            ));
+        } else {
+            None
+        };
         Ok(RuleDef {
             name: self.name.clone(),
             prefixes,
@@ -406,6 +438,7 @@ impl RuleConfig {
             dscp,
             skb_mark: f.skb_mark.unwrap_or(0),
             aggregate,
+            replies,
         })
     }
 }

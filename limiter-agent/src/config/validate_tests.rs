@@ -299,3 +299,48 @@ fn the_rule_count_is_reported_before_the_prefix_count() {
     let err = validate_rules(&rules, 1).unwrap_err();
     assert!(matches!(err, RuleSetError::TooManyRules { .. }), "{err}");
 }
+
+#[test]
+fn a_reject_rule_gets_the_default_reply_budget() {
+    let def = rule(r#", "action": "reject", "new_connections": "3/min""#)
+        .validate()
+        .unwrap();
+    let replies = def.replies.as_ref().unwrap();
+    assert_eq!(replies.written, defaults::REPLIES);
+    assert_eq!(replies.burst, 100);
+    assert_eq!(def.reply_limit(), Limit::new(100, 100).unwrap());
+}
+
+#[test]
+fn a_reject_rule_takes_its_own_reply_budget() {
+    let def =
+        rule(r#", "action": "reject", "packets": "10/s", "replies": "5/s", "reply_burst": 2"#)
+            .validate()
+            .unwrap();
+    assert_eq!(def.reply_limit(), Limit::new(5, 2).unwrap());
+}
+
+#[test]
+fn replies_without_reject_are_refused_naming_the_field() {
+    let (field, text) = refused(r#", "action": "drop", "packets": "1/s", "replies": "5/s""#);
+    assert_eq!(field, "replies");
+    assert!(text.contains("action \"reject\""), "{text}");
+    let (field, _) = refused(r#", "action": "drop", "packets": "1/s", "reply_burst": 5"#);
+    assert_eq!(field, "reply_burst");
+}
+
+#[test]
+fn reject_without_a_budget_is_refused() {
+    let (field, text) = refused(r#", "action": "reject""#);
+    assert_eq!(field, "action");
+    assert!(text.contains("new_connections"), "{text}");
+}
+
+#[test]
+fn a_bad_reply_budget_is_refused_like_any_budget() {
+    let (field, _) = refused(r#", "action": "reject", "packets": "1/s", "replies": "fast""#);
+    assert_eq!(field, "replies");
+    let (field, _) =
+        refused(r#", "action": "reject", "packets": "1/s", "replies": "1/s", "reply_burst": 0"#);
+    assert_eq!(field, "reply_burst");
+}

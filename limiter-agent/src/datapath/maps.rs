@@ -61,6 +61,7 @@ pub(super) struct Maps {
     pub(super) shared_buckets: Array<MapData, Bucket>,
     pub(super) rule_counters: PerCpuArray<MapData, RuleCounters>,
     pub(super) reason_counters: PerCpuArray<MapData, u64>,
+    pub(super) reply_buckets: Array<MapData, Bucket>,
     /// A second handle on the event ring, whose own handle goes to its
     /// reader: the map must stay pinnable after that.
     events: MapData,
@@ -87,6 +88,7 @@ impl Maps {
             shared_buckets: take(ebpf, map_names::SHARED_BUCKETS)?,
             rule_counters: take(ebpf, map_names::RULE_COUNTERS)?,
             reason_counters: take(ebpf, map_names::REASON_COUNTERS)?,
+            reply_buckets: take(ebpf, map_names::REPLY_BUCKETS)?,
             events: duplicate(map_names::EVENTS, events.as_fd())?,
             cpus,
         };
@@ -114,6 +116,7 @@ impl Maps {
             (map_names::REASON_COUNTERS, self.reason_counters.map()),
             (map_names::EVENTS, &self.events),
             (map_names::ACTIVE, self.active.map()),
+            (map_names::REPLY_BUCKETS, self.reply_buckets.map()),
         ]
     }
 }
@@ -355,8 +358,8 @@ impl Datapath {
         )
     }
 
-    /// Zeroes a rule id's counters and shared bucket, before the id is given
-    /// to a new rule.
+    /// Zeroes a rule id's counters, shared bucket and reply bucket, before
+    /// the id is given to a new rule.
     pub fn reset_rule_state(&mut self, rule_id: u32) -> Result<()> {
         let zeros = self.maps.per_cpu_zeros()?;
         self.maps
@@ -366,7 +369,11 @@ impl Datapath {
         self.maps
             .shared_buckets
             .set(rule_id, &Bucket::default(), 0)
-            .map_err(map_err(map_names::SHARED_BUCKETS))
+            .map_err(map_err(map_names::SHARED_BUCKETS))?;
+        self.maps
+            .reply_buckets
+            .set(rule_id, &Bucket::default(), 0)
+            .map_err(map_err(map_names::REPLY_BUCKETS))
     }
 
     /// A rule's counters, summed over CPUs.

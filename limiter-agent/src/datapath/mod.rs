@@ -144,7 +144,11 @@ impl Datapath {
         ] {
             loader.map_max_entries(name, slots);
         }
-        for name in [map_names::SHARED_BUCKETS, map_names::RULE_COUNTERS] {
+        for name in [
+            map_names::SHARED_BUCKETS,
+            map_names::RULE_COUNTERS,
+            map_names::REPLY_BUCKETS,
+        ] {
             loader.map_max_entries(name, capacities.max_rules);
         }
         loader.map_max_entries(map_names::SOURCE_BUCKETS, capacities.max_sources);

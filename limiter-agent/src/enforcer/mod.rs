@@ -93,6 +93,7 @@ fn kernel_rule(def: &RuleDef, id: u32, service: u8) -> KernelRule {
         ActionConfig::Drop => Action::Drop,
         ActionConfig::Mark => Action::Mark,
         ActionConfig::Monitor => Action::Monitor,
+        ActionConfig::Reject => Action::Reject,
     };
     KernelRule {
         id,
@@ -112,6 +113,7 @@ fn kernel_rule(def: &RuleDef, id: u32, service: u8) -> KernelRule {
             // "unlimited".
             limits: def.limits(),
             aggregate: def.aggregate_limits(),
+            reply: def.reply_limit(),
         },
         service,
         prefixes: def.prefixes.clone(),

@@ -132,6 +132,7 @@ impl Service {
             dropped: a[verdict::DROPPED],
             marked: a[verdict::MARKED],
             would_drop: a[verdict::WOULD_DROP],
+            rejected: a[verdict::REJECTED],
         };
         Counters {
             packets: v(c.packets),

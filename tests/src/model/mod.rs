@@ -12,6 +12,7 @@
 
 mod classify;
 mod parse;
+mod reply;
 mod state;
 
 pub use classify::{BucketKey, RuleTable, ServiceSpec, Target, with_dscp};

@@ -13,6 +13,7 @@ use limiter_common::{
 use super::{
     classify::{BucketKey, RuleTable, Target, with_dscp},
     parse::{IpInfo, Parsed, parse},
+    reply::rst,
 };
 
 /// What the data path must do with a frame.
@@ -25,6 +26,9 @@ pub enum Verdict {
         dscp: u32,
         skb_mark: u32,
     },
+    /// A SYN answered with a RST: XDP_TX, or TC's redirect to the device it
+    /// came in on. The reply is `Expected::output`.
+    Reject,
 }
 
 /// The time-independent part of a frame's fate.
@@ -50,6 +54,7 @@ impl Expected {
         match self.verdict {
             Verdict::Drop => crate::harness::XDP_DROP,
             Verdict::Pass | Verdict::Mark { .. } => crate::harness::XDP_PASS,
+            Verdict::Reject => crate::harness::XDP_TX,
         }
     }
 
@@ -57,6 +62,7 @@ impl Expected {
         match self.verdict {
             Verdict::Drop => crate::harness::TC_ACT_SHOT,
             Verdict::Pass | Verdict::Mark { .. } => crate::harness::TC_ACT_OK,
+            Verdict::Reject => crate::harness::TC_ACT_REDIRECT,
         }
     }
 
@@ -64,7 +70,7 @@ impl Expected {
     pub fn skb_mark(&self) -> u32 {
         match self.verdict {
             Verdict::Mark { skb_mark, .. } => skb_mark,
-            Verdict::Pass | Verdict::Drop => 0,
+            Verdict::Pass | Verdict::Drop | Verdict::Reject => 0,
         }
     }
 }
@@ -95,6 +101,8 @@ pub struct Model {
     pub counters: HashMap<u32, RuleCounters>,
     pub reasons: [u64; Reason::COUNT as usize],
     pub events: Vec<OverBudgetEvent>,
+    /// `reject` rules' reply TATs by rule id (fine units).
+    pub reply_tats: HashMap<u32, u64>,
 }
 
 impl Model {
@@ -111,6 +119,7 @@ impl Model {
             counters,
             reasons: [0; Reason::COUNT as usize],
             events: Vec::new(),
+            reply_tats: HashMap::new(),
         }
     }
 
@@ -187,6 +196,8 @@ impl Model {
                 };
                 if self.charge(&rule, &ip, key, frame.len(), now_ns) {
                     (verdict::PASSED, Verdict::Pass)
+                } else if limited == Action::Reject && ip.new_connection {
+                    self.reject(frame, &ip, &rule, now_ns)
                 } else {
                     over_budget(limited, &rule)
                 }
@@ -200,12 +211,36 @@ impl Model {
                 self.count(Reason::MarkFailed);
                 frame.to_vec()
             }),
+            Verdict::Reject => rst(frame, &ip).unwrap_or_else(|| frame.to_vec()),
             Verdict::Pass | Verdict::Drop => frame.to_vec(),
         };
         Expected {
             verdict,
             output,
             counted: Some((rule.id, slot)),
+        }
+    }
+
+    /// An over-budget SYN of a `reject` rule: answered if it can be and the
+    /// rule's reply budget (one for all its sources) has room; dropped
+    /// otherwise. An unanswerable SYN spends no reply.
+    fn reject(&mut self, frame: &[u8], ip: &IpInfo, rule: &Rule, now_ns: u64) -> (usize, Verdict) {
+        if rst(frame, ip).is_none() {
+            self.count(Reason::RejectUnanswerable);
+            return (verdict::DROPPED, Verdict::Drop);
+        }
+        let limit = rule.reply;
+        let now = fine_time(now_ns);
+        let tat = self.reply_tats.entry(rule.id).or_insert(now);
+        match conform(*tat, now, limit.cost(1), limit.tolerance) {
+            Some(next) if !limit.is_unlimited() => {
+                *tat = next;
+                (verdict::REJECTED, Verdict::Reject)
+            }
+            _ => {
+                self.count(Reason::ReplyBudgetExceeded);
+                (verdict::DROPPED, Verdict::Drop)
+            }
         }
     }
 
@@ -332,7 +367,10 @@ fn over_budget(action: Action, rule: &Rule) -> (usize, Verdict) {
             },
         ),
         Action::Monitor => (verdict::WOULD_DROP, Verdict::Pass),
-        Action::Drop | Action::Allow | Action::Deny => (verdict::DROPPED, Verdict::Drop),
+        // Reject: a packet other than a SYN.
+        Action::Drop | Action::Reject | Action::Allow | Action::Deny => {
+            (verdict::DROPPED, Verdict::Drop)
+        }
     }
 }
 
@@ -340,7 +378,7 @@ fn is_rate_limited(rule: &Rule) -> bool {
     rule.in_use != 0
         && matches!(
             Action::from_u32(rule.action),
-            Some(Action::Drop | Action::Mark | Action::Monitor)
+            Some(Action::Drop | Action::Mark | Action::Monitor | Action::Reject)
         )
 }
 

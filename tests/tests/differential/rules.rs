@@ -280,7 +280,13 @@ fn rule() -> impl Strategy<Value = Rule> {
         3 => Just(Action::Drop),
         3 => Just(Action::Mark),
         2 => Just(Action::Monitor),
+        2 => Just(Action::Reject),
     ];
+    // A reject rule's replies: few, so that the budget runs out in a run.
+    let reply = (1u64..=3, 1u64..=4)
+        .prop_filter_map("a reply budget the kernel holds", |(rate, burst)| {
+            Limit::new(rate, burst).ok()
+        });
     let scope = prop_oneof![
         3 => (v4_mask(), v6_mask()).prop_map(|(v4, v6)| (Scope::PerSource, v4, v6)),
         1 => Just((Scope::Shared, 32, 128)),
@@ -296,9 +302,10 @@ fn rule() -> impl Strategy<Value = Rule> {
         aggregate,
         0u32..64,
         prop_oneof![Just(0u32), any::<u32>()],
+        reply,
     )
         .prop_map(
-            |(action, (scope, v4, v6), limits, aggregate, dscp, skb_mark)| Rule {
+            |(action, (scope, v4, v6), limits, aggregate, dscp, skb_mark, reply)| Rule {
                 id: 0,
                 action: action as u32,
                 scope: scope as u32,
@@ -309,6 +316,7 @@ fn rule() -> impl Strategy<Value = Rule> {
                 in_use: 1,
                 limits,
                 aggregate,
+                reply,
             },
         )
 }

@@ -39,16 +39,16 @@ const PACKAGES: &[&str] = &[
 /// The test targets of limiter-tests each guest runs: the packet-level
 /// tests (BPF_PROG_TEST_RUN) and native XDP on a veth between two
 /// namespaces. In steps: the binaries of a step run side by side, steps one
-/// after another. parsing, actions, hostile and services only test-run
-/// programs and maps of their own (one load per binary, shared by its
-/// tests: the verifier is most of their time); netns_xdp sends timed
-/// traffic, so it runs alone, as does kernel_features (the real agent with TC asked for: attached with TCX,
-/// refused alone before 6.6). Each binary runs one test at a time.
+/// after another. parsing, actions, hostile, services and reject only
+/// test-run programs and maps of their own (one load per binary, shared by
+/// its tests: the verifier is most of their time); netns_xdp sends timed
+/// traffic, so it runs alone, as does kernel_features (the real agent with
+/// TC asked for: attached with TCX, refused alone before 6.6). Each binary runs one test at a time.
 /// netns_tc is left out (TCX needs 6.6), as are agent and metrics (they
 /// need nftables and Prometheus).
 const PLAN: &[&[&str]] = &[
     &["parsing", "actions", "hostile"],
-    &["services"],
+    &["services", "reject"],
     &["netns_xdp"],
     &["kernel_features"],
 ];
