@@ -318,15 +318,16 @@ fn three_gateways_hold_one_budget_through_redis_and_their_share_without_it() {
         );
         assert!(syncs > 10.0, "{status}");
         assert!(commands / syncs <= 4.0 + 2.0 * 2.0 + 2.0, "{status}");
-        for (name, kind) in [("limiter_fleet_keys_exchanged_total", "counter")] {
-            let text = env.scrape().unwrap_or_default();
-            assert!(text.contains(&format!("# TYPE {name} {kind}")), "{text}");
-        }
         let text = env.scrape().unwrap_or_default();
-        assert!(
-            text.contains("limiter_fleet_sync_duration_seconds_bucket{le=\"0.01\"}"),
-            "{text}"
-        );
+        for family in [
+            "# TYPE limiter_fleet_connected gauge",
+            "# TYPE limiter_fleet_last_sync_age_seconds gauge",
+            "# TYPE limiter_fleet_sync_duration_seconds histogram",
+            "# TYPE limiter_fleet_keys_exchanged_total counter",
+            "limiter_fleet_sync_duration_seconds_bucket{le=\"0.01\"}",
+        ] {
+            assert!(text.contains(family), "{family}: {text}");
+        }
     }
     // The agents' user reads what they wrote, under the fleet's prefix.
     let shared = redis

@@ -292,31 +292,38 @@ pub enum ConfigProblem {
     MaxPenalty(String),
     #[error("interface {0:?} is listed twice")]
     InterfaceTwice(String),
+    #[error(transparent)]
+    Fleet(#[from] FleetProblem),
+    #[error(transparent)]
+    Rules(#[from] RuleSetError),
+}
+
+/// What is wrong with the `[fleet]` section.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FleetProblem {
     #[error(
         "fleet.address {0:?} is not a Redis address: write redis://host:port, e.g. \
          \"redis://127.0.0.1:6379\""
     )]
-    FleetAddress(String),
+    Address(String),
     #[error(
         "fleet.address {0:?}: TLS (rediss://) is not supported yet: reach Redis over a \
          trusted network or a local TLS tunnel, and write redis://host:port, e.g. \
          \"redis://127.0.0.1:6379\""
     )]
-    FleetTls(String),
+    Tls(String),
     #[error(
         "fleet.address holds credentials: write redis://host:port and put the password in \
          a file named by fleet.password_file (and the user in fleet.username); an address \
          is shown in logs and status, a password must never be"
     )]
-    FleetCredentialsInAddress,
+    CredentialsInAddress,
     #[error("fleet.{field} {given:?}: use 1-64 letters, digits and - _ .")]
-    FleetName { field: &'static str, given: String },
+    Name { field: &'static str, given: String },
     #[error("the host name cannot be read (or is empty): set fleet.gateway to this gateway's name")]
-    FleetNoHostName,
+    NoHostName,
     #[error("fleet.sync_interval {0:?} is not a duration from 100ms to 1s: write e.g. \"250ms\"")]
-    FleetSyncInterval(String),
-    #[error(transparent)]
-    Rules(#[from] RuleSetError),
+    SyncInterval(String),
 }
 
 /// A configuration error with where it is.

@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use super::{FleetSection, error::ConfigProblem, units};
+use super::{FleetSection, error::FleetProblem, units};
 
 /// The shortest and longest sync interval taken (docs/fleet.md: shorter
 /// loads Redis for little accuracy, longer lets the fleet overshoot more).
@@ -28,12 +28,12 @@ pub struct FleetConfig {
 
 impl FleetConfig {
     /// Validates `section`; the field at fault and why, on error.
-    pub fn from_section(section: &FleetSection) -> Result<Self, (&'static str, ConfigProblem)> {
+    pub fn from_section(section: &FleetSection) -> Result<Self, (&'static str, FleetProblem)> {
         let (host, port) = parse_address(&section.address).map_err(|p| ("address", p))?;
         check_name("name", &section.name)?;
         let gateway = match &section.gateway {
             Some(gateway) => gateway.clone(),
-            None => host_name().ok_or(("gateway", ConfigProblem::FleetNoHostName))?,
+            None => host_name().ok_or(("gateway", FleetProblem::NoHostName))?,
         };
         check_name("gateway", &gateway)?;
         let sync_interval = units::parse_duration(&section.sync_interval)
@@ -42,7 +42,7 @@ impl FleetConfig {
             .ok_or_else(|| {
                 (
                     "sync_interval",
-                    ConfigProblem::FleetSyncInterval(section.sync_interval.clone()),
+                    FleetProblem::SyncInterval(section.sync_interval.clone()),
                 )
             })?;
         if let Some(user) = &section.username {
@@ -62,15 +62,15 @@ impl FleetConfig {
 }
 
 /// `redis://host[:port]` to (host, port); IPv6 hosts in brackets.
-fn parse_address(address: &str) -> Result<(String, u16), ConfigProblem> {
-    let bad = || ConfigProblem::FleetAddress(address.to_owned());
+fn parse_address(address: &str) -> Result<(String, u16), FleetProblem> {
+    let bad = || FleetProblem::Address(address.to_owned());
     if address.starts_with("rediss://") {
-        return Err(ConfigProblem::FleetTls(address.to_owned()));
+        return Err(FleetProblem::Tls(address.to_owned()));
     }
     let rest = address.strip_prefix("redis://").ok_or_else(bad)?;
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.contains('@') {
-        return Err(ConfigProblem::FleetCredentialsInAddress);
+        return Err(FleetProblem::CredentialsInAddress);
     }
     let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
         let (host, after) = v6.split_once(']').ok_or_else(bad)?;
@@ -93,7 +93,7 @@ fn parse_address(address: &str) -> Result<(String, u16), ConfigProblem> {
 }
 
 /// Fleet, gateway and user names end up in Redis keys and metrics: plain.
-fn check_name(field: &'static str, name: &str) -> Result<(), (&'static str, ConfigProblem)> {
+fn check_name(field: &'static str, name: &str) -> Result<(), (&'static str, FleetProblem)> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -104,7 +104,7 @@ fn check_name(field: &'static str, name: &str) -> Result<(), (&'static str, Conf
     } else {
         Err((
             field,
-            ConfigProblem::FleetName {
+            FleetProblem::Name {
                 field,
                 given: name.to_owned(),
             },

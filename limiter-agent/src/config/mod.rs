@@ -28,7 +28,8 @@ use std::{
 };
 
 pub use error::{
-    ConfigError, ConfigProblem, Family, FieldError, PrefixError, Problem, RuleSetError,
+    ConfigError, ConfigProblem, Family, FieldError, FleetProblem, PrefixError, Problem,
+    RuleSetError,
 };
 pub use file::{
     AgentSection, CapacitySection, ConfigFile, FleetSection, InterfaceConfig, MetricsSection,
@@ -216,7 +217,7 @@ impl Config {
         let fleet = match &file.fleet {
             Some(section) => Some(
                 FleetConfig::from_section(section)
-                    .map_err(|(field, problem)| field_at(Table::Fleet, field, problem))?,
+                    .map_err(|(field, problem)| field_at(Table::Fleet, field, problem.into()))?,
             ),
             None => None,
         };

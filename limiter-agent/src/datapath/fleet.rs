@@ -76,7 +76,7 @@ impl FleetMemory {
 
     /// The word at `offset` bytes into slot `id` (`None` outside the array).
     fn word(&self, id: u32, offset: usize) -> Option<&AtomicU64> {
-        if id >= self.entries || offset + 8 > size_of::<FleetSlot>() || offset % 8 != 0 {
+        if id >= self.entries || offset + 8 > size_of::<FleetSlot>() || !offset.is_multiple_of(8) {
             return None;
         }
         let at = id as usize * size_of::<FleetSlot>() + offset;
