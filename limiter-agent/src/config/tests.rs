@@ -563,3 +563,22 @@ fn fleet_section_errors_point_at_their_field() {
     let err = parse(&format!("{FLEET}password = \"x\"\n")).unwrap_err();
     assert!(err.contains("unknown field `password`"), "{err}");
 }
+
+#[test]
+fn the_documented_fleet_section_parses_once_uncommented() {
+    let text = include_str!("../../../docs/limiter.example.toml");
+    let start = text.find("# [fleet]").unwrap();
+    let section: String = text[start..]
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| !l.starts_with('#') && !l.starts_with("A rule") && l.contains(['[', '=']))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let fleet_rule = rule("action = \"drop\"\nscope = \"shared\"\npackets = \"1k/s\"\nfleet = true");
+    let config = parse(&format!("{section}{fleet_rule}")).unwrap();
+    let fleet = config.fleet.unwrap();
+    assert_eq!(fleet.name, "edge");
+    assert_eq!(fleet.sync_interval, std::time::Duration::from_millis(250));
+    assert_eq!(fleet.username.as_deref(), Some("limiter"));
+}

@@ -368,8 +368,10 @@ impl Service {
 
     fn try_reload(&mut self) -> Result<()> {
         let config = self.config.reread().map_err(ServiceError::Config)?;
+        // The fleet sync runs with the [fleet] it started with.
         if config.file.capacity != self.config.file.capacity
             || config.file.agent != self.config.file.agent
+            || config.file.fleet != self.config.file.fleet
         {
             return Err(ServiceError::RestartNeeded);
         }
