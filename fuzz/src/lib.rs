@@ -11,14 +11,15 @@
 use std::{path::Path, sync::LazyLock};
 
 use limiter_agent::{
-    config::{Budget, Budgets, Config, RuleConfig, RuleDef, ScopeConfig},
-    enforcer::kernel_rule,
+    config::{Budget, Budgets, Config, RuleConfig, RuleDef, ScopeConfig, Service},
+    enforcer::KernelRuleSet,
     rules,
     state::State,
 };
 use limiter_common::{
     Limit, dimension,
     rate::{FINE_SHIFT, MAX_UNITS_PER_PACKET},
+    service,
 };
 
 /// The documented example configuration: rules of every action and scope
@@ -48,6 +49,45 @@ pub fn check_plan(config: &Config, state: State) {
         check_kernel_form(&rule.def, *id);
         check_round_trip(&rule.config, &rule.def);
     }
+    check_services(
+        &KernelRuleSet::new(
+            plan.in_force
+                .iter()
+                .filter_map(|r| plan.state.ids.get(&r.def.name).map(|id| (&r.def, *id))),
+        ),
+        &plan.in_force.iter().map(|r| &r.def).collect::<Vec<_>>(),
+        config.file.capacity.rules,
+    );
+}
+
+/// What the kernel's classification tables are promised for a valid rule
+/// set: every rule's service has an index the tables name, within the
+/// 64 a mask holds, and the tables fit their maps.
+fn check_services(set: &KernelRuleSet, defs: &[&RuleDef], capacity: u32) {
+    let order = &set.services.order;
+    assert!(order.len() <= service::MAX, "{} services", order.len());
+    for (rule, def) in set.rules.iter().zip(defs) {
+        assert_eq!(
+            order.get(usize::from(rule.service)),
+            Some(&def.service),
+            "{def:?}"
+        );
+    }
+    for s in order {
+        assert!(defs.iter().any(|d| d.service == *s), "unused service {s}");
+    }
+    assert!(set.services.ports.len() <= service::MAX_PORT_ENTRIES as usize);
+    assert!(set.services.destinations.len() <= 2 * capacity as usize);
+    let all = if order.len() >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << order.len()) - 1
+    };
+    let masks = (set.services.ports.iter().map(|(_, m)| m))
+        .chain(set.services.destinations.iter().map(|(_, m)| m));
+    for mask in masks {
+        assert_eq!(mask & !all, 0, "a table names a service beyond the set");
+    }
 }
 
 /// One rule on its own, as a single API change is checked first.
@@ -59,7 +99,9 @@ pub fn apply_rule(rule: &RuleConfig) {
 }
 
 fn check_kernel_form(def: &RuleDef, id: u32) {
-    let kernel = kernel_rule(def, id).rule;
+    let set = KernelRuleSet::new([(def, id)]);
+    let kernel = set.rules[0].rule;
+    check_limit(kernel.reply, &def.replies, 1, def);
     assert!(kernel.source_prefix_v4 <= 32, "{def:?}");
     assert!(kernel.source_prefix_v6 <= 128, "{def:?}");
     assert!(kernel.dscp <= 63, "{def:?}");
@@ -130,5 +172,11 @@ fn check_round_trip(config: &RuleConfig, def: &RuleDef) {
         Err(e) => panic!("a valid rule does not read back ({e}): {json}"),
     };
     assert_eq!(&back, config, "{json}");
-    assert_eq!(back.validate().as_ref(), Ok(def), "{json}");
+    // A penalty's service (every packet, before all other rules) comes
+    // from its place in the rule set, not from its fields.
+    let mut alone = def.clone();
+    if alone.service.before_all {
+        alone.service = Service::ANY;
+    }
+    assert_eq!(back.validate().as_ref(), Ok(&alone), "{json}");
 }

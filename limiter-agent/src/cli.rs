@@ -168,6 +168,7 @@ fn rules_table(rules: &[RuleView], now: u64) -> Vec<String> {
             "ORIGIN",
             "ACTION",
             "PREFIXES",
+            "SERVICE",
             "BUDGETS",
             "EXPIRES",
             "PASSED",
@@ -184,7 +185,8 @@ fn rules_table(rules: &[RuleView], now: u64) -> Vec<String> {
             r.id.to_string(),
             origin_word(r.origin).to_owned(),
             r.rule.action.to_string(),
-            r.rule.prefixes().join(","),
+            sources_text(r.rule.prefixes(), ","),
+            service_text(r.rule.fields()),
             budgets_text(r.rule.fields()),
             expires_in(r.expires_at, now),
             r.counters.packets.passed.to_string(),
@@ -192,7 +194,7 @@ fn rules_table(rules: &[RuleView], now: u64) -> Vec<String> {
             over.to_string(),
         ]);
     }
-    columns(&rows, &[1, 7, 8, 9])
+    columns(&rows, &[1, 8, 9, 10])
 }
 
 fn print_rules(rules: &[RuleView]) {
@@ -212,7 +214,11 @@ pub async fn show(client: &Client, out: &Output, name: &str) -> Result {
     out.print(&rule, |r| {
         println!("rule {} (id {}, {})", r.name, r.id, origin_word(r.origin));
         let f = r.rule.fields();
-        println!("  prefixes         {}", r.rule.prefixes().join(", "));
+        println!(
+            "  prefixes         {}",
+            sources_text(r.rule.prefixes(), ", ")
+        );
+        println!("  service          {}", service_text(f));
         println!("  action           {}", r.rule.action);
         println!("  scope            {}", r.rule.scope());
         println!(
@@ -229,6 +235,13 @@ pub async fn show(client: &Client, out: &Output, name: &str) -> Result {
         );
         if let Some(all) = aggregate_text(f) {
             println!("  all sources      {all}");
+        }
+        if r.rule.action == ActionConfig::Reject {
+            let replies = match &f.replies {
+                Some(_) => budget_text(&f.replies, &f.reply_burst),
+                None => format!("{} (the default)", crate::config::defaults::REPLIES),
+            };
+            println!("  replies          {replies}");
         }
         if let Some(at) = r.expires_at {
             println!("  expires          {}", when(at, now_unix()));
@@ -516,5 +529,6 @@ mod words;
 
 use words::{
     aggregate_text, budget_text, budgets_text, columns, detached_offline, expires_in,
-    nothing_pinned, now_unix, origin_word, program_ids, rule_counts, when,
+    nothing_pinned, now_unix, origin_word, program_ids, rule_counts, service_text, sources_text,
+    when,
 };

@@ -347,11 +347,13 @@ fn walk() -> Vec<Bad> {
         }
         for &method in route.methods {
             let body = route.bodies.iter().find(|(m, ..)| *m == method);
-            let (query_code, query_mentions) = if route.path == "/v1/top" {
-                (400, "unknown field `verbose`")
-            } else {
-                (400, "takes no query parameters")
-            };
+            // Routes with a query of their own name the fields they take.
+            let (query_code, query_mentions) =
+                if route.path == "/v1/top" || route.path == "/v1/sources/{address}" {
+                    (400, "unknown field `verbose`")
+                } else {
+                    (400, "takes no query parameters")
+                };
             let mut bad = Bad::new(
                 format!("{method} {} with an unknown query parameter", route.path),
                 method,

@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use limiter_common::{Action, Reason, verdict};
-use limiter_tests::{frame::*, harness::*};
+use limiter_tests::{agent::AgentEnv, frame::*, harness::*};
 
 const SRC4: Ipv4Addr = Ipv4Addr::new(198, 18, 5, 7);
 const SRC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, 7);
@@ -305,5 +305,79 @@ fn unanswerable_syns_are_dropped_without_spending_the_reply_budget() {
         let v4_syn = Frame::v4(SRC4, L4::Tcp { flags: TCP_SYN }).build();
         assert_eq!(run(&mut h, prog, &v4_syn).0, reply);
         assert_eq!(h.packets(1), [2, 2, 0, 0, 1]);
+    }
+}
+
+/// Connects from the source namespace to the gateway's listener: `Ok`, or
+/// the error's kind.
+fn connect_through(env: &AgentEnv, to: &str) -> Result<(), std::io::ErrorKind> {
+    let to: std::net::SocketAddr = to.parse().unwrap_or_else(|e| panic!("{to}: {e}"));
+    env.pair
+        .source
+        .run(|| {
+            Ok(
+                std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(3))
+                    .map(drop)
+                    .map_err(|e| e.kind()),
+            )
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Through a real agent on a veth, by XDP and by TC: over its connection
+/// budget, a client's connect() fails with "connection refused" (a RST)
+/// rather than timing out on a dropped SYN; `drop` in its place times out
+/// (the control).
+#[test]
+fn over_budget_a_client_is_refused_at_once_not_left_to_time_out() {
+    for (action, via_tc, refused) in [
+        ("reject", false, true),
+        ("reject", true, true),
+        ("drop", false, false),
+    ] {
+        let mut env = AgentEnv::new().unwrap_or_else(|e| panic!("environment: {e:#}"));
+        if via_tc {
+            // The TC program decides alone, and redirects its RST out.
+            env.xdp = "off";
+            env.tc = true;
+        }
+        // XDP_TX on a veth hands the frame to the peer's NAPI, which a
+        // veth runs only with an XDP program of its own: the agent's, on
+        // the client's side too (it has no rule for the client's traffic).
+        // A real NIC transmits the frame itself.
+        env.write_config(&format!(
+            "[[interface]]\nname = {:?}\nnetns = {:?}\n\
+             [[rule]]\nname = \"ssh\"\nprotocol = \"tcp\"\nports = [2222]\n\
+             destinations = [\"198.18.0.2\"]\naction = \"{action}\"\n\
+             new_connections = \"1/min\"\n",
+            env.pair.src_if, env.pair.source.name
+        ))
+        .unwrap_or_else(|e| panic!("config: {e:#}"));
+        env.start().unwrap_or_else(|e| panic!("{e:#}"));
+        let listener = env
+            .pair
+            .gateway
+            .run(|| Ok(std::net::TcpListener::bind("198.18.0.2:2222")?))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(
+            connect_through(&env, "198.18.0.2:2222"),
+            Ok(()),
+            "{action} (TC: {via_tc}): first"
+        );
+        drop(listener.accept());
+        let second = connect_through(&env, "198.18.0.2:2222");
+        let rules = env.cli_json(&["rules", "list"]);
+        let ssh = limiter_tests::scenario::rule(&rules, "ssh").unwrap_or_else(|| panic!("{rules}"));
+        if refused {
+            assert_eq!(
+                second,
+                Err(std::io::ErrorKind::ConnectionRefused),
+                "{action} (TC: {via_tc})"
+            );
+            assert_eq!(ssh["counters"]["packets"]["rejected"], 1, "{ssh}");
+        } else {
+            assert_eq!(second, Err(std::io::ErrorKind::TimedOut), "{action}");
+            assert_eq!(ssh["counters"]["packets"]["rejected"], 0, "{ssh}");
+        }
     }
 }

@@ -116,6 +116,11 @@ pub fn print_check(config: &Config, out: &Output) {
             if let Some(all) = aggregate_text(f) {
                 println!("      {:<16}{all}", "all sources");
             }
+            if let Some(def) = config.rules.iter().find(|d| d.name == r.name)
+                && let Some(replies) = &def.replies
+            {
+                println!("      {:<16}{} (burst {})", "replies", replies.written, replies.burst);
+            }
             if let Some(dscp) = f.dscp {
                 println!("      dscp            {dscp}");
             }

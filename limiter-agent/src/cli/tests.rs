@@ -328,6 +328,14 @@ fn rules_list_shows_every_budget_as_written() {
     );
     let deny = view("blocked", ActionConfig::Deny, RuleFields::default());
     let lines = rules_table(&[all, bytes_only, deny], 0);
+    // No service: `-`.
+    let service = lines[0].find("SERVICE").unwrap_or_default();
+    assert_eq!(
+        lines[3].get(service..service + 2),
+        Some("- "),
+        "{}",
+        lines[3]
+    );
     assert!(lines[0].contains(" BUDGETS "), "{}", lines[0]);
     let column = lines[0].find("BUDGETS").unwrap_or_default();
     let budgets = |line: &str| {
@@ -395,4 +403,28 @@ fn status_counts_penalties_in_words() {
     assert_eq!(rule_counts(3, 8, 1), "3 of 8 (1 penalty)");
     assert_eq!(rule_counts(3, 8, 0), "3 of 8 (0 penalties)");
     assert_eq!(rule_counts(4, 8, 2), "4 of 8 (2 penalties)");
+}
+
+#[test]
+fn rules_list_shows_a_rules_service_in_words() {
+    let ssh = view(
+        "ssh",
+        ActionConfig::Drop,
+        RuleFields {
+            protocol: Some(crate::config::ProtocolField::Name("tcp".into())),
+            ports: Some(vec![
+                crate::config::PortField::Number(22),
+                crate::config::PortField::Text("8000-8080".into()),
+            ]),
+            destinations: Some(vec!["198.19.0.0/24".into()]),
+            new_connections: Some("3/min".into()),
+            ..RuleFields::default()
+        },
+    );
+    let lines = rules_table(&[ssh], 0);
+    assert!(
+        lines[1].contains(" tcp port 22, 8000-8080 to 198.19.0.0/24 "),
+        "{}",
+        lines[1]
+    );
 }

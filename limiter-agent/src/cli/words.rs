@@ -175,3 +175,28 @@ pub(super) fn nothing_pinned(pin_path: &Path, foreign_mount_ns: Option<bool>) ->
     }
     message
 }
+
+/// A rule's source prefixes as written, or `every source`.
+pub fn sources_text(prefixes: &[String], separator: &str) -> String {
+    if prefixes.is_empty() {
+        "every source".into()
+    } else {
+        prefixes.join(separator)
+    }
+}
+
+/// A rule's service in words (`tcp port 22 to 198.19.0.0/24`), `-` for a
+/// rule that names none.
+pub fn service_text(fields: &RuleFields) -> String {
+    let service = crate::config::Service::from_fields(
+        fields.protocol.as_ref(),
+        fields.ports.as_deref(),
+        fields.destinations.as_deref(),
+    );
+    match service {
+        Ok(s) if s == crate::config::Service::ANY => "-".into(),
+        Ok(s) => s.to_string(),
+        // The agent refuses such a rule: never in force, shown as written.
+        Err((field, problem)) => format!("? ({field}: {problem})"),
+    }
+}

@@ -149,14 +149,22 @@ fn port_blocks(order: &[Service], protocol: u8, base: u64) -> Vec<(PortBlock, u6
 /// both hold some packet, neither service holding the other, must not share
 /// a source.
 pub fn check_services(defs: &[RuleDef], capacity: u32) -> Result<ServiceTable, RuleSetError> {
-    let order = precedence_order(defs.iter().map(|d| d.service.clone()));
-    if order.len() > MAX_SERVICES {
-        let index = first_with_service_beyond(defs, &order, MAX_SERVICES);
-        return Err(RuleSetError::TooManyServices {
-            index,
-            count: order.len(),
-        });
+    // Counted before ordering: ordering is quadratic in the services.
+    let mut distinct: Vec<&Service> = Vec::new();
+    for (index, def) in defs.iter().enumerate() {
+        if !distinct.contains(&&def.service) {
+            distinct.push(&def.service);
+            if distinct.len() > MAX_SERVICES {
+                let count = defs
+                    .iter()
+                    .map(|d| &d.service)
+                    .collect::<std::collections::HashSet<_>>()
+                    .len();
+                return Err(RuleSetError::TooManyServices { index, count });
+            }
+        }
     }
+    let order = precedence_order(distinct.into_iter().cloned());
     check_ambiguity(defs, &order)?;
     let table = ServiceTable::build(order);
     let port_entries = table.ports.len();
@@ -191,13 +199,6 @@ pub fn check_services(defs: &[RuleDef], capacity: u32) -> Result<ServiceTable, R
         }
     }
     Ok(table)
-}
-
-fn first_with_service_beyond(defs: &[RuleDef], order: &[Service], max: usize) -> usize {
-    let allowed: Vec<&Service> = order.iter().take(max).collect();
-    defs.iter()
-        .position(|d| !allowed.contains(&&d.service))
-        .unwrap_or(0)
 }
 
 /// Source prefixes of one service's rules, for finding overlaps fast.

@@ -316,3 +316,21 @@ fn the_kernel_tables_give_every_packet_exactly_the_services_holding_it() {
         }
     }
 }
+
+#[test]
+fn more_services_than_the_kernel_tells_apart_are_refused_at_the_first_beyond() {
+    let mut text = String::new();
+    for port in 1..=65 {
+        text.push_str(&format!(
+            "[[rule]]\nname = \"r{port}\"\nprotocol = \"tcp\"\nports = [{port}]\naction = \"deny\"\n\n"
+        ));
+    }
+    let err = parse(&text)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("65 distinct services"), "{err}");
+    assert!(err.contains("at most 64 apart"), "{err}");
+    // The 65th rule, by the line of its name.
+    assert!(err.starts_with("test.toml:386:"), "{err}");
+}

@@ -9,7 +9,10 @@ use std::{
 
 use ipnet::IpNet;
 use limiter_agent::config::{PortField, ProtocolField, Service};
-use limiter_common::{Action, Limit, Rule, Scope, dimension};
+use limiter_common::{
+    Action, Limit, Rule, Scope, dimension,
+    rate::{MAX_UNITS_PER_PACKET, NANOS_PER_SEC, Rate},
+};
 use limiter_tests::model::{RuleTable, ServiceSpec, Target};
 use proptest::{prelude::*, sample::Index};
 
@@ -330,7 +333,10 @@ fn v6_mask() -> impl Strategy<Value = u32> {
 }
 
 /// At least one budget. Slow rates (a few per second) make the budgets bite
-/// within a table's run; fast ones make time (refill) matter.
+/// within a table's run; fast ones make time (refill) matter. Each is
+/// written per second, minute, hour or day, or as a fraction (`3/2s`), so
+/// the kernel's interval arithmetic is checked against the model's for
+/// intervals of every size.
 fn budgets() -> impl Strategy<Value = [Limit; dimension::COUNT]> {
     let packets =
         prop_oneof![1u64..=3, 1_000u64..=200_000].prop_flat_map(|rate| (Just(rate), 1u64..=8));
@@ -339,18 +345,50 @@ fn budgets() -> impl Strategy<Value = [Limit; dimension::COUNT]> {
     let syns =
         prop_oneof![1u64..=3, 1_000u64..=100_000].prop_flat_map(|rate| (Just(rate), 1u64..=4));
     (
-        prop::option::of(packets),
-        prop::option::of(bytes),
-        prop::option::weighted(0.4, syns),
+        prop::option::of((packets, per())),
+        prop::option::of((bytes, per())),
+        prop::option::weighted(0.4, (syns, per())),
     )
         .prop_filter("at least one budget", |(p, b, s)| {
             p.is_some() || b.is_some() || s.is_some()
         })
         .prop_map(|(packets, bytes, syns)| {
-            [packets, bytes, syns].map(|budget| match budget {
-                None => Limit::UNLIMITED,
-                Some((rate, burst)) => Limit::new(rate, burst)
-                    .unwrap_or_else(|e| panic!("limit {rate}/s burst {burst}: {e:?}")),
+            [(packets, 1), (bytes, MAX_UNITS_PER_PACKET), (syns, 1)].map(|(budget, max_units)| {
+                match budget {
+                    None => Limit::UNLIMITED,
+                    Some(((count, burst), per_ns)) => {
+                        // Slow packet and connection budgets as drawn
+                        // (3/min: one every 20 s); the others scaled to the
+                        // interval, so they stay as fast (200k/s as
+                        // 12M/min; a byte budget per hour as slow as
+                        // drawn is slower than the kernel holds).
+                        let count = if count <= 3 && max_units == 1 {
+                            count
+                        } else {
+                            (u128::from(count) * u128::from(per_ns) / u128::from(NANOS_PER_SEC))
+                                .clamp(1, u128::from(u64::MAX)) as u64
+                        };
+                        let rate = Rate { count, per_ns };
+                        // A day's worth of burst at 1/day is past what the
+                        // kernel's clock holds: the most it holds instead.
+                        let burst = burst.min(Limit::max_burst(rate)).max(1);
+                        Limit::from_rate(rate, burst, max_units).unwrap_or_else(|e| {
+                            panic!("limit {count} per {per_ns} ns burst {burst}: {e:?}")
+                        })
+                    }
+                }
             })
         })
+}
+
+/// An interval a rate is written per: a second, a minute, an hour, a day,
+/// or two seconds (a fraction, `0.5/s`).
+fn per() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        4 => Just(NANOS_PER_SEC),
+        1 => Just(60 * NANOS_PER_SEC),
+        1 => Just(3_600 * NANOS_PER_SEC),
+        1 => Just(86_400 * NANOS_PER_SEC),
+        1 => Just(2 * NANOS_PER_SEC),
+    ]
 }
