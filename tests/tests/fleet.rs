@@ -176,26 +176,26 @@ fn metric(env: &AgentEnv, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// Waits (bounded) until every agent's `limiter_fleet_connected` is `value`.
-fn wait_connected(envs: &[AgentEnv], value: f64) {
+/// Waits (bounded) until every agent's metric `name` is `value`.
+fn wait_metric(envs: &[AgentEnv], name: &str, value: f64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if envs
-            .iter()
-            .all(|e| metric(e, "limiter_fleet_connected") == Some(value))
-        {
+        if envs.iter().all(|e| metric(e, name) == Some(value)) {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let states: Vec<Option<f64>> = envs
-        .iter()
-        .map(|e| metric(e, "limiter_fleet_connected"))
-        .collect();
-    panic!(
-        "limiter_fleet_connected is {states:?}, not all {value}:\n{}",
-        envs[0].logs()
-    );
+    let states: Vec<Option<f64>> = envs.iter().map(|e| metric(e, name)).collect();
+    panic!("{name} is {states:?}, not all {value}:\n{}", envs[0].logs());
+}
+
+/// Waits until every agent is `connected` (1) or not (0); connected, also
+/// until each has seen the whole fleet (the others' first heartbeats).
+fn wait_connected(envs: &[AgentEnv], value: f64) {
+    wait_metric(envs, "limiter_fleet_connected", value);
+    if value == 1.0 {
+        wait_metric(envs, "limiter_fleet_gateways", envs.len() as f64);
+    }
 }
 
 #[test]

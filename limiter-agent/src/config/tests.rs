@@ -575,7 +575,8 @@ fn the_documented_fleet_section_parses_once_uncommented() {
         .filter(|l| !l.starts_with('#') && !l.starts_with("A rule") && l.contains(['[', '=']))
         .map(|l| format!("{l}\n"))
         .collect();
-    let fleet_rule = rule("action = \"drop\"\nscope = \"shared\"\npackets = \"1k/s\"\nfleet = true");
+    let fleet_rule =
+        rule("action = \"drop\"\nscope = \"shared\"\npackets = \"1k/s\"\nfleet = true");
     let config = parse(&format!("{section}{fleet_rule}")).unwrap();
     let fleet = config.fleet.unwrap();
     assert_eq!(fleet.name, "edge");
