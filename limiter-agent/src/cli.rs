@@ -331,6 +331,27 @@ pub async fn inspect(client: &Client, out: &Output, address: &str, flow: &FlowQu
     Ok(())
 }
 
+/// One line on the fleet exchange: where, who, and whether it works.
+fn fleet_line(f: &crate::fleet::FleetView) -> String {
+    use crate::fleet::FleetState;
+    let who = format!("{} as {} via {}", f.fleet, f.gateway, f.address);
+    let buckets = crate::plural::count(f.buckets, "bucket", "buckets");
+    let gateways = crate::plural::count(f.gateways as usize, "gateway", "gateways");
+    let last = f.last_sync_secs_ago.map_or_else(
+        || "never synced".to_owned(),
+        |s| format!("synced {s:.1}s ago"),
+    );
+    match f.state {
+        FleetState::Connected => format!("{who}: connected, {gateways}, {buckets}, {last}"),
+        FleetState::Connecting => format!("{who}: connecting, {buckets}"),
+        FleetState::Disconnected => format!(
+            "{who}: DISCONNECTED ({}), {buckets} held to 1/{} of their budget, {last}",
+            f.last_error.as_deref().unwrap_or("unreachable"),
+            f.gateways
+        ),
+    }
+}
+
 pub async fn status(client: &Client, out: &Output) -> Result {
     let s: Status = client.get("/v1/status").await?;
     out.print(&s, |s| {
@@ -373,6 +394,9 @@ pub async fn status(client: &Client, out: &Output) -> Result {
             "  sources       {} tracked of {}",
             s.tracked_sources, s.max_sources
         );
+        if let Some(f) = &s.fleet {
+            println!("  fleet         {}", fleet_line(f));
+        }
         for i in &s.interfaces {
             println!(
                 "  interface     {}{} xdp={} tc={}{}",

@@ -85,6 +85,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     for warning in idle_warnings(&config) {
         tracing::warn!("{warning}");
     }
+    // Read first: a password file that cannot be read stops the start
+    // before anything is attached.
+    let fleet_password = match &config.fleet {
+        Some(fleet) => crate::fleet::read_password(fleet)?,
+        None => None,
+    };
     let agent = config.file.agent.clone();
     let pins = Pins::new(&agent.pin_path);
     let pin_scope = pins.prepare()?;
@@ -136,6 +142,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         &config.file.interfaces,
     )?;
     service.attachments = Some(attachments);
+    let fleet_status = config
+        .fleet
+        .as_ref()
+        .map(|fleet| Arc::new(Mutex::new(crate::fleet::FleetStatus::new(fleet))));
+    service.fleet = fleet_status.clone();
     // The programs just replaced held the maps of an older layout.
     match pins.remove_stale_maps() {
         Ok(removed) if removed.is_empty() => {}
@@ -206,6 +217,25 @@ pub async fn run(options: RunOptions) -> Result<()> {
         ))
     });
     let events_task = tokio::spawn(consume_events(events, shared.clone(), stop_rx.clone()));
+    let fleet_task = match (config.fleet.clone(), fleet_status) {
+        (Some(fleet), Some(status)) => {
+            tracing::info!(
+                redis = %fleet.address,
+                fleet = %fleet.name,
+                gateway = %fleet.gateway,
+                interval = ?fleet.sync_interval,
+                "fleet: exchanging the usage of fleet-wide buckets"
+            );
+            Some(tokio::spawn(crate::fleet::run(
+                fleet,
+                fleet_password,
+                shared.service.clone(),
+                status,
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
     let log_task =
         kernel_logger.map(|logger| tokio::spawn(forward_kernel_logs(logger, stop_rx.clone())));
     let expiry = tokio::spawn(every_tick(
@@ -279,6 +309,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         let _ = task.await;
     }
     let _ = events_task.await;
+    if let Some(task) = fleet_task {
+        let _ = task.await;
+    }
     if let Some(task) = log_task {
         let _ = task.await;
     }
@@ -340,7 +373,7 @@ fn warn_unless_pins_persist(scope: PinScope, pins: &Pins) {
 }
 
 /// Resolves once `stop` is true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     while !*stop.borrow_and_update() {
         if stop.changed().await.is_err() {
             return;

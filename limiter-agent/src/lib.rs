@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod enforcer;
 pub mod events;
 pub mod faults;
+pub mod fleet;
 pub mod health;
 pub mod kernel;
 pub mod metrics;

@@ -14,7 +14,7 @@ use aya::maps::{Map, MapData, PerCpuArray};
 use limiter_common::{Reason, RuleCounters, map_names, verdict};
 use prometheus::{
     Encoder as _, TextEncoder,
-    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+    proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
 use crate::shared::Shared;
@@ -112,6 +112,7 @@ struct Snapshot {
     /// holders are not shown).
     epochs: std::collections::HashMap<u32, u64>,
     top_k: usize,
+    fleet: Option<crate::fleet::FleetStatus>,
 }
 
 /// Renders every metric family.
@@ -137,6 +138,10 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
                 .filter_map(|(_, id)| s.rule_epoch(*id).map(|e| (*id, e)))
                 .collect(),
             top_k: s.config().file.metrics.top_k,
+            fleet: s
+                .fleet
+                .as_ref()
+                .and_then(|f| f.lock().ok().map(|f| f.clone())),
         },
         Err(_) => return Vec::new(),
     };
@@ -324,6 +329,10 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
     repairs.add(&[("kind", "program_restored")], r.programs_restored as f64);
     out.push(repairs.0);
 
+    if let Some(fleet) = &snapshot.fleet {
+        out.extend(fleet_families(fleet));
+    }
+
     let mut build = Family::new(
         "limiter_build_info",
         "Build information: version, commit and the running kernel.",
@@ -341,6 +350,75 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
         1.0,
     );
     out.push(build.0);
+    out
+}
+
+/// The fleet exchange's families (only with a `[fleet]` section).
+fn fleet_families(fleet: &crate::fleet::FleetStatus) -> Vec<MetricFamily> {
+    use crate::fleet::{FleetState, SYNC_BUCKETS};
+    let mut out = Vec::new();
+    let mut connected = Family::new(
+        "limiter_fleet_connected",
+        "1 while usage is exchanged with the fleet's Redis; 0 while each fleet bucket is held to \
+         its fallback share (its budget over the last known number of gateways).",
+        MetricType::GAUGE,
+    );
+    let up = fleet.state == FleetState::Connected;
+    connected.add(&[], if up { 1.0 } else { 0.0 });
+    out.push(connected.0);
+    let mut age = Family::new(
+        "limiter_fleet_last_sync_age_seconds",
+        "Seconds since the last successful exchange with the fleet (since the start before any).",
+        MetricType::GAUGE,
+    );
+    age.add(&[], fleet.last_sync_age());
+    out.push(age.0);
+    let mut gateways = Family::new(
+        "limiter_fleet_gateways",
+        "Gateways of the fleet that synced recently, as last learned.",
+        MetricType::GAUGE,
+    );
+    gateways.add(&[], f64::from(fleet.gateways));
+    out.push(gateways.0);
+    let mut keys = Family::new(
+        "limiter_fleet_keys_exchanged_total",
+        "Fleet bucket keys published and read, summed over syncs.",
+        MetricType::COUNTER,
+    );
+    keys.add(&[], fleet.keys_exchanged as f64);
+    out.push(keys.0);
+    let mut commands = Family::new(
+        "limiter_fleet_redis_commands_total",
+        "Redis commands sent by successful syncs (one pipeline each).",
+        MetricType::COUNTER,
+    );
+    commands.add(&[], fleet.redis_commands as f64);
+    out.push(commands.0);
+
+    let mut latency = MetricFamily::default();
+    latency.set_name("limiter_fleet_sync_duration_seconds".to_owned());
+    latency.set_help("Time one successful exchange with the fleet's Redis took.".to_owned());
+    latency.set_field_type(MetricType::HISTOGRAM);
+    let mut histogram = Histogram::default();
+    let mut cumulative = 0;
+    let buckets = SYNC_BUCKETS
+        .iter()
+        .zip(fleet.sync_latency)
+        .map(|(bound, count)| {
+            cumulative += count;
+            let mut b = Bucket::default();
+            b.set_upper_bound(*bound);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    histogram.set_bucket(buckets);
+    histogram.set_sample_count(fleet.syncs);
+    histogram.set_sample_sum(fleet.sync_latency_sum);
+    let mut metric = Metric::default();
+    metric.set_histogram(histogram);
+    latency.mut_metric().push(metric);
+    out.push(latency);
     out
 }
 

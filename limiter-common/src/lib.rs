@@ -41,7 +41,12 @@ pub mod map_names {
     /// A `reject` rule's reply bucket by rule id (`tat[0]`): all its
     /// sources share it.
     pub const REPLY_BUCKETS: &str = "LIM_REPLY_V1";
-    pub const ALL: [&str; 13] = [
+    /// Fleet-wide buckets by rule id ([`super::FleetSlot`]): what the rest
+    /// of the fleet admitted (written by the agent) and what this kernel
+    /// admitted and charged (written by the programs). Memory-mappable, so
+    /// that each side reads and writes single 8-byte words atomically.
+    pub const FLEET: &str = "LIM_FLEET_V1";
+    pub const ALL: [&str; 14] = [
         RULES,
         PREFIXES_V4,
         PREFIXES_V6,
@@ -55,6 +60,7 @@ pub mod map_names {
         EVENTS,
         ACTIVE,
         REPLY_BUCKETS,
+        FLEET,
     ];
 }
 
@@ -427,6 +433,52 @@ impl Reason {
     }
 }
 
+/// One rule's fleet-wide bucket (its shared bucket, or a per-source rule's
+/// aggregate), by rule id in the [`map_names::FLEET`] array. Each field has
+/// one writer, and every access is to one aligned `u64`, so neither side
+/// ever reads a torn value:
+///
+/// - the agent writes `remote` and `flags` (through a shared memory mapping
+///   of the array, one atomic store per word);
+/// - the programs write `applied` (compare-and-swap) and `admitted`
+///   (atomic add).
+///
+/// When `remote[d]` is ahead of `applied[d]`, the next packet charged to the
+/// bucket swaps `applied[d]` up to `remote[d]` and charges the difference
+/// into the bucket's TAT: the units the rest of the fleet admitted count
+/// against this gateway's bucket, exactly once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FleetSlot {
+    /// Units admitted elsewhere in the fleet, by [`dimension`]: a running
+    /// total the agent only raises (except to drop units the kernel has
+    /// not applied for a whole sync interval, see docs/fleet.md).
+    pub remote: [u64; dimension::COUNT],
+    /// [`FleetSlot::FLEET`] while the rule is fleet-wide.
+    pub flags: u64,
+    /// How far `remote` has been charged, by dimension.
+    pub applied: [u64; dimension::COUNT],
+    /// Units this kernel admitted into the bucket, by dimension (packets,
+    /// bytes, new connections): what the agent publishes.
+    pub admitted: [u64; dimension::COUNT],
+}
+
+const _: () = assert!(size_of::<FleetSlot>() == 80);
+
+impl FleetSlot {
+    /// `flags`: the rule's shared or aggregate bucket is fleet-wide.
+    pub const FLEET: u64 = 1;
+    /// Byte offsets of the fields, for the agent's memory mapping.
+    pub const REMOTE_OFFSET: usize = 0;
+    pub const FLAGS_OFFSET: usize = 24;
+    pub const APPLIED_OFFSET: usize = 32;
+    pub const ADMITTED_OFFSET: usize = 56;
+}
+
+const _: () = assert!(core::mem::offset_of!(FleetSlot, flags) == FleetSlot::FLAGS_OFFSET);
+const _: () = assert!(core::mem::offset_of!(FleetSlot, applied) == FleetSlot::APPLIED_OFFSET);
+const _: () = assert!(core::mem::offset_of!(FleetSlot, admitted) == FleetSlot::ADMITTED_OFFSET);
+
 /// Sent on the ring buffer when a bucket goes over budget (at most once per
 /// bucket per [`EVENT_INTERVAL_NS`]).
 #[repr(C)]
@@ -527,6 +579,8 @@ mod pod {
     unsafe impl aya::Pod for super::RuleCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OverBudgetEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FleetSlot {}
 }
 
 /// Masks `addr` (network byte order) to its first `prefix_len` bits.

@@ -283,6 +283,42 @@ pub const fn clamp_debt(tat: u64, now: u64, tolerance: u64) -> Option<u64> {
     }
 }
 
+/// What `units` admitted elsewhere in the fleet cost in fine time: `units *
+/// interval`, saturating at [`MAX_FINE_SPAN`] (a whole-clock charge; no
+/// 128-bit arithmetic, which the BPF target cannot do).
+#[inline(always)]
+pub const fn remote_cost(limit: &Limit, units: u64) -> u64 {
+    if limit.interval == 0 || units == 0 {
+        return 0;
+    }
+    if units >= MAX_FINE_SPAN / limit.interval {
+        return MAX_FINE_SPAN;
+    }
+    units * limit.interval
+}
+
+/// The TAT after charging `cost` (fine units) of units the rest of the fleet
+/// admitted, at `now`: charged whatever the bucket holds, so it may go
+/// beyond `tolerance` (debt this gateway's packets then pay back before any
+/// is admitted). Like [`conform`], a TAT in the past starts from `now`.
+/// The debt is capped at [`MAX_FINE_SPAN`] beyond the tolerance, so the
+/// TAT stays inside the range wrapping differences express.
+#[inline(always)]
+pub const fn charge_remote(tat: u64, now: u64, cost: u64, tolerance: u64) -> u64 {
+    let ahead = tat.wrapping_sub(now) as i64;
+    let ahead = if ahead > 0 { ahead as u64 } else { 0 };
+    let cap = tolerance.saturating_add(MAX_FINE_SPAN);
+    let ahead = if ahead > cap { cap } else { ahead };
+    let cost = if cost > MAX_FINE_SPAN {
+        MAX_FINE_SPAN
+    } else {
+        cost
+    };
+    let new_ahead = ahead + cost;
+    let new_ahead = if new_ahead > cap { cap } else { new_ahead };
+    now.wrapping_add(new_ahead)
+}
+
 /// How many units a bucket could admit at once right now (for inspection).
 pub const fn available(tat: u64, now: u64, limit: &Limit) -> u64 {
     if limit.interval == 0 {

@@ -11,20 +11,25 @@
 //!   per-field new; the next packet sees the new budget.
 //! - Two CPUs creating the same bucket at once: one insert wins, the other
 //!   finds it on the second lookup; neither gets a second fresh burst.
+//! - Fleet-wide buckets (`FleetSlot`): the CPU whose compare-and-swap moves
+//!   `applied` up to `remote` charges those units, so each is charged once.
+//!   If its charge then loses every compare-and-swap on the TAT to other
+//!   CPUs, those units are lost (admitting more, never less); the agent's
+//!   totals and `admitted` are plain words read between packets.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use limiter_common::{
-    Action, Bucket, EVENT_INTERVAL_NS, Limit, OverBudgetEvent, Reason, Rule, Scope, SourceKey,
-    dimension, family, mask_addr,
-    rate::{clamp_debt, conform, fine_time, is_stale, lags_far_behind},
+    Action, Bucket, EVENT_INTERVAL_NS, FleetSlot, Limit, OverBudgetEvent, Reason, Rule, Scope,
+    SourceKey, dimension, family, mask_addr,
+    rate::{charge_remote, clamp_debt, conform, fine_time, is_stale, lags_far_behind, remote_cost},
     verdict,
 };
 
 use crate::{
-    atomic::compare_exchange,
+    atomic::{self, compare_exchange},
     classify::{NO_RULE, limiter_classify},
     maps::{
-        EVENTS, REASON_COUNTERS, REPLY_BUCKETS, RULE_COUNTERS, RULES, SHARED_BUCKETS,
+        EVENTS, FLEET, REASON_COUNTERS, REPLY_BUCKETS, RULE_COUNTERS, RULES, SHARED_BUCKETS,
         SOURCE_BUCKETS,
     },
     parse::{IpPacket, Packet, Parsed, parse, read},
@@ -309,6 +314,7 @@ pub extern "C" fn limiter_reply_allowed(rule: *const Rule) -> u32 {
         now,
         rule.reply.cost(1),
         rule.reply.tolerance,
+        true,
     ))
 }
 
@@ -318,6 +324,11 @@ pub extern "C" fn limiter_reply_allowed(rule: *const Rule) -> u32 {
 /// (the source keeps its own budget for when the aggregate has room). Fails
 /// open (admits) when no bucket can be had: a full map must not black-hole
 /// traffic.
+///
+/// A fleet-wide rule's shared bucket or aggregate first takes the charge of
+/// what the rest of the fleet admitted (see [`apply_remote`]), keeps the
+/// debt that leaves (paid back by this gateway's packets), and counts what
+/// it admits for the agent to publish.
 #[inline(always)]
 fn charge(rule: &Rule, ip: &PacketArgs) -> bool {
     // SAFETY: a plain helper call without arguments.
@@ -330,8 +341,19 @@ fn charge(rule: &Rule, ip: &PacketArgs) -> bool {
         wire_len: u64::from(ip.wire_len),
         syn: ip.syn != 0,
     };
+    let shared = rule.scope == Scope::Shared as u32;
+    // Only a shared bucket or an aggregate is ever fleet-wide.
+    let fleet = if shared || rule.has_aggregate() {
+        fleet_slot(rule)
+    } else {
+        None
+    };
     let (stale, tats) = seen(bucket, now_ns);
-    let mut exceeded = check(&rule.limits, tats, stale, &packet);
+    if shared && let Some(slot) = fleet {
+        apply_remote(slot, &rule.limits, tats, stale, packet.now);
+    }
+    let forgive = !(shared && fleet.is_some());
+    let mut exceeded = check(&rule.limits, tats, stale, &packet, forgive);
     let aggregate = if exceeded == 0 && rule.has_aggregate() {
         SHARED_BUCKETS.get_ptr_mut(rule.id)
     } else {
@@ -339,14 +361,18 @@ fn charge(rule: &Rule, ip: &PacketArgs) -> bool {
     };
     if let Some(agg) = aggregate {
         let (agg_stale, agg_tats) = seen(agg, now_ns);
-        let mut agg_exceeded = check(&rule.aggregate, agg_tats, agg_stale, &packet);
+        if let Some(slot) = fleet {
+            apply_remote(slot, &rule.aggregate, agg_tats, agg_stale, packet.now);
+        }
+        let agg_forgive = fleet.is_none();
+        let mut agg_exceeded = check(&rule.aggregate, agg_tats, agg_stale, &packet, agg_forgive);
         if agg_exceeded == 0 {
-            exceeded = commit(&rule.limits, tats, &packet);
+            exceeded = commit(&rule.limits, tats, &packet, true);
         }
         if agg_exceeded == 0 && exceeded == 0 {
             // Under contention the source may be charged and the aggregate
             // then refuse: the sender loses that charge, never gains.
-            agg_exceeded = commit(&rule.aggregate, agg_tats, &packet);
+            agg_exceeded = commit(&rule.aggregate, agg_tats, &packet, agg_forgive);
         }
         if agg_exceeded != 0 {
             // Reported for the rule as a whole, like a shared bucket.
@@ -359,13 +385,24 @@ fn charge(rule: &Rule, ip: &PacketArgs) -> bool {
             maybe_report(agg, rule, ip, &whole_rule, now_ns);
             return false;
         }
+        if exceeded == 0
+            && let Some(slot) = fleet
+        {
+            count_admitted(slot, &rule.aggregate, &packet);
+        }
     } else if exceeded == 0 {
-        exceeded = commit(&rule.limits, tats, &packet);
+        exceeded = commit(&rule.limits, tats, &packet, forgive);
+        if exceeded == 0
+            && shared
+            && let Some(slot) = fleet
+        {
+            count_admitted(slot, &rule.limits, &packet);
+        }
     }
     if exceeded == 0 {
         return true;
     }
-    let prefix_len = if rule.scope == Scope::Shared as u32 {
+    let prefix_len = if shared {
         0
     } else {
         source_prefix_len(rule, ip.family)
@@ -378,6 +415,93 @@ fn charge(rule: &Rule, ip: &PacketArgs) -> bool {
     };
     maybe_report(bucket, rule, ip, &source, now_ns);
     false
+}
+
+/// The rule's fleet slot, if the agent marked its bucket fleet-wide.
+#[inline(always)]
+fn fleet_slot(rule: &Rule) -> Option<*mut FleetSlot> {
+    let slot = FLEET.get_ptr_mut(rule.id)?;
+    // SAFETY: a live map value (see charge); one aligned u64.
+    let flags = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*slot).flags)) };
+    if flags & FleetSlot::FLEET != 0 {
+        Some(slot)
+    } else {
+        None
+    }
+}
+
+/// Charges into `tats` the units the rest of the fleet admitted that no
+/// packet here has charged yet (`remote - applied`, per limited dimension),
+/// whatever the bucket holds: the debt beyond the burst is paid back by this
+/// gateway's own packets. A `remote` behind `applied` (the agent dropped
+/// units no packet applied for a whole interval) charges nothing until it
+/// is ahead again.
+#[inline(always)]
+fn apply_remote(
+    slot: *mut FleetSlot,
+    limits: &[Limit; dimension::COUNT],
+    tats: *mut u64,
+    stale: bool,
+    now: u64,
+) {
+    for (dim, limit) in limits.iter().enumerate() {
+        if limit.is_unlimited() {
+            continue;
+        }
+        // SAFETY: `slot` is a live map value (see charge); dim < COUNT,
+        // inside both arrays; each word is an aligned u64.
+        let (remote_ptr, applied_ptr) = unsafe {
+            (
+                (core::ptr::addr_of_mut!((*slot).remote) as *mut u64).add(dim),
+                (core::ptr::addr_of_mut!((*slot).applied) as *mut u64).add(dim),
+            )
+        };
+        // SAFETY: as above.
+        let (remote, applied) = unsafe {
+            (
+                core::ptr::read_volatile(remote_ptr),
+                core::ptr::read_volatile(applied_ptr),
+            )
+        };
+        let units = remote.wrapping_sub(applied);
+        if units == 0 || (units as i64) < 0 {
+            continue;
+        }
+        // Whoever moves `applied` charges the units; the others go on.
+        // SAFETY: as above.
+        if unsafe { compare_exchange(applied_ptr, applied, remote) } != applied {
+            continue;
+        }
+        // SAFETY: dim < COUNT, inside the tat array.
+        let tat_ptr = unsafe { tats.add(dim) };
+        let mut seen = refresh(tat_ptr, stale, now);
+        let cost = remote_cost(limit, units);
+        for _ in 0..CAS_ATTEMPTS {
+            let new_tat = charge_remote(seen, now, cost, limit.tolerance);
+            // SAFETY: tat_ptr is inside a live map value.
+            let previous = unsafe { compare_exchange(tat_ptr, seen, new_tat) };
+            if previous == seen {
+                break;
+            }
+            seen = previous;
+        }
+    }
+}
+
+/// Adds an admitted packet's units to the slot's `admitted` totals, for
+/// the dimensions `limits` limits (the only ones exchanged).
+#[inline(always)]
+fn count_admitted(slot: *mut FleetSlot, limits: &[Limit; dimension::COUNT], p: &PacketCost) {
+    for (dim, limit) in limits.iter().enumerate() {
+        if limit.is_unlimited() || (dim == dimension::SYNS && !p.syn) {
+            continue;
+        }
+        // SAFETY: a live map value, dim < COUNT, an aligned u64.
+        unsafe {
+            let admitted = (core::ptr::addr_of_mut!((*slot).admitted) as *mut u64).add(dim);
+            atomic::add(admitted, p.units(dim));
+        }
+    }
 }
 
 /// What a packet costs, and when.
@@ -416,10 +540,17 @@ fn seen(bucket: *mut Bucket, now_ns: u64) -> (bool, *mut u64) {
 }
 
 /// The dimensions of `limits` this packet exceeds (a bitmask of
-/// [`dimension`]s), charging nothing; debt from an older budget is cleared
-/// on those.
+/// [`dimension`]s), charging nothing; with `forgive`, debt from an older
+/// budget is cleared on those (a fleet-wide bucket keeps its debt: it is
+/// what the rest of the fleet admitted).
 #[inline(always)]
-fn check(limits: &[Limit; dimension::COUNT], tats: *mut u64, stale: bool, p: &PacketCost) -> u32 {
+fn check(
+    limits: &[Limit; dimension::COUNT],
+    tats: *mut u64,
+    stale: bool,
+    p: &PacketCost,
+    forgive: bool,
+) -> u32 {
     let mut exceeded = 0u32;
     for (dim, limit) in limits.iter().enumerate() {
         if limit.is_unlimited() {
@@ -434,7 +565,9 @@ fn check(limits: &[Limit; dimension::COUNT], tats: *mut u64, stale: bool, p: &Pa
             continue;
         }
         if conform(tat, p.now, limit.cost(p.units(dim)), limit.tolerance).is_none() {
-            clear_debt(tat_ptr, tat, p.now, limit.tolerance);
+            if forgive {
+                clear_debt(tat_ptr, tat, p.now, limit.tolerance);
+            }
             exceeded |= 1 << dim;
         }
     }
@@ -442,16 +575,27 @@ fn check(limits: &[Limit; dimension::COUNT], tats: *mut u64, stale: bool, p: &Pa
 }
 
 /// Charges the packet to every dimension of `limits`; the dimension that
-/// refused under contention (as a bitmask), or 0.
+/// refused under contention (as a bitmask), or 0. `forgive` as in [`check`].
 #[inline(always)]
-fn commit(limits: &[Limit; dimension::COUNT], tats: *mut u64, p: &PacketCost) -> u32 {
+fn commit(
+    limits: &[Limit; dimension::COUNT],
+    tats: *mut u64,
+    p: &PacketCost,
+    forgive: bool,
+) -> u32 {
     for (dim, limit) in limits.iter().enumerate() {
         if limit.is_unlimited() || (dim == dimension::SYNS && !p.syn) {
             continue;
         }
         // SAFETY: dim < COUNT, inside the tat array.
         let tat_ptr = unsafe { tats.add(dim) };
-        if !charge_one(tat_ptr, p.now, limit.cost(p.units(dim)), limit.tolerance) {
+        if !charge_one(
+            tat_ptr,
+            p.now,
+            limit.cost(p.units(dim)),
+            limit.tolerance,
+            forgive,
+        ) {
             return 1 << dim;
         }
     }
@@ -474,14 +618,16 @@ fn refresh(tat_ptr: *mut u64, stale: bool, now: u64) -> u64 {
     if previous == seen { now } else { previous }
 }
 
-/// One dimension's compare-and-swap loop.
+/// One dimension's compare-and-swap loop; `forgive` as in [`check`].
 #[inline(always)]
-fn charge_one(tat_ptr: *mut u64, now: u64, cost: u64, tolerance: u64) -> bool {
+fn charge_one(tat_ptr: *mut u64, now: u64, cost: u64, tolerance: u64, forgive: bool) -> bool {
     // SAFETY: tat_ptr is inside a live map value (see charge).
     let mut seen = unsafe { core::ptr::read_volatile(tat_ptr) };
     for _ in 0..CAS_ATTEMPTS {
         let Some(new_tat) = conform(seen, now, cost, tolerance) else {
-            clear_debt(tat_ptr, seen, now, tolerance);
+            if forgive {
+                clear_debt(tat_ptr, seen, now, tolerance);
+            }
             return false;
         };
         // SAFETY: as above.

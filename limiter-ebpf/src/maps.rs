@@ -2,12 +2,13 @@
 //! the real capacities at load time.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use limiter_common::{
-    Bucket, DEFAULT_MAX_RULES, DEFAULT_MAX_SOURCES, EVENTS_RING_BYTES, GENERATIONS, Reason, Rule,
-    RuleCounters, SourceKey, service,
+    Bucket, DEFAULT_MAX_RULES, DEFAULT_MAX_SOURCES, EVENTS_RING_BYTES, FleetSlot, GENERATIONS,
+    Reason, Rule, RuleCounters, SourceKey, service,
 };
 
 /// Rules by slot (both generations' slots; the agent assigns them).
@@ -77,3 +78,9 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 /// flood of sources can never evict it and earn fresh replies.
 #[map(name = "LIM_REPLY_V1")]
 pub static REPLY_BUCKETS: Array<Bucket> = Array::with_max_entries(DEFAULT_MAX_RULES, 0);
+
+/// Fleet-wide buckets by rule id (see `FleetSlot`): memory-mappable, so the
+/// agent writes what the rest of the fleet admitted one atomic word at a
+/// time while packets read it.
+#[map(name = "LIM_FLEET_V1")]
+pub static FLEET: Array<FleetSlot> = Array::with_max_entries(DEFAULT_MAX_RULES, BPF_F_MMAPABLE);

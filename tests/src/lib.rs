@@ -7,6 +7,7 @@ pub mod harness;
 pub mod model;
 pub mod netns;
 pub mod notify;
+pub mod redis;
 pub mod scenario;
 pub mod stack;
 pub mod traffic;

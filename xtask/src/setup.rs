@@ -15,7 +15,9 @@ use crate::cmd;
 /// procps: sysctl, for the gateway benchmark's forwarding settings;
 /// systemd: systemd-analyze checks the service unit (systemd need not be
 /// running); util-linux: setpriv runs the agent with the unit's
-/// capabilities.
+/// capabilities; redis-server: the fleet tests start their own Redis (on a
+/// port and in a directory of their own), so the package's service is
+/// stopped again when setup installs it.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -27,6 +29,7 @@ const PACKAGES: &[&str] = &[
     "procps",
     "systemd",
     "util-linux",
+    "redis-server",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -41,7 +44,10 @@ pub fn run(root: &Path) -> Result<()> {
         "setup must run as root: it installs Debian packages and mounts bpffs \
          (and the tests attach eBPF programs). Re-run as root, e.g. `sudo ./x setup`."
     );
-    install_missing(PACKAGES)?;
+    let installed = install_missing(PACKAGES)?;
+    if installed.contains(&"redis-server") {
+        stop_packaged_redis();
+    }
     bpf_linker(root)?;
     kubernetes_validate(root)?;
     bpffs()
@@ -95,8 +101,28 @@ fn is_root() -> Result<bool> {
     Ok(euid == Some("0"))
 }
 
-/// Installs those of the Debian packages `names` that are missing.
-pub(crate) fn install_missing(names: &[&str]) -> Result<()> {
+/// The package starts Redis on 127.0.0.1:6379 as a service; the tests
+/// need only the binary. Stopped through the init system that started it
+/// (never by name or signal), and left alone if that fails.
+fn stop_packaged_redis() {
+    match Command::new("invoke-rc.d")
+        .args(["redis-server", "stop"])
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            println!(
+                "stopped: the redis-server service the package started (the tests run their own)"
+            );
+        }
+        _ => println!(
+            "note: could not stop the packaged redis-server service; the tests do not use it"
+        ),
+    }
+}
+
+/// Installs those of the Debian packages `names` that are missing; returns
+/// the ones it installed.
+pub(crate) fn install_missing<'a>(names: &[&'a str]) -> Result<Vec<&'a str>> {
     let mut missing = Vec::new();
     for &name in names {
         if is_installed(name)? {
@@ -106,7 +132,7 @@ pub(crate) fn install_missing(names: &[&str]) -> Result<()> {
         }
     }
     if missing.is_empty() {
-        return Ok(());
+        return Ok(missing);
     }
     // Once, and only when needed: a fresh machine has empty package lists.
     cmd::run(Command::new("apt-get").arg("update"))
@@ -119,10 +145,10 @@ pub(crate) fn install_missing(names: &[&str]) -> Result<()> {
             .args(&install),
     )
     .context("installing Debian packages failed: see apt's message above")?;
-    for name in install {
+    for name in &install {
         println!("installed: {name}");
     }
-    Ok(())
+    Ok(install)
 }
 
 fn is_installed(name: &str) -> Result<bool> {

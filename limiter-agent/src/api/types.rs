@@ -163,6 +163,9 @@ pub struct Status {
     #[serde(default)]
     pub live_overrides: Vec<LiveOverride>,
     pub reasons: BTreeMap<String, u64>,
+    /// The fleet exchange (with a `[fleet]` section).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::FleetView>,
 }
 
 /// One entry of `GET /v1/top`.

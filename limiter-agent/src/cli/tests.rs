@@ -97,6 +97,7 @@ fn every_rule_field_but_the_name_is_a_flag() {
             new_connections: Some(String::new()),
             connection_burst: Some(Quantity::Number(1)),
         }),
+        fleet: Some(true),
     })
     .unwrap();
     let command = <Rules as clap::CommandFactory>::command();
@@ -124,6 +125,9 @@ fn every_rule_field_but_the_name_is_a_flag() {
             "prefixes" => "prefix".to_owned(),
             "ports" => "port".to_owned(),
             "destinations" => "destination".to_owned(),
+            // `--fleet` is kept for a change made for the whole fleet
+            // (issue 14).
+            "fleet" => "fleet-wide".to_owned(),
             _ => field.replace('_', "-"),
         };
         assert!(flags.contains(&flag), "no --{flag} for `{field}`");

@@ -136,6 +136,17 @@ pub enum Problem {
          or packets"
     )]
     RejectWithoutBudget,
+    #[error(
+        "only a budget all sources share can be fleet-wide: use scope = \"shared\" with a \
+         budget, or give the rule an aggregate (aggregate = {{ packets = \"20k/s\" }}); \
+         each source's own budget stays this gateway's"
+    )]
+    FleetWithoutSharedBudget,
+    #[error(
+        "fleet = true needs a [fleet] section (the Redis the fleet exchanges usage through, \
+         see docs/fleet.md): add one, or remove fleet = true"
+    )]
+    FleetWithoutSection,
 }
 
 /// An IP family, as errors name it.
@@ -282,7 +293,37 @@ pub enum ConfigProblem {
     #[error("interface {0:?} is listed twice")]
     InterfaceTwice(String),
     #[error(transparent)]
+    Fleet(#[from] FleetProblem),
+    #[error(transparent)]
     Rules(#[from] RuleSetError),
+}
+
+/// What is wrong with the `[fleet]` section.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FleetProblem {
+    #[error(
+        "fleet.address {0:?} is not a Redis address: write redis://host:port, e.g. \
+         \"redis://127.0.0.1:6379\""
+    )]
+    Address(String),
+    #[error(
+        "fleet.address {0:?}: TLS (rediss://) is not supported yet: reach Redis over a \
+         trusted network or a local TLS tunnel, and write redis://host:port, e.g. \
+         \"redis://127.0.0.1:6379\""
+    )]
+    Tls(String),
+    #[error(
+        "fleet.address holds credentials: write redis://host:port and put the password in \
+         a file named by fleet.password_file (and the user in fleet.username); an address \
+         is shown in logs and status, a password must never be"
+    )]
+    CredentialsInAddress,
+    #[error("fleet.{field} {given:?}: use 1-64 letters, digits and - _ .")]
+    Name { field: &'static str, given: String },
+    #[error("the host name cannot be read (or is empty): set fleet.gateway to this gateway's name")]
+    NoHostName,
+    #[error("fleet.sync_interval {0:?} is not a duration from 100ms to 1s: write e.g. \"250ms\"")]
+    SyncInterval(String),
 }
 
 /// A configuration error with where it is.

@@ -15,6 +15,10 @@ pub struct ConfigFile {
     pub capacity: CapacitySection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// Fleet-wide budgets (docs/fleet.md): absent, every budget is this
+    /// gateway's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetSection>,
     #[serde(default, rename = "interface")]
     pub interfaces: Vec<InterfaceConfig>,
     #[serde(default, rename = "rule")]
@@ -62,6 +66,42 @@ impl Default for MetricsSection {
             top_k: defaults::TOP_K,
         }
     }
+}
+
+/// `[fleet]`: where the fleet exchanges usage, and who this gateway is in
+/// it. `Config::fleet` holds it validated.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// The Redis server: `redis://host:port` (no password in it: see
+    /// `password_file`).
+    #[serde(default = "default_fleet_address")]
+    pub address: String,
+    /// The fleet's name: every key the fleet uses starts with
+    /// `limiter:{name}:`, so fleets can share one Redis.
+    pub name: String,
+    /// This gateway's name in the fleet (default: the host name). Unique
+    /// per gateway: two gateways of one name count as one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// How often usage is exchanged, e.g. "250ms" (100ms to 1s).
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval: String,
+    /// The Redis ACL user (default: Redis's `default` user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// A file holding the password (its first line), readable by the agent
+    /// only: never in the config, the command line or the logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+fn default_fleet_address() -> String {
+    defaults::FLEET_ADDRESS.into()
+}
+
+fn default_sync_interval() -> String {
+    defaults::FLEET_SYNC_INTERVAL.into()
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

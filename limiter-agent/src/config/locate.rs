@@ -21,6 +21,8 @@ struct Located {
     #[serde(default)]
     metrics: Option<Spanned<Keys>>,
     #[serde(default)]
+    fleet: Option<Spanned<Keys>>,
+    #[serde(default)]
     interface: Vec<Spanned<Keys>>,
     #[serde(default)]
     rule: Vec<Spanned<Keys>>,
@@ -32,6 +34,7 @@ pub enum Table {
     Agent,
     Capacity,
     Metrics,
+    Fleet,
     /// The n-th `[[interface]]`.
     Interface(usize),
     /// The n-th `[[rule]]`.
@@ -49,6 +52,7 @@ pub fn line_of_field(text: &str, table: Table, field: &str) -> usize {
         Table::Agent => located.agent.as_ref(),
         Table::Capacity => located.capacity.as_ref(),
         Table::Metrics => located.metrics.as_ref(),
+        Table::Fleet => located.fleet.as_ref(),
         Table::Interface(i) => located.interface.get(i),
         Table::Rule(i) => located.rule.get(i),
     };

@@ -14,6 +14,7 @@
 
 mod error;
 mod file;
+mod fleet;
 mod locate;
 mod precedence;
 mod rule;
@@ -27,11 +28,14 @@ use std::{
 };
 
 pub use error::{
-    ConfigError, ConfigProblem, Family, FieldError, PrefixError, Problem, RuleSetError,
+    ConfigError, ConfigProblem, Family, FieldError, FleetProblem, PrefixError, Problem,
+    RuleSetError,
 };
 pub use file::{
-    AgentSection, CapacitySection, ConfigFile, InterfaceConfig, MetricsSection, XdpModeConfig,
+    AgentSection, CapacitySection, ConfigFile, FleetSection, InterfaceConfig, MetricsSection,
+    XdpModeConfig,
 };
+pub use fleet::{FleetConfig, MAX_SYNC_INTERVAL, MIN_SYNC_INTERVAL};
 use locate::{Table, line_of, line_of_field};
 pub use precedence::ServiceTable;
 pub use rule::{
@@ -43,7 +47,8 @@ pub use service::{
     protocol_name,
 };
 pub use validate::{
-    Budget, Budgets, RuleDef, every_source, parse_prefix, validate_rule_set, validate_rules,
+    Budget, Budgets, RuleDef, check_fleet_rules, every_source, parse_prefix, validate_rule_set,
+    validate_rules,
 };
 
 /// Defaults, in one place.
@@ -69,6 +74,12 @@ pub mod defaults {
     /// spoofed SYNs arrive, and still a fast "no" for a few hundred
     /// clients refused per second-ish burst.
     pub const REPLIES: &str = "100/s";
+    /// Redis on this host (docs/fleet.md, "Running Redis").
+    pub const FLEET_ADDRESS: &str = "redis://127.0.0.1:6379";
+    /// How often a fleet exchanges usage: the fleet can overshoot by about
+    /// two intervals of its budget, and each agent sends Redis one pipeline
+    /// per interval (docs/fleet.md, "The sync interval").
+    pub const FLEET_SYNC_INTERVAL: &str = "250ms";
 }
 
 /// What runs when no `--config` is given: observe only, on every source.
@@ -152,6 +163,8 @@ pub struct Config {
     pub rules: Vec<RuleDef>,
     /// `[agent] max_penalty`, parsed.
     pub max_penalty: Duration,
+    /// `[fleet]`, validated.
+    pub fleet: Option<FleetConfig>,
     pub source: ConfigSource,
 }
 
@@ -201,14 +214,24 @@ impl Config {
                     ConfigProblem::MaxPenalty(file.agent.max_penalty.clone()),
                 )
             })?;
-        let rules = validate_rules(&file.rules, file.capacity.rules).map_err(|e| {
-            let (index, field) = e.at();
-            field_at(Table::Rule(index), field, e.into())
-        })?;
+        let fleet = match &file.fleet {
+            Some(section) => Some(
+                FleetConfig::from_section(section)
+                    .map_err(|(field, problem)| field_at(Table::Fleet, field, problem.into()))?,
+            ),
+            None => None,
+        };
+        let rules = validate_rules(&file.rules, file.capacity.rules)
+            .and_then(|rules| check_fleet_rules(&rules, fleet.is_some()).map(|()| rules))
+            .map_err(|e| {
+                let (index, field) = e.at();
+                field_at(Table::Rule(index), field, e.into())
+            })?;
         Ok(Self {
             file,
             rules,
             max_penalty,
+            fleet,
             source: ConfigSource::File(path.to_owned()),
         })
     }

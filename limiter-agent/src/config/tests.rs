@@ -521,3 +521,65 @@ fn a_bad_max_penalty_names_its_field_line_and_what_to_write() {
         );
     }
 }
+
+const FLEET: &str = "[fleet]\nname = \"edge\"\ngateway = \"gw1\"\n";
+
+#[test]
+fn a_fleet_section_has_its_defaults_and_a_fleet_rule_needs_it() {
+    let fleet_rule =
+        rule("action = \"drop\"\nscope = \"shared\"\npackets = \"1k/s\"\nfleet = true");
+    let config = parse(&format!("{FLEET}{fleet_rule}")).unwrap();
+    let fleet = config.fleet.unwrap();
+    assert_eq!((fleet.host.as_str(), fleet.port), ("127.0.0.1", 6379));
+    assert_eq!(fleet.sync_interval, std::time::Duration::from_millis(250));
+    assert_eq!(fleet.gateway, "gw1");
+    assert!(config.rules[0].fleet);
+
+    let err = parse(&fleet_rule).unwrap_err();
+    assert!(
+        err.starts_with("test.toml:7: rule \"r\": `fleet`: fleet = true needs a [fleet] section"),
+        "{err}"
+    );
+    assert!(parse("").unwrap().fleet.is_none());
+}
+
+#[test]
+fn fleet_section_errors_point_at_their_field() {
+    let err = parse(&format!("{FLEET}sync_interval = \"5s\"\n")).unwrap_err();
+    assert!(
+        err.starts_with(
+            "test.toml:4: fleet.sync_interval \"5s\" is not a duration from 100ms to 1s"
+        ),
+        "{err}"
+    );
+    let err = parse("[fleet]\nname = \"edge\"\naddress = \"redis://u:secret@h\"\n").unwrap_err();
+    assert!(
+        err.starts_with("test.toml:3: fleet.address holds credentials"),
+        "{err}"
+    );
+    assert!(!err.contains("secret"), "{err}");
+    let err = parse("[fleet]\naddress = \"redis://h\"\n").unwrap_err();
+    assert!(err.contains("name"), "the fleet's name is required: {err}");
+    let err = parse(&format!("{FLEET}password = \"x\"\n")).unwrap_err();
+    assert!(err.contains("unknown field `password`"), "{err}");
+}
+
+#[test]
+fn the_documented_fleet_section_parses_once_uncommented() {
+    let text = include_str!("../../../docs/limiter.example.toml");
+    let start = text.find("# [fleet]").unwrap();
+    let section: String = text[start..]
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| !l.starts_with('#') && !l.starts_with("A rule") && l.contains(['[', '=']))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let fleet_rule =
+        rule("action = \"drop\"\nscope = \"shared\"\npackets = \"1k/s\"\nfleet = true");
+    let config = parse(&format!("{section}{fleet_rule}")).unwrap();
+    let fleet = config.fleet.unwrap();
+    assert_eq!(fleet.name, "edge");
+    assert_eq!(fleet.sync_interval, std::time::Duration::from_millis(250));
+    assert_eq!(fleet.username.as_deref(), Some("limiter"));
+}

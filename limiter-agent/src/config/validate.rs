@@ -59,6 +59,9 @@ pub struct RuleDef {
     /// A reject rule's RSTs, all its sources together (always set for
     /// reject, never for other actions).
     pub replies: Option<Budget>,
+    /// Its shared budget (scope shared) or its aggregate holds for the
+    /// whole fleet (docs/fleet.md).
+    pub fleet: bool,
 }
 
 /// Budgets by dimension, each optional (at least one given).
@@ -411,6 +414,14 @@ impl RuleConfig {
         if f.skb_mark.is_some() && self.action != ActionConfig::Mark {
             return Err(FieldError::new("skb_mark", Problem::SkbMarkWithoutMark));
         }
+        let fleet = f.fleet.unwrap_or(false);
+        let shared_budget = match self.scope() {
+            ScopeConfig::Shared => has_budget,
+            ScopeConfig::PerSource => aggregate.is_some(),
+        };
+        if fleet && !shared_budget {
+            return Err(FieldError::new("fleet", Problem::FleetWithoutSharedBudget));
+        }
         let replies = if self.action == ActionConfig::Reject {
             let rate = f.replies.clone().unwrap_or(defaults::REPLIES.to_owned());
             REPLIES.budget(Some(&rate), f.reply_burst.as_ref())?
@@ -439,7 +450,25 @@ impl RuleConfig {
             skb_mark: f.skb_mark.unwrap_or(0),
             aggregate,
             replies,
+            fleet,
         })
+    }
+}
+
+/// Refuses fleet-wide rules where there is no fleet (`fleet_configured`:
+/// the config has a `[fleet]` section). Apart from [`validate_rule_set`]:
+/// that needs the rules only, this the file's sections too.
+pub fn check_fleet_rules(defs: &[RuleDef], fleet_configured: bool) -> Result<(), RuleSetError> {
+    if fleet_configured {
+        return Ok(());
+    }
+    match defs.iter().enumerate().find(|(_, def)| def.fleet) {
+        Some((index, def)) => Err(RuleSetError::Rule {
+            index,
+            name: def.name.clone(),
+            error: FieldError::new("fleet", Problem::FleetWithoutSection),
+        }),
+        None => Ok(()),
     }
 }
 

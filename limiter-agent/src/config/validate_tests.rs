@@ -344,3 +344,57 @@ fn a_bad_reply_budget_is_refused_like_any_budget() {
         refused(r#", "action": "reject", "packets": "1/s", "replies": "1/s", "reply_burst": 0"#);
     assert_eq!(field, "reply_burst");
 }
+
+#[test]
+fn only_a_shared_budget_or_an_aggregate_can_be_fleet_wide() {
+    let shared = rule(r#", "action": "drop", "scope": "shared", "packets": "1k/s", "fleet": true"#)
+        .validate()
+        .unwrap();
+    assert!(shared.fleet);
+    let aggregate = rule(
+        r#", "action": "drop", "packets": "10/s", "aggregate": {"packets": "1k/s"}, "fleet": true"#,
+    )
+    .validate()
+    .unwrap();
+    assert!(aggregate.fleet);
+    let (field, message) = refused(r#", "action": "drop", "packets": "10/s", "fleet": true"#);
+    assert_eq!(field, "fleet");
+    assert!(
+        message.contains("scope = \"shared\"") && message.contains("aggregate"),
+        "{message}"
+    );
+    let (field, _) = refused(r#", "action": "allow", "scope": "shared", "fleet": true"#);
+    assert_eq!(
+        field, "fleet",
+        "a shared rule without a budget has none to share"
+    );
+    let off = rule(r#", "action": "drop", "packets": "10/s", "fleet": false"#)
+        .validate()
+        .unwrap();
+    assert!(!off.fleet);
+}
+
+#[test]
+fn fleet_rules_need_a_fleet() {
+    let defs = validate_rules(
+        &[
+            rule_with(
+                "local",
+                r#"["198.18.0.0/24"]"#,
+                r#", "action": "drop", "packets": "1/s""#,
+            ),
+            rule_with(
+                "everywhere",
+                r#"["198.18.1.0/24"]"#,
+                r#", "action": "drop", "scope": "shared", "packets": "1/s", "fleet": true"#,
+            ),
+        ],
+        16,
+    )
+    .unwrap();
+    assert_eq!(check_fleet_rules(&defs, true), Ok(()));
+    let err = check_fleet_rules(&defs, false).unwrap_err();
+    assert_eq!(err.at(), (1, "fleet"));
+    assert!(err.to_string().contains("[fleet] section"), "{err}");
+    assert_eq!(check_fleet_rules(&defs[..1], false), Ok(()));
+}

@@ -12,10 +12,15 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_common::{
-    Bucket, GENERATIONS, Reason, Rule, RuleCounters, SourceKey, active, map_names, verdict,
+    Bucket, FleetSlot, GENERATIONS, Reason, Rule, RuleCounters, SourceKey, active, map_names,
+    verdict,
 };
 
-use super::{Datapath, DatapathError, Result, duplicate, map_err};
+use super::{
+    Datapath, DatapathError, Result, duplicate,
+    fleet::{FleetCounts, FleetMemory},
+    map_err,
+};
 
 pub(super) type V4Trie = LpmTrie<MapData, [u8; 6], u32>;
 pub(super) type V6Trie = LpmTrie<MapData, [u8; 18], u32>;
@@ -62,6 +67,9 @@ pub(super) struct Maps {
     pub(super) rule_counters: PerCpuArray<MapData, RuleCounters>,
     pub(super) reason_counters: PerCpuArray<MapData, u64>,
     pub(super) reply_buckets: Array<MapData, Bucket>,
+    /// Kept for pinning; read and written through `fleet_memory` only.
+    fleet: Array<MapData, FleetSlot>,
+    fleet_memory: FleetMemory,
     /// A second handle on the event ring, whose own handle goes to its
     /// reader: the map must stay pinnable after that.
     events: MapData,
@@ -71,8 +79,10 @@ pub(super) struct Maps {
 
 impl Maps {
     /// Takes every map out of `ebpf`: the typed handles and the event ring.
-    pub(super) fn take(ebpf: &mut Ebpf) -> Result<(Self, RingBuf<MapData>)> {
+    pub(super) fn take(ebpf: &mut Ebpf, max_rules: u32) -> Result<(Self, RingBuf<MapData>)> {
         let events: RingBuf<MapData> = take(ebpf, map_names::EVENTS)?;
+        let fleet: Array<MapData, FleetSlot> = take(ebpf, map_names::FLEET)?;
+        let fleet_memory = FleetMemory::map(fleet.map(), max_rules)?;
         let cpus = aya::util::nr_cpus()
             .map_err(|(_, e)| DatapathError::Cpus(e))?
             .get() as usize;
@@ -89,6 +99,8 @@ impl Maps {
             rule_counters: take(ebpf, map_names::RULE_COUNTERS)?,
             reason_counters: take(ebpf, map_names::REASON_COUNTERS)?,
             reply_buckets: take(ebpf, map_names::REPLY_BUCKETS)?,
+            fleet,
+            fleet_memory,
             events: duplicate(map_names::EVENTS, events.as_fd())?,
             cpus,
         };
@@ -117,6 +129,7 @@ impl Maps {
             (map_names::EVENTS, &self.events),
             (map_names::ACTIVE, self.active.map()),
             (map_names::REPLY_BUCKETS, self.reply_buckets.map()),
+            (map_names::FLEET, self.fleet.map()),
         ]
     }
 }
@@ -358,9 +371,10 @@ impl Datapath {
         )
     }
 
-    /// Zeroes a rule id's counters, shared bucket and reply bucket, before
-    /// the id is given to a new rule.
+    /// Zeroes a rule id's counters, shared bucket, reply bucket and fleet
+    /// slot, before the id is given to a new rule.
     pub fn reset_rule_state(&mut self, rule_id: u32) -> Result<()> {
+        self.maps.fleet_memory.reset(rule_id)?;
         let zeros = self.maps.per_cpu_zeros()?;
         self.maps
             .rule_counters
@@ -417,6 +431,22 @@ impl Datapath {
                 source,
             }),
         }
+    }
+
+    /// What rule `rule_id`'s fleet slot holds now.
+    pub fn fleet_counts(&self, rule_id: u32) -> FleetCounts {
+        self.maps.fleet_memory.counts(rule_id)
+    }
+
+    /// Sets what the rest of the fleet admitted into rule `rule_id`'s
+    /// bucket (running totals by dimension).
+    pub fn set_fleet_remote(&self, rule_id: u32, remote: [u64; 3]) -> Result<()> {
+        self.maps.fleet_memory.set_remote(rule_id, remote)
+    }
+
+    /// Marks rule `rule_id`'s shared bucket or aggregate fleet-wide (or not).
+    pub fn set_fleet(&self, rule_id: u32, fleet: bool) -> Result<()> {
+        self.maps.fleet_memory.set_fleet(rule_id, fleet)
     }
 
     /// The shared bucket of a rule.

@@ -4,9 +4,10 @@
 //! typed map handles (taken out of the object once, at load) and the reads
 //! and writes on them.
 
+mod fleet;
 mod maps;
 
-pub use self::maps::PortBlock;
+pub use self::{fleet::FleetCounts, maps::PortBlock};
 #[cfg(feature = "test-support")]
 mod test_support;
 
@@ -77,6 +78,14 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("map {name}: mapping it into memory: {source}")]
+    Mmap {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rule id {id} has no fleet slot (beyond capacity.rules)")]
+    FleetSlot { id: u32 },
     #[error("pinning map {name}: {source}")]
     Pin {
         name: &'static str,
@@ -148,6 +157,7 @@ impl Datapath {
             map_names::SHARED_BUCKETS,
             map_names::RULE_COUNTERS,
             map_names::REPLY_BUCKETS,
+            map_names::FLEET,
         ] {
             loader.map_max_entries(name, capacities.max_rules);
         }
@@ -165,7 +175,7 @@ impl Datapath {
         }
         // The programs hold their own references to the maps: taking our
         // handles out of the object changes nothing for them.
-        let (maps, events) = Maps::take(&mut ebpf)?;
+        let (maps, events) = Maps::take(&mut ebpf, capacities.max_rules)?;
         Ok(Self {
             ebpf,
             maps,

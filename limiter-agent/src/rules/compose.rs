@@ -51,6 +51,7 @@ pub fn compose(config: &Config, state: &State) -> Result<Vec<InForce>, RulesErro
     }
     let plain: Vec<RuleConfig> = configs.iter().map(|c| c.0.clone()).collect();
     let defs = config::validate_rule_set(&plain, config.file.capacity.rules, first_penalty)?;
+    config::check_fleet_rules(&defs, config.fleet.is_some())?;
     Ok(configs
         .into_iter()
         .zip(defs)

@@ -19,7 +19,7 @@ pub enum ServiceError {
     Rules(#[from] RulesError),
     #[error("{0}")]
     Config(#[source] ConfigError),
-    #[error("[agent] and [capacity] change only on restart; the rules were not reloaded")]
+    #[error("[agent], [capacity] and [fleet] change only on restart; the rules were not reloaded")]
     RestartNeeded,
     #[error("the body names rule {body:?}, the path {path:?}")]
     NameMismatch { body: String, path: String },

@@ -100,6 +100,8 @@ pub struct Service {
     /// The interfaces, their links and pins, and their supervision (set by
     /// the daemon once the rules are in force).
     pub attachments: Option<Attachments>,
+    /// The fleet sync's status (set by the daemon with a `[fleet]`).
+    pub fleet: Option<crate::fleet::FleetHandle>,
     /// Bumped on every rule-set change that reached the kernel.
     pub config_generation: u64,
     pub last_reload_ok: Option<u64>,
@@ -127,6 +129,7 @@ impl Service {
             services: ServiceTable::default(),
             by_id: HashMap::new(),
             attachments: None,
+            fleet: None,
             config_generation: 0,
             last_reload_ok: None,
             last_reload_failed: None,
@@ -156,6 +159,17 @@ impl Service {
                 .map_err(|source| ServiceError::ResetRule { id: *id, source })?;
         }
         let applied = self.enforcer.apply(&kernel).map_err(ServiceError::Kernel)?;
+        // Which buckets are fleet-wide: one word per rule, beside the rule
+        // set just made active (a packet in between sees either, and
+        // either is a whole, valid mode of the bucket).
+        let dp = self.enforcer.datapath();
+        for rule in &in_force {
+            if let Some(id) = state.ids.get(&rule.def.name)
+                && let Err(e) = dp.set_fleet(*id, rule.def.fleet)
+            {
+                tracing::error!(rule = rule.def.name, "marking the rule's fleet mode: {e}");
+            }
+        }
         tracing::debug!(
             generation = applied.generation,
             map_writes = applied.writes,
@@ -354,8 +368,10 @@ impl Service {
 
     fn try_reload(&mut self) -> Result<()> {
         let config = self.config.reread().map_err(ServiceError::Config)?;
+        // The fleet sync runs with the [fleet] it started with.
         if config.file.capacity != self.config.file.capacity
             || config.file.agent != self.config.file.agent
+            || config.file.fleet != self.config.file.fleet
         {
             return Err(ServiceError::RestartNeeded);
         }
@@ -364,6 +380,54 @@ impl Service {
         }
         let state = self.state.clone();
         self.commit(&config, state)
+    }
+
+    /// The fleet-wide buckets in force, with what their kernel slots hold.
+    pub fn fleet_buckets(&self) -> Vec<crate::fleet::BucketCounts> {
+        use crate::fleet::exchange::{BucketKind, FleetBucket};
+        let dp = self.enforcer.datapath();
+        self.in_force
+            .iter()
+            .filter(|r| r.def.fleet)
+            .filter_map(|r| {
+                let id = *self.state.ids.get(&r.def.name)?;
+                let (kind, budgets) = match &r.def.aggregate {
+                    Some(aggregate) => (BucketKind::Aggregate, aggregate.by_dimension()),
+                    None => (BucketKind::Shared, r.def.budgets()),
+                };
+                let bucket = FleetBucket {
+                    rule: r.def.name.clone(),
+                    id,
+                    kind,
+                    rates: budgets.map(|b| b.as_ref().map(|b| b.rate)),
+                };
+                Some((bucket, dp.fleet_counts(id)))
+            })
+            .collect()
+    }
+
+    /// Has the kernel charge each bucket `units` more of what the rest of
+    /// the fleet admitted (see `fleet::exchange::next_remote`). A bucket
+    /// whose rule is gone, no longer fleet-wide, or holds another id since
+    /// the units were read is left alone.
+    pub fn charge_fleet(&self, writes: &[(crate::fleet::exchange::FleetBucket, [u64; 3])]) {
+        let dp = self.enforcer.datapath();
+        for (bucket, units) in writes {
+            let current = self.in_force.iter().any(|r| {
+                r.def.fleet
+                    && r.def.name == bucket.rule
+                    && self.state.ids.get(&r.def.name) == Some(&bucket.id)
+            });
+            if !current {
+                continue;
+            }
+            let applied = dp.fleet_counts(bucket.id).applied;
+            let remote =
+                std::array::from_fn(|d| crate::fleet::exchange::next_remote(applied[d], units[d]));
+            if let Err(e) = dp.set_fleet_remote(bucket.id, remote) {
+                tracing::error!(rule = bucket.rule, "charging the fleet's usage: {e}");
+            }
+        }
     }
 
     pub fn datapath(&self) -> &crate::datapath::Datapath {

@@ -369,6 +369,10 @@ impl Service {
             config_generation: self.config_generation,
             live_overrides: self.live_overrides(),
             reasons,
+            fleet: self
+                .fleet
+                .as_ref()
+                .and_then(|f| f.lock().ok().map(|f| f.view())),
         }
     }
 

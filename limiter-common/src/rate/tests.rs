@@ -411,3 +411,47 @@ fn the_largest_burst_a_rate_holds_is_accepted_and_one_more_is_not() {
     }
     assert_eq!(Limit::max_burst(Rate::per_second(0)), 0);
 }
+
+#[test]
+fn remote_units_cost_their_intervals_and_saturate_instead_of_overflowing() {
+    let limit = Limit::new(1_000, 10).unwrap();
+    assert_eq!(remote_cost(&limit, 0), 0);
+    assert_eq!(remote_cost(&limit, 7), 7 * limit.interval);
+    assert_eq!(remote_cost(&limit, u64::MAX), MAX_FINE_SPAN);
+    assert_eq!(remote_cost(&Limit::UNLIMITED, 5), 0);
+}
+
+#[test]
+fn remote_units_are_charged_beyond_the_burst_and_paid_back_by_local_packets() {
+    // 1000/s, burst 10; the rest of the fleet admitted 30 while this
+    // gateway's bucket was full.
+    let limit = Limit::new(1_000, 10).unwrap();
+    let now = fine_time(1_000_000_000);
+    let tat = charge_remote(now - 5, now, remote_cost(&limit, 30), limit.tolerance);
+    assert_eq!(
+        tat,
+        now + 30 * limit.interval,
+        "an idle TAT starts from now"
+    );
+    // Nothing is admitted until the debt beyond the burst is paid: 21 ms
+    // (30 - 10 + 1 units) later, one packet fits again.
+    let ms = |n: u64| now + fine_time(n * 1_000_000);
+    assert!(conform(tat, ms(20), limit.cost(1), limit.tolerance).is_none());
+    assert!(conform(tat, ms(21), limit.cost(1), limit.tolerance).is_some());
+    // Charges add up on a busy TAT.
+    let busier = charge_remote(tat, now, remote_cost(&limit, 5), limit.tolerance);
+    assert_eq!(busier, tat + 5 * limit.interval);
+}
+
+#[test]
+fn a_remote_charge_never_leaves_the_range_wrapping_differences_express() {
+    let limit = Limit::new(1, 1).unwrap();
+    let now = fine_time(123);
+    let mut tat = now;
+    for _ in 0..4 {
+        tat = charge_remote(tat, now, remote_cost(&limit, u64::MAX), limit.tolerance);
+        let ahead = tat.wrapping_sub(now) as i64;
+        assert!(ahead > 0, "still ahead of now, not wrapped behind it");
+        assert!(ahead as u64 <= limit.tolerance + MAX_FINE_SPAN);
+    }
+}

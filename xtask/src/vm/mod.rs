@@ -93,7 +93,7 @@ struct KernelRun {
 
 pub fn run(root: &Path, options: &Options) -> Result<()> {
     let started = Instant::now();
-    setup::install_missing(PACKAGES)?;
+    let _ = setup::install_missing(PACKAGES)?;
     let vm_dir = root.join("target/vm");
 
     let step = Instant::now();
