@@ -236,6 +236,11 @@ pub async fn show(client: &Client, out: &Output, name: &str) -> Result {
         if let Some(all) = aggregate_text(f) {
             println!("  all sources      {all}");
         }
+        if f.fleet == Some(true) {
+            println!(
+                "  fleet-wide       yes: its shared or aggregate budget holds for the whole fleet"
+            );
+        }
         if r.rule.action == ActionConfig::Reject {
             let replies = match &f.replies {
                 Some(_) => budget_text(&f.replies, &f.reply_burst),

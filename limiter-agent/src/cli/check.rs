@@ -116,6 +116,9 @@ pub fn print_check(config: &Config, out: &Output) {
             if let Some(all) = aggregate_text(f) {
                 println!("      {:<16}{all}", "all sources");
             }
+            if f.fleet == Some(true) {
+                println!("      {:<16}yes (the shared or aggregate budget)", "fleet-wide");
+            }
             if let Some(def) = config.rules.iter().find(|d| d.name == r.name)
                 && let Some(replies) = &def.replies
             {
