@@ -123,6 +123,16 @@ fn a_service_rule_limits_its_port_and_leaves_the_others_alone() {
     assert_eq!(send(53), 5, "udp/53 holds to its budget");
     assert_eq!(send(PORT), 10, "another port is only monitored");
 
+    // A change of one rule is written over its slot, without a flip of the
+    // rule set's generation (so without waiting for a grace period), and
+    // holds from the next packet: room for 15 more at a burst of 20.
+    let generation = |env: &AgentEnv| env.cli_json(&["status"])["active_generation"].clone();
+    let before = generation(&env);
+    env.cli_ok(&["rules", "change", "dns", "--packet-burst", "20"]);
+    assert_eq!(generation(&env), before, "one rule changed in place");
+    assert_eq!(send(53), 10, "the raised burst is in force");
+    assert_eq!(send(53), 5, "and only it");
+
     // inspect says which rule a flow gets, and which wider one lost it.
     let dns = env.cli_json(&[
         "inspect",

@@ -207,6 +207,9 @@ impl Enforcer {
 
     /// Makes `rules` the rule set in force, atomically.
     pub fn apply(&mut self, set: &KernelRuleSet) -> Result<ApplyStats, DatapathError> {
+        if let Some(stats) = self.apply_in_place(set)? {
+            return Ok(stats);
+        }
         let next = (self.active + 1) % GENERATIONS;
         if self.deactivated_at[next as usize].is_some_and(|at| at.elapsed() < RECENT) {
             wait_for_grace_period();
@@ -228,6 +231,34 @@ impl Enforcer {
                 Err(e)
             }
         }
+    }
+
+    /// A change of one rule and nothing else is written over that rule's
+    /// slot in the active generation: one map update, no flip, so no RCU
+    /// grace period to wait for (a flip rewrites the generation that was
+    /// active until the previous change). A packet sees the rule old or
+    /// new, field by field while the update runs (each field whole); a
+    /// change of several rules still flips, so packets never see some of
+    /// them changed and others not.
+    fn apply_in_place(&mut self, set: &KernelRuleSet) -> Result<Option<ApplyStats>, DatapathError> {
+        let active = self.active;
+        let Some(installed) = self.installed[active as usize].as_mut() else {
+            return Ok(None);
+        };
+        if self.dp.active_word()? != set.active_word(active) {
+            return Ok(None);
+        }
+        let base = active * self.dp.capacities().max_rules;
+        let Some((slot, rule)) = plan::single_rule_change(installed, &plan::wanted(base, set))
+        else {
+            return Ok(None);
+        };
+        self.dp.set_rule(slot, &rule)?;
+        installed.record(&Write::SetRule(slot, rule));
+        Ok(Some(ApplyStats {
+            generation: active,
+            writes: 1,
+        }))
     }
 
     fn write_generation(

@@ -151,3 +151,26 @@ pub fn writes(installed: &Installed, want: &Installed) -> Vec<Write> {
     out.extend(unused.into_iter().map(Write::ClearRule));
     out
 }
+
+/// The one rule write that turns `installed` into `want` when nothing else
+/// differs (same slots, prefixes and service tables): a change of one
+/// rule's budgets, action or marks. `None` when more differs.
+pub fn single_rule_change(installed: &Installed, want: &Installed) -> Option<(u32, Rule)> {
+    if installed.prefixes != want.prefixes
+        || installed.ports != want.ports
+        || installed.destinations != want.destinations
+        || installed.rules.len() != want.rules.len()
+    {
+        return None;
+    }
+    let mut changed = want
+        .rules
+        .iter()
+        .filter(|(slot, rule)| installed.rules.get(slot) != Some(rule));
+    let (slot, rule) = changed.next()?;
+    // Same slots: a slot of `want` missing from `installed` shows here too.
+    if changed.next().is_some() || !installed.rules.contains_key(slot) {
+        return None;
+    }
+    Some((*slot, *rule))
+}

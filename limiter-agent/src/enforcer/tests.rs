@@ -264,3 +264,41 @@ fn a_rule_set_without_services_needs_no_service_lookup() {
     assert!(!set.services.by_protocol && !set.services.by_destination);
     assert!(set.services.ports.is_empty() && set.services.destinations.is_empty());
 }
+
+#[test]
+fn one_changed_rule_and_nothing_else_is_one_write_in_place() {
+    use super::plan::single_rule_change;
+    let installed = wanted(0, &rules(TWO_RULES));
+    let budget = wanted(0, &rules(&TWO_RULES.replace("100/s", "200/s")));
+    assert!(matches!(
+        single_rule_change(&installed, &budget),
+        Some((0, _))
+    ));
+    // Nothing changed: no write to make in place (a flip rewrites nothing
+    // either).
+    assert_eq!(single_rule_change(&installed, &installed), None);
+    // Two rules changed: a flip, so packets see both or neither.
+    let both = wanted(
+        0,
+        &rules(
+            &TWO_RULES
+                .replace("100/s", "200/s")
+                .replace("8Mbit/s", "9Mbit/s"),
+        ),
+    );
+    assert_eq!(single_rule_change(&installed, &both), None);
+    // A prefix moved, or a rule added: a flip.
+    let moved = wanted(
+        0,
+        &rules(&TWO_RULES.replace("198.19.0.0/24", "198.19.1.0/24")),
+    );
+    assert_eq!(single_rule_change(&installed, &moved), None);
+    let one = TWO_RULES
+        .split("[[rule]]\nname = \"partners\"")
+        .next()
+        .unwrap_or_default();
+    assert_eq!(
+        single_rule_change(&wanted(0, &rules(one)), &installed),
+        None
+    );
+}
