@@ -115,8 +115,21 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
         let initrd = guest::initramfs(&vm_dir, &kernel, &tools, &agent, &tests, PLAN)?;
         let log = vm_dir.join(format!("{}.log", kernel.upstream));
         let prefix = format!("[{}] ", kernel.upstream);
-        let boot = qemu::boot(&kernel, &initrd, &log, &prefix, options.timeout)?;
-        let report = console::parse(&boot.console);
+        let mut boot = qemu::boot(&kernel, &initrd, &log, &prefix, options.timeout)?;
+        let mut report = console::parse(&boot.console);
+        if report.release.is_none() {
+            // Nothing of ours ran: the guest kernel never reached /init
+            // (seen once under TCG on a loaded host: an oops in early boot,
+            // in sched_clock). Boot it once more; a second failure stands.
+            let first = vm_dir.join(format!("{}.first-boot.log", kernel.upstream));
+            let _ = std::fs::rename(&log, &first);
+            println!(
+                "{prefix}the guest never reached /init; booting it once more (first console in {})",
+                first.display()
+            );
+            boot = qemu::boot(&kernel, &initrd, &log, &prefix, options.timeout)?;
+            report = console::parse(&boot.console);
+        }
         runs.push(KernelRun {
             kernel,
             boot,
