@@ -126,25 +126,30 @@ fn kernel_rule(def: &RuleDef, id: u32, service: u8) -> KernelRule {
 #[cfg(feature = "test-support")]
 pub fn install_whole(dp: &mut Datapath, set: &KernelRuleSet) -> Result<(), DatapathError> {
     dp.clear_generation(0)?;
-    let installed = Installed::default();
-    for write in plan::writes(&installed, &plan::wanted(0, set)) {
-        match write {
-            Write::SetRule(slot, rule) => dp.set_rule(slot, &rule)?,
-            Write::SetPrefix((service, prefix), slot) => {
-                dp.set_service_prefix(0, service, prefix, slot)?;
-            }
-            Write::SetPorts(block, services) => dp.service_port_op(0, block, Some(services))?,
-            Write::SetDestination(net, services) => {
-                dp.service_destination_op(0, net, Some(services))?;
-            }
-            // An empty generation has nothing to remove or clear.
-            Write::RemovePrefix(_)
-            | Write::RemovePorts(_)
-            | Write::RemoveDestination(_)
-            | Write::ClearRule(_) => {}
-        }
+    for write in plan::writes(&Installed::default(), &plan::wanted(0, set)) {
+        carry_out(dp, 0, write)?;
     }
     dp.set_active_word(set.active_word(0))
+}
+
+/// Makes one planned write in `generation`'s maps.
+fn carry_out(dp: &mut Datapath, generation: u32, write: Write) -> Result<(), DatapathError> {
+    match write {
+        Write::SetRule(slot, rule) => dp.set_rule(slot, &rule),
+        Write::RemovePrefix((service, prefix)) => {
+            dp.remove_service_prefix(generation, service, prefix)
+        }
+        Write::RemovePorts(block) => dp.service_port_op(generation, block, None),
+        Write::RemoveDestination(net) => dp.service_destination_op(generation, net, None),
+        Write::SetPrefix((service, prefix), slot) => {
+            dp.set_service_prefix(generation, service, prefix, slot)
+        }
+        Write::SetPorts(block, services) => dp.service_port_op(generation, block, Some(services)),
+        Write::SetDestination(net, services) => {
+            dp.service_destination_op(generation, net, Some(services))
+        }
+        Write::ClearRule(slot) => dp.set_rule(slot, &Rule::EMPTY),
+    }
 }
 
 /// How much an `apply` wrote.
@@ -276,27 +281,7 @@ impl Enforcer {
         };
         let base = generation * self.dp.capacities().max_rules;
         for write in plan::writes(&installed, &plan::wanted(base, set)) {
-            let dp = &mut self.dp;
-            match write {
-                Write::SetRule(slot, rule) => dp.set_rule(slot, &rule)?,
-                Write::RemovePrefix((service, prefix)) => {
-                    dp.remove_service_prefix(generation, service, prefix)?;
-                }
-                Write::RemovePorts(block) => dp.service_port_op(generation, block, None)?,
-                Write::RemoveDestination(net) => {
-                    dp.service_destination_op(generation, net, None)?;
-                }
-                Write::SetPrefix((service, prefix), slot) => {
-                    dp.set_service_prefix(generation, service, prefix, slot)?;
-                }
-                Write::SetPorts(block, services) => {
-                    dp.service_port_op(generation, block, Some(services))?;
-                }
-                Write::SetDestination(net, services) => {
-                    dp.service_destination_op(generation, net, Some(services))?;
-                }
-                Write::ClearRule(slot) => dp.set_rule(slot, &Rule::EMPTY)?,
-            }
+            carry_out(&mut self.dp, generation, write)?;
             // Recorded only once the kernel has it: a failure leaves an
             // accurate picture of what was written.
             installed.record(&write);
