@@ -43,8 +43,8 @@ pub use rule::{
     UnknownWord,
 };
 pub use service::{
-    Flow, PortField, PortRange, ProtocolField, Service, parse_protocol, precedence_order,
-    protocol_name,
+    Flow, PortField, PortRange, ProtocolField, Service, has_ports, parse_protocol,
+    precedence_order, protocol_name,
 };
 pub use validate::{
     Budget, Budgets, RuleDef, check_fleet_rules, every_source, parse_prefix, validate_rule_set,

@@ -62,6 +62,11 @@ impl std::str::FromStr for PortField {
     }
 }
 
+/// Whether packets of `protocol` carry ports (tcp, udp, sctp).
+pub fn has_ports(protocol: u8) -> bool {
+    PORT_PROTOCOLS.contains(&protocol)
+}
+
 /// The name of protocol `number`, or the number.
 pub fn protocol_name(number: u8) -> String {
     PROTOCOL_NAMES
@@ -217,7 +222,7 @@ impl Service {
             }
             match protocol {
                 None => return Err(("ports", Problem::PortsWithoutProtocol)),
-                Some(p) if !PORT_PROTOCOLS.contains(&p) => {
+                Some(p) if !has_ports(p) => {
                     return Err((
                         "ports",
                         Problem::PortsOnPortless {

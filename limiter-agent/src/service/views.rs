@@ -18,7 +18,8 @@ use crate::{
     },
     attach::Attached,
     config::{
-        ActionConfig, Budget, Flow, ProtocolField, ScopeConfig, parse_protocol, protocol_name,
+        ActionConfig, Budget, Flow, ProtocolField, ScopeConfig, has_ports, parse_protocol,
+        protocol_name,
     },
     rules::{InForce, source_bucket},
 };
@@ -60,7 +61,7 @@ fn flow_of(source: IpAddr, query: &FlowQuery) -> Result<Flow> {
             },
         )?),
     };
-    if query.port.is_some() && !matches!(protocol, Some(6 | 17 | 132)) {
+    if query.port.is_some() && !protocol.is_some_and(has_ports) {
         return Err(ServiceError::BadFlow {
             field: "port",
             problem: crate::config::Problem::PortsWithoutProtocol,
