@@ -29,24 +29,24 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const MAX_VLAN_TAGS: usize = 2;
 
-const IPPROTO_TCP: u8 = 6;
+pub(crate) const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_ICMPV6: u8 = 58;
 /// "No next header": the only payload that can be empty (payload length 0)
 /// without being a jumbogram.
 const IPPROTO_NONE: u8 = 59;
-const IPV6_HLEN: usize = 40;
+pub(crate) const IPV6_HLEN: usize = 40;
 /// The largest payload a payload length field can state; a payload length
 /// of 0 is a jumbogram's (RFC 2675) only when the payload is larger.
 const IPV6_MAX_PAYLOAD: usize = 65_535;
-const TCP_HLEN: usize = 20;
+pub(crate) const TCP_HLEN: usize = 20;
 /// Extension headers walked before giving up on finding L4.
 const MAX_IPV6_EXT: usize = 6;
 /// Cursor limit: keeps every offset bounded for the verifier. No header we
 /// need lies further in (6 extension headers of at most 2 KiB each would, but
 /// such a chain is reported as too long).
-const MAX_OFFSET: usize = 2048;
+pub(crate) const MAX_OFFSET: usize = 2048;
 
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;

@@ -19,16 +19,11 @@
 
 use limiter_common::family;
 
-use crate::parse::IpPacket;
+use crate::parse::{IPPROTO_TCP, IPV6_HLEN, IpPacket, MAX_OFFSET, TCP_HLEN};
 
 /// The deepest IP header: Ethernet and the two inline VLAN tags we parse.
 const MAX_L3: usize = 14 + 2 * 4;
-/// Offsets past this are never read (as in `parse`).
-const MAX_OFFSET: usize = 2048;
 const IPV4_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
-const TCP_HLEN: usize = 20;
-const IPPROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
