@@ -10,9 +10,12 @@
 //! fleet converges again. Counts come from the kernel's rule counters;
 //! time is only measured (how long the senders sent), never asserted.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use limiter_tests::{agent::AgentEnv, redis::Redis, scenario::rule};
+use limiter_tests::{
+    fleet::{Fleet, admitted, fleet_section, metric, send},
+    redis::Redis,
+};
 
 /// The fleet budget: 200 packets/s, burst 20, for every rule below.
 const RATE: f64 = 200.0;
@@ -28,16 +31,9 @@ const CONTROL_PORT: u16 = 7002;
 const AGGREGATE_PORT: u16 = 7003;
 
 fn rules(redis: &Redis, fleet: &str, gateway: usize) -> String {
-    format!(
-        r#"
-[fleet]
-address = "{address}"
-name = "{fleet}"
-gateway = "gw{gateway}"
-sync_interval = "100ms"
-username = "limiter"
-password_file = {password:?}
-
+    fleet_section(redis, fleet, gateway, "100ms")
+        + &format!(
+            r#"
 [[rule]]
 name = "fleet"
 protocol = "udp"
@@ -65,87 +61,14 @@ action = "drop"
 packets = "100k/s"
 aggregate = {{ packets = "200/s", packet_burst = 20 }}
 fleet = true
-"#,
-        address = redis.address(),
-        password = redis.password_file,
-    )
+"#
+        )
 }
 
-/// Packets each rule passed on each gateway, by rule name.
-fn passed(envs: &[AgentEnv], name: &str) -> Vec<f64> {
-    envs.iter()
-        .map(|env| {
-            let rules = env.cli_json(&["rules", "list"]);
-            let r = rule(&rules, name).unwrap_or_else(|| panic!("no rule {name}: {rules}"));
-            r["counters"]["packets"]["passed"]
-                .as_f64()
-                .unwrap_or_else(|| panic!("{r}"))
-        })
-        .collect()
-}
-
-/// Sends, from each gateway's source, `share[i]` of [`OFFERED`] packets/s
-/// to each of `ports` for [`SECONDS`], paced; returns how long the senders
-/// took (the longest), in seconds.
-fn send(envs: &[AgentEnv], share: &[f64], ports: &[u16]) -> f64 {
-    let took = std::thread::scope(|scope| {
-        let senders: Vec<_> = envs
-            .iter()
-            .zip(share)
-            .map(|(env, share)| {
-                let rate = OFFERED * share;
-                scope.spawn(move || {
-                    env.pair
-                        .source
-                        .run(|| {
-                            let sock = std::net::UdpSocket::bind("198.18.0.1:0")?;
-                            let total = (rate * SECONDS) as u64;
-                            let start = Instant::now();
-                            let mut sent = 0u64;
-                            // Bounded: `total` packets per port, and a
-                            // deadline twice the planned time.
-                            while sent < total && start.elapsed().as_secs_f64() < 2.0 * SECONDS {
-                                let due =
-                                    ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
-                                while sent < due {
-                                    for port in ports {
-                                        let _ = sock.send_to(b"fleet", ("198.18.0.2", *port));
-                                    }
-                                    sent += 1;
-                                }
-                                std::thread::sleep(Duration::from_millis(1));
-                            }
-                            Ok(start.elapsed().as_secs_f64())
-                        })
-                        .unwrap_or_else(|e| panic!("sending: {e:#}"))
-                })
-            })
-            .collect();
-        senders
-            .into_iter()
-            .map(|s| s.join().unwrap_or_else(|_| panic!("a sender panicked")))
-            .fold(0.0, f64::max)
-    });
-    // The last packets are through XDP well before this.
-    std::thread::sleep(Duration::from_millis(300));
-    took
-}
-
-/// What each gateway admitted of each rule during `phase` (a send).
-fn admitted(
-    envs: &[AgentEnv],
-    names: &[&str],
-    phase: impl FnOnce() -> f64,
-) -> (Vec<Vec<f64>>, f64) {
-    let before: Vec<Vec<f64>> = names.iter().map(|n| passed(envs, n)).collect();
-    let took = phase();
-    let after: Vec<Vec<f64>> = names.iter().map(|n| passed(envs, n)).collect();
-    let delta = before
-        .iter()
-        .zip(&after)
-        .map(|(b, a)| a.iter().zip(b).map(|(a, b)| a - b).collect())
-        .collect();
-    (delta, took)
+/// Sends `share[i]` of [`OFFERED`] through gateway i for [`SECONDS`].
+fn send_shares(fleet: &Fleet, share: &[f64], ports: &[u16]) -> f64 {
+    let rates: Vec<f64> = share.iter().map(|s| OFFERED * s).collect();
+    send(&fleet.envs, &rates, ports, SECONDS)
 }
 
 /// The fleet's budget over `seconds`: rate x time + burst.
@@ -170,62 +93,13 @@ fn assert_near(what: &str, got: f64, expected: f64, logs: impl Fn() -> String) {
     );
 }
 
-fn metric(env: &AgentEnv, name: &str) -> Option<f64> {
-    let text = env.scrape().ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Waits (bounded) until every agent's metric `name` is `value`.
-fn wait_metric(envs: &[AgentEnv], name: &str, value: f64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if envs.iter().all(|e| metric(e, name) == Some(value)) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let states: Vec<Option<f64>> = envs.iter().map(|e| metric(e, name)).collect();
-    panic!("{name} is {states:?}, not all {value}:\n{}", envs[0].logs());
-}
-
-/// Waits until every agent is `connected` (1) or not (0); connected, also
-/// until each has seen the whole fleet (the others' first heartbeats).
-fn wait_connected(envs: &[AgentEnv], value: f64) {
-    wait_metric(envs, "limiter_fleet_connected", value);
-    if value == 1.0 {
-        wait_metric(envs, "limiter_fleet_gateways", envs.len() as f64);
-    }
-}
-
 #[test]
 fn three_gateways_hold_one_budget_through_redis_and_their_share_without_it() {
-    let mut redis = Redis::start().unwrap_or_else(|e| panic!("{e:#}"));
-    let fleet = format!("test-{}", std::process::id());
-    let mut envs: Vec<AgentEnv> = (0..3)
-        .map(|i| {
-            let env = AgentEnv::new().unwrap_or_else(|e| panic!("environment: {e:#}"));
-            env.write_config(&rules(&redis, &fleet, i + 1))
-                .unwrap_or_else(|e| panic!("config: {e:#}"));
-            env
-        })
-        .collect();
-    for env in &mut envs {
-        env.start().unwrap_or_else(|e| panic!("{e:#}"));
-    }
-    wait_connected(&envs, 1.0);
-    let redis_log = redis.dir.join("redis.log");
-    let logs = || {
-        envs.iter()
-            .map(AgentEnv::logs)
-            .collect::<Vec<_>>()
-            .join("\n---\n")
-            + &std::fs::read_to_string(&redis_log).unwrap_or_default()
-    };
-    let status = envs[0].cli_json(&["status"]);
+    let mut fleet = Fleet::start(3, rules).unwrap_or_else(|e| panic!("{e:#}"));
+    let status = fleet.envs[0].cli_json(&["status"]);
     assert_eq!(status["fleet"]["state"], "connected", "{status}");
     assert_eq!(status["fleet"]["gateway"], "gw1", "{status}");
-    let text = envs[0].cli_ok(&["status"]);
+    let text = fleet.envs[0].cli_ok(&["status"]);
     assert!(text.contains("fleet         "), "{text}");
     assert!(
         text.contains(": connected, 3 gateways, 2 buckets"),
@@ -235,28 +109,37 @@ fn three_gateways_hold_one_budget_through_redis_and_their_share_without_it() {
     // Even: a third of ten times the budget through each gateway.
     let sum = |v: &Vec<f64>| v.iter().sum::<f64>();
     let even = [1.0 / 3.0; 3];
-    let (got, took) = admitted(&envs, &["fleet", "control", "aggregate"], || {
-        send(&envs, &even, &[FLEET_PORT, CONTROL_PORT, AGGREGATE_PORT])
+    let (got, took) = admitted(&fleet.envs, &["fleet", "control", "aggregate"], || {
+        send_shares(&fleet, &even, &[FLEET_PORT, CONTROL_PORT, AGGREGATE_PORT])
     });
     println!(
         "even: {took:.2} s, per gateway fleet {:?} control {:?} aggregate {:?}",
         got[0], got[1], got[2]
     );
-    assert_near("even, fleet (shared)", sum(&got[0]), budget(took), logs);
-    assert_near("even, fleet (aggregate)", sum(&got[2]), budget(took), logs);
+    assert_near("even, fleet (shared)", sum(&got[0]), budget(took), || {
+        fleet.logs()
+    });
+    assert_near(
+        "even, fleet (aggregate)",
+        sum(&got[2]),
+        budget(took),
+        || fleet.logs(),
+    );
     // The control: each gateway its own budget, three in all.
-    assert_near("even, control", sum(&got[1]), 3.0 * budget(took), logs);
+    assert_near("even, control", sum(&got[1]), 3.0 * budget(took), || {
+        fleet.logs()
+    });
 
     // Skewed 70/20/10: still one budget; the control is near three times.
     std::thread::sleep(Duration::from_secs(1));
-    let (got, took) = admitted(&envs, &["fleet", "control"], || {
-        send(&envs, &[0.7, 0.2, 0.1], &[FLEET_PORT, CONTROL_PORT])
+    let (got, took) = admitted(&fleet.envs, &["fleet", "control"], || {
+        send_shares(&fleet, &[0.7, 0.2, 0.1], &[FLEET_PORT, CONTROL_PORT])
     });
     println!(
         "skewed: {took:.2} s, per gateway fleet {:?} control {:?}",
         got[0], got[1]
     );
-    assert_near("skewed, fleet", sum(&got[0]), budget(took), logs);
+    assert_near("skewed, fleet", sum(&got[0]), budget(took), || fleet.logs());
     assert!(
         sum(&got[1]) > 2.5 * sum(&got[0]),
         "the control admits about three times the fleet: {got:?}"
@@ -264,20 +147,24 @@ fn three_gateways_hold_one_budget_through_redis_and_their_share_without_it() {
 
     // Redis gone: each gateway falls back to its share, a third of the
     // budget (plus its own full burst), and says so.
-    redis.kill().unwrap_or_else(|e| panic!("{e:#}"));
-    wait_connected(&envs, 0.0);
-    let status = envs[1].cli_json(&["status"]);
+    fleet.redis.kill().unwrap_or_else(|e| panic!("{e:#}"));
+    fleet.wait_connected(0.0);
+    let status = fleet.envs[1].cli_json(&["status"]);
     assert_eq!(status["fleet"]["state"], "disconnected", "{status}");
     assert_eq!(status["fleet"]["gateways"], 3, "{status}");
-    let text = envs[1].cli_ok(&["status"]);
+    let text = fleet.envs[1].cli_ok(&["status"]);
     assert!(text.contains("DISCONNECTED"), "{text}");
     assert!(
-        envs.iter()
+        fleet
+            .envs
+            .iter()
             .all(|e| e.logs().contains("fleet: Redis cannot be reached")),
         "a log line says so"
     );
     std::thread::sleep(Duration::from_secs(1));
-    let (got, took) = admitted(&envs, &["fleet"], || send(&envs, &even, &[FLEET_PORT]));
+    let (got, took) = admitted(&fleet.envs, &["fleet"], || {
+        send_shares(&fleet, &even, &[FLEET_PORT])
+    });
     println!("fallback: {took:.2} s, per gateway fleet {:?}", got[0]);
     for (i, g) in got[0].iter().enumerate() {
         let share = RATE / 3.0 * took + BURST;
@@ -285,29 +172,35 @@ fn three_gateways_hold_one_budget_through_redis_and_their_share_without_it() {
         assert!(
             (g - share).abs() <= slack,
             "gateway {i} at its fallback share: admitted {g}, expected {share:.0} ± {slack:.0}\n{}",
-            logs()
+            fleet.logs()
         );
     }
-    for env in &envs {
+    for env in &fleet.envs {
         let age = metric(env, "limiter_fleet_last_sync_age_seconds").unwrap_or(0.0);
         assert!(age >= 1.0, "the last sync is old: {age}");
     }
 
     // Redis back (flushed: it persisted nothing): the fleet converges.
-    redis.restart().unwrap_or_else(|e| panic!("{e:#}"));
-    wait_connected(&envs, 1.0);
+    fleet.redis.restart().unwrap_or_else(|e| panic!("{e:#}"));
+    fleet.wait_connected(1.0);
     std::thread::sleep(Duration::from_secs(1));
-    let (got, took) = admitted(&envs, &["fleet"], || send(&envs, &even, &[FLEET_PORT]));
+    let (got, took) = admitted(&fleet.envs, &["fleet"], || {
+        send_shares(&fleet, &even, &[FLEET_PORT])
+    });
     println!("reconnected: {took:.2} s, per gateway fleet {:?}", got[0]);
-    assert_near("reconnected, fleet", sum(&got[0]), budget(took), logs);
+    assert_near("reconnected, fleet", sum(&got[0]), budget(took), || {
+        fleet.logs()
+    });
     assert!(
-        envs.iter()
+        fleet
+            .envs
+            .iter()
             .all(|e| e.logs().contains("fleet: exchanging usage with the fleet")),
         "a log line says it is back"
     );
 
     // What one sync costs Redis: the agents' own count, and Redis's.
-    for env in &envs {
+    for env in &fleet.envs {
         let status = env.cli_json(&["status"]);
         let syncs = status["fleet"]["syncs"].as_f64().unwrap_or(0.0);
         let commands = status["fleet"]["redis_commands"].as_f64().unwrap_or(0.0);
@@ -330,10 +223,12 @@ fn three_gateways_hold_one_budget_through_redis_and_their_share_without_it() {
         }
     }
     // The agents' user reads what they wrote, under the fleet's prefix.
-    let shared = redis
-        .cli(&["HGETALL", &format!("limiter:{fleet}:shared:fleet")])
+    let name = &fleet.name;
+    let shared = fleet
+        .redis
+        .cli(&["HGETALL", &format!("limiter:{name}:shared:fleet")])
         .unwrap_or_else(|e| panic!("{e:#}"));
-    println!("limiter:{fleet}:shared:fleet = {shared:?}");
+    println!("limiter:{name}:shared:fleet = {shared:?}");
     assert!(
         shared.contains("p:gw1") && shared.contains("p:gw3"),
         "{shared}"

@@ -1,0 +1,174 @@
+//! A fleet of real agents for the fleet tests and the fleet bench: one
+//! `redis-server` of the test's own, N agents, each on the veth of its own
+//! gateway namespace pair, one source per gateway sending paced UDP.
+//! Counts come from the kernel's rule counters; time is only measured.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+
+use crate::{agent::AgentEnv, redis::Redis, scenario::rule};
+
+/// The `[fleet]` section for gateway `gateway` (1-based) of fleet `fleet`.
+pub fn fleet_section(redis: &Redis, fleet: &str, gateway: usize, interval: &str) -> String {
+    format!(
+        r#"
+[fleet]
+address = "{address}"
+name = "{fleet}"
+gateway = "gw{gateway}"
+sync_interval = "{interval}"
+username = "limiter"
+password_file = {password:?}
+"#,
+        address = redis.address(),
+        password = redis.password_file,
+    )
+}
+
+/// N agents sharing one Redis.
+pub struct Fleet {
+    pub redis: Redis,
+    /// The fleet's name (its keys are `limiter:{name}:*`).
+    pub name: String,
+    pub envs: Vec<AgentEnv>,
+}
+
+impl Fleet {
+    /// Starts Redis, then `gateways` agents, agent i (1-based) with the
+    /// config `config(&redis, fleet name, i)`; waits until all are
+    /// connected and see each other.
+    pub fn start(gateways: usize, config: impl Fn(&Redis, &str, usize) -> String) -> Result<Self> {
+        let redis = Redis::start()?;
+        let name = format!("test-{}-{}", std::process::id(), crate::netns::unique_tag());
+        let mut envs = Vec::with_capacity(gateways);
+        for i in 1..=gateways {
+            let env = AgentEnv::new().context("environment")?;
+            env.write_config(&config(&redis, &name, i))
+                .context("config")?;
+            envs.push(env);
+        }
+        for env in &mut envs {
+            env.start()?;
+        }
+        let fleet = Self { redis, name, envs };
+        fleet.wait_connected(1.0);
+        Ok(fleet)
+    }
+
+    /// Every agent's log, then Redis's, for failure messages.
+    pub fn logs(&self) -> String {
+        self.envs
+            .iter()
+            .map(AgentEnv::logs)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+            + &self.redis.log()
+    }
+
+    /// Waits (bounded) until every agent is `connected` (1) or not (0);
+    /// connected, also until each has seen the whole fleet.
+    pub fn wait_connected(&self, value: f64) {
+        wait_metric(&self.envs, "limiter_fleet_connected", value);
+        if value == 1.0 {
+            wait_metric(&self.envs, "limiter_fleet_gateways", self.envs.len() as f64);
+        }
+    }
+}
+
+/// Packets rule `name` passed on each gateway.
+pub fn passed(envs: &[AgentEnv], name: &str) -> Vec<f64> {
+    envs.iter()
+        .map(|env| {
+            let rules = env.cli_json(&["rules", "list"]);
+            let r = rule(&rules, name).unwrap_or_else(|| panic!("no rule {name}: {rules}"));
+            r["counters"]["packets"]["passed"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{r}"))
+        })
+        .collect()
+}
+
+/// Sends, from each gateway's source, `rates[i]` packets/s to each of
+/// `ports` (UDP, 198.18.0.1 -> 198.18.0.2) for `seconds`, paced; returns
+/// how long the senders took (the longest), in seconds.
+pub fn send(envs: &[AgentEnv], rates: &[f64], ports: &[u16], seconds: f64) -> f64 {
+    let took = std::thread::scope(|scope| {
+        let senders: Vec<_> = envs
+            .iter()
+            .zip(rates)
+            .map(|(env, &rate)| {
+                scope.spawn(move || {
+                    env.pair
+                        .source
+                        .run(|| {
+                            let sock = std::net::UdpSocket::bind("198.18.0.1:0")?;
+                            let total = (rate * seconds) as u64;
+                            let start = Instant::now();
+                            let mut sent = 0u64;
+                            // Bounded: `total` packets per port, and a
+                            // deadline twice the planned time.
+                            while sent < total && start.elapsed().as_secs_f64() < 2.0 * seconds {
+                                let due =
+                                    ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
+                                while sent < due {
+                                    for port in ports {
+                                        let _ = sock.send_to(b"fleet", ("198.18.0.2", *port));
+                                    }
+                                    sent += 1;
+                                }
+                                std::thread::sleep(Duration::from_millis(1));
+                            }
+                            Ok(start.elapsed().as_secs_f64())
+                        })
+                        .unwrap_or_else(|e| panic!("sending: {e:#}"))
+                })
+            })
+            .collect();
+        senders
+            .into_iter()
+            .map(|s| s.join().unwrap_or_else(|_| panic!("a sender panicked")))
+            .fold(0.0, f64::max)
+    });
+    // The last packets are through XDP well before this.
+    std::thread::sleep(Duration::from_millis(300));
+    took
+}
+
+/// What each gateway admitted of each rule in `names` during `phase` (a
+/// send), and what the phase returned.
+pub fn admitted<T>(
+    envs: &[AgentEnv],
+    names: &[&str],
+    phase: impl FnOnce() -> T,
+) -> (Vec<Vec<f64>>, T) {
+    let before: Vec<Vec<f64>> = names.iter().map(|n| passed(envs, n)).collect();
+    let out = phase();
+    let after: Vec<Vec<f64>> = names.iter().map(|n| passed(envs, n)).collect();
+    let delta = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| a.iter().zip(b).map(|(a, b)| a - b).collect())
+        .collect();
+    (delta, out)
+}
+
+/// An agent's metric `name` (without labels), if scraped.
+pub fn metric(env: &AgentEnv, name: &str) -> Option<f64> {
+    let text = env.scrape().ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits (bounded) until every agent's metric `name` is `value`.
+pub fn wait_metric(envs: &[AgentEnv], name: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if envs.iter().all(|e| metric(e, name) == Some(value)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let states: Vec<Option<f64>> = envs.iter().map(|e| metric(e, name)).collect();
+    panic!("{name} is {states:?}, not all {value}:\n{}", envs[0].logs());
+}
