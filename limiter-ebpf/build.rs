@@ -7,6 +7,8 @@ fn main() {
     println!("cargo:rustc-link-arg-bin=limiter=--export=limiter_charge");
     println!("cargo:rustc-link-arg-bin=limiter=--export=limiter_classify");
     println!("cargo:rustc-link-arg-bin=limiter=--export=limiter_reply_allowed");
+    println!("cargo:rustc-link-arg-bin=limiter=--export=limiter_fleet_source");
+    println!("cargo:rustc-link-arg-bin=limiter=--export=limiter_fleet_source_admitted");
     match which::which("bpf-linker") {
         Ok(path) => println!("cargo:rerun-if-changed={}", path.display()),
         Err(error) => println!("cargo:warning=bpf-linker not found ({error}); run ./x setup"),

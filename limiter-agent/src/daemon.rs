@@ -102,6 +102,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let capacities = Capacities {
         max_rules: config.file.capacity.rules,
         max_sources: config.file.capacity.sources,
+        // Only a fleet has fleet-wide per-source rules to find heavy
+        // sources for.
+        fleet_windows: if config.file.fleet.is_some() {
+            config.file.capacity.sources
+        } else {
+            0
+        },
     };
     // Kernel log records: in debug builds, or when asked for.
     let kernel_log =

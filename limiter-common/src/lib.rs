@@ -45,7 +45,21 @@ pub mod map_names {
     /// of the fleet admitted (written by the agent) and what this kernel
     /// admitted and charged (written by the programs). Memory-mappable, so
     /// that each side reads and writes single 8-byte words atomically.
-    pub const FLEET: &str = "LIM_FLEET_V1";
+    /// V2: the per-source promotion threshold.
+    pub const FLEET: &str = "LIM_FLEET_V2";
+    /// Heavy sources of fleet-wide per-source rules ([`super::FleetSource`],
+    /// keyed like the per-source buckets): what the programs charged and
+    /// admitted. Only sources the programs promoted are in it.
+    pub const FLEET_SOURCES: &str = "LIM_FLEETSRC_V1";
+    /// What the rest of the fleet admitted from a heavy source
+    /// ([`super::FleetRemote`], same keys): written by the agent only.
+    pub const FLEET_REMOTE: &str = "LIM_FLEETREM_V1";
+    /// Each source of a fleet-wide per-source rule: its units in the
+    /// current window ([`super::fleet_window`]), to find the heavy ones.
+    pub const FLEET_WINDOWS: &str = "LIM_FLEETWIN_V1";
+    /// The pinned maps: all but the three fleet maps above, which are soft
+    /// state (lost on restart; a heavy source is found again within a
+    /// window) and sized by whether the agent has a fleet.
     pub const ALL: [&str; 14] = [
         RULES,
         PREFIXES_V4,
@@ -433,13 +447,15 @@ impl Reason {
     }
 }
 
-/// One rule's fleet-wide bucket (its shared bucket, or a per-source rule's
-/// aggregate), by rule id in the [`map_names::FLEET`] array. Each field has
+/// One rule's fleet-wide buckets, by rule id in the [`map_names::FLEET`]
+/// array: its shared bucket or a per-source rule's aggregate (the counts
+/// below), and whether its per-source buckets are fleet-wide too (those
+/// have their counts in [`FleetSource`] / [`FleetRemote`]). Each field has
 /// one writer, and every access is to one aligned `u64`, so neither side
 /// ever reads a torn value:
 ///
-/// - the agent writes `remote` and `flags` (through a shared memory mapping
-///   of the array, one atomic store per word);
+/// - the agent writes `remote`, `flags` and `source_threshold` (through a
+///   shared memory mapping of the array, one atomic store per word);
 /// - the programs write `applied` (compare-and-swap) and `admitted`
 ///   (atomic add).
 ///
@@ -454,30 +470,95 @@ pub struct FleetSlot {
     /// total the agent only raises (except to drop units the kernel has
     /// not applied for a whole sync interval, see docs/fleet.md).
     pub remote: [u64; dimension::COUNT],
-    /// [`FleetSlot::FLEET`] while the rule is fleet-wide.
+    /// [`FleetSlot::FLEET`], [`FleetSlot::SOURCES`].
     pub flags: u64,
     /// How far `remote` has been charged, by dimension.
     pub applied: [u64; dimension::COUNT],
     /// Units this kernel admitted into the bucket, by dimension (packets,
     /// bytes, new connections): what the agent publishes.
     pub admitted: [u64; dimension::COUNT],
+    /// With [`FleetSlot::SOURCES`]: a source becomes heavy (and exchanged)
+    /// once it sends this many units of the rule's lead dimension (see
+    /// [`fleet_window`]) in one window. 0: none does.
+    pub source_threshold: u64,
 }
 
-const _: () = assert!(size_of::<FleetSlot>() == 80);
+const _: () = assert!(size_of::<FleetSlot>() == 88);
 
 impl FleetSlot {
     /// `flags`: the rule's shared or aggregate bucket is fleet-wide.
     pub const FLEET: u64 = 1;
+    /// `flags`: the rule's per-source buckets are fleet-wide.
+    pub const SOURCES: u64 = 2;
     /// Byte offsets of the fields, for the agent's memory mapping.
     pub const REMOTE_OFFSET: usize = 0;
     pub const FLAGS_OFFSET: usize = 24;
     pub const APPLIED_OFFSET: usize = 32;
     pub const ADMITTED_OFFSET: usize = 56;
+    pub const SOURCE_THRESHOLD_OFFSET: usize = 80;
 }
 
 const _: () = assert!(core::mem::offset_of!(FleetSlot, flags) == FleetSlot::FLAGS_OFFSET);
 const _: () = assert!(core::mem::offset_of!(FleetSlot, applied) == FleetSlot::APPLIED_OFFSET);
 const _: () = assert!(core::mem::offset_of!(FleetSlot, admitted) == FleetSlot::ADMITTED_OFFSET);
+const _: () = assert!(
+    core::mem::offset_of!(FleetSlot, source_threshold) == FleetSlot::SOURCE_THRESHOLD_OFFSET
+);
+
+/// A heavy source of a fleet-wide per-source rule, as the programs keep it
+/// ([`map_names::FLEET_SOURCES`]): the programs alone write it, in place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FleetSource {
+    /// How far [`FleetRemote::remote`] has been charged, by dimension.
+    pub applied: [u64; dimension::COUNT],
+    /// Units admitted here from this source since it became heavy.
+    pub admitted: [u64; dimension::COUNT],
+}
+
+const _: () = assert!(size_of::<FleetSource>() == 48);
+
+/// What the rest of the fleet admitted from a heavy source
+/// ([`map_names::FLEET_REMOTE`]): running totals the agent alone writes
+/// (a whole-value map update: the programs never write it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FleetRemote {
+    pub remote: [u64; dimension::COUNT],
+}
+
+const _: () = assert!(size_of::<FleetRemote>() == 24);
+
+/// How the programs find the heavy sources of a fleet-wide per-source
+/// rule: each source's units of the rule's lead dimension (the first it
+/// limits) are counted in fixed windows of `2^WINDOW_SHIFT` ns (about 1.07
+/// s); a source whose count reaches the rule's
+/// [`FleetSlot::source_threshold`] in a window is promoted. A window word
+/// holds the window's number in its top bits and the count below.
+pub mod fleet_window {
+    /// log2 of the window, in ns.
+    pub const WINDOW_SHIFT: u32 = 30;
+    /// The window length in ns.
+    pub const WINDOW_NS: u64 = 1 << WINDOW_SHIFT;
+    /// The count's bits in a window word.
+    pub const COUNT_BITS: u32 = 40;
+    pub const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+    /// Heavy sources the programs keep at most ([`super::FleetSource`]);
+    /// the agent exchanges only these.
+    pub const MAX_HEAVY_SOURCES: u32 = 65_536;
+
+    /// The window number of `now_ns`, as stored in a window word.
+    #[inline(always)]
+    pub const fn window(now_ns: u64) -> u64 {
+        (now_ns >> WINDOW_SHIFT) & (u64::MAX >> COUNT_BITS)
+    }
+
+    /// A window word: window `window`, count `count`.
+    #[inline(always)]
+    pub const fn word(window: u64, count: u64) -> u64 {
+        (window << COUNT_BITS) | (count & COUNT_MASK)
+    }
+}
 
 /// Sent on the ring buffer when a bucket goes over budget (at most once per
 /// bucket per [`EVENT_INTERVAL_NS`]).
@@ -581,6 +662,10 @@ mod pod {
     unsafe impl aya::Pod for super::OverBudgetEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FleetSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FleetSource {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FleetRemote {}
 }
 
 /// Masks `addr` (network byte order) to its first `prefix_len` bits.

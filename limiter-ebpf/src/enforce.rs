@@ -28,8 +28,9 @@ use limiter_common::{
 use crate::{
     atomic::{self, compare_exchange},
     classify::{NO_RULE, limiter_classify},
+    fleet,
     maps::{
-        EVENTS, FLEET, REASON_COUNTERS, REPLY_BUCKETS, RULE_COUNTERS, RULES, SHARED_BUCKETS,
+        EVENTS, REASON_COUNTERS, REPLY_BUCKETS, RULE_COUNTERS, RULES, SHARED_BUCKETS,
         SOURCE_BUCKETS,
     },
     parse::{IpPacket, Packet, Parsed, parse, read},
@@ -101,7 +102,12 @@ pub fn decide<P: Packet>(pkt: &P) -> Decision {
         Some(Action::Allow) => (verdict::PASSED, Decision::Pass),
         Some(Action::Deny) => (verdict::DROPPED, Decision::Drop),
         Some(action) => {
-            if limiter_charge(rule, &args) != 0 {
+            // Global functions each, called unconditionally: the verifier
+            // walks each once, and no branch here doubles its states.
+            let heavy = fleet::limiter_fleet_source(rule, &args);
+            let passed = limiter_charge(rule, &args, heavy);
+            let _ = fleet::limiter_fleet_source_admitted(rule, &args, heavy & passed);
+            if passed != 0 {
                 (verdict::PASSED, Decision::Pass)
             } else {
                 over_budget(pkt, rule, action, ip)
@@ -206,7 +212,7 @@ fn packet_args<P: Packet>(pkt: &P, ip: &IpPacket) -> PacketArgs {
 /// The length a per-source rule masks sources of a family (a `family` tag)
 /// to.
 #[inline(always)]
-fn source_prefix_len(rule: &Rule, family_tag: u32) -> u32 {
+pub fn source_prefix_len(rule: &Rule, family_tag: u32) -> u32 {
     if family_tag == family::IPV4 {
         rule.source_prefix_v4.min(32)
     } else {
@@ -277,13 +283,16 @@ pub struct PacketArgs {
 /// past its million instructions. 1: within budget; 0: over.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn limiter_charge(rule: *const Rule, args: *const PacketArgs) -> u32 {
+pub extern "C" fn limiter_charge(rule: *const Rule, args: *const PacketArgs, heavy: u32) -> u32 {
     // SAFETY: the verifier hands a global function its pointer arguments
     // as memory of their type's size, possibly null: checked here.
     let (Some(rule), Some(args)) = (unsafe { rule.as_ref() }, unsafe { args.as_ref() }) else {
         return 1;
     };
-    u32::from(charge(rule, args))
+    // A heavy source's bucket keeps its debt: it is usage elsewhere.
+    // Arithmetic, not a branch (see `KEEP_DEBT`).
+    let keep_debt = KEEP_DEBT & 0u64.wrapping_sub(u64::from(heavy & 1));
+    u32::from(charge(rule, args, keep_debt))
 }
 
 /// Charges one reply to a `reject` rule's reply bucket, which all its
@@ -314,7 +323,7 @@ pub extern "C" fn limiter_reply_allowed(rule: *const Rule) -> u32 {
         now,
         rule.reply.cost(1),
         rule.reply.tolerance,
-        true,
+        0,
     ))
 }
 
@@ -330,7 +339,7 @@ pub extern "C" fn limiter_reply_allowed(rule: *const Rule) -> u32 {
 /// debt that leaves (paid back by this gateway's packets), and counts what
 /// it admits for the agent to publish.
 #[inline(always)]
-fn charge(rule: &Rule, ip: &PacketArgs) -> bool {
+fn charge(rule: &Rule, ip: &PacketArgs, keep_debt: u64) -> bool {
     // SAFETY: a plain helper call without arguments.
     let now_ns = unsafe { bpf_ktime_get_ns() };
     let Some((bucket, key)) = bucket_for(rule, ip, now_ns) else {
@@ -342,18 +351,23 @@ fn charge(rule: &Rule, ip: &PacketArgs) -> bool {
         syn: ip.syn != 0,
     };
     let shared = rule.scope == Scope::Shared as u32;
-    // Only a shared bucket or an aggregate is ever fleet-wide.
-    let fleet = if shared || rule.has_aggregate() {
-        fleet_slot(rule)
-    } else {
-        None
-    };
+    let fleet_slot = fleet::slot(rule);
+    // The shared bucket or the aggregate, if fleet-wide.
+    let fleet = fleet_slot
+        .filter(|(_, flags)| flags & FleetSlot::FLEET != 0 && (shared || rule.has_aggregate()))
+        .map(|(slot, _)| fleet::Words::of_slot(slot));
     let (stale, tats) = seen(bucket, now_ns);
-    if shared && let Some(slot) = fleet {
-        apply_remote(slot, &rule.limits, tats, stale, packet.now);
+    if shared && let Some(words) = fleet {
+        apply_remote(words, &rule.limits, tats, stale, packet.now);
     }
-    let forgive = !(shared && fleet.is_some());
-    let mut exceeded = check(&rule.limits, tats, stale, &packet, forgive);
+    // A fleet-wide bucket keeps its debt: it is usage elsewhere.
+    let keep = keep_debt
+        | if shared && fleet.is_some() {
+            KEEP_DEBT
+        } else {
+            0
+        };
+    let mut exceeded = check(&rule.limits, tats, stale, &packet, keep);
     let aggregate = if exceeded == 0 && rule.has_aggregate() {
         SHARED_BUCKETS.get_ptr_mut(rule.id)
     } else {
@@ -361,18 +375,18 @@ fn charge(rule: &Rule, ip: &PacketArgs) -> bool {
     };
     if let Some(agg) = aggregate {
         let (agg_stale, agg_tats) = seen(agg, now_ns);
-        if let Some(slot) = fleet {
-            apply_remote(slot, &rule.aggregate, agg_tats, agg_stale, packet.now);
+        if let Some(words) = fleet {
+            apply_remote(words, &rule.aggregate, agg_tats, agg_stale, packet.now);
         }
-        let agg_forgive = fleet.is_none();
-        let mut agg_exceeded = check(&rule.aggregate, agg_tats, agg_stale, &packet, agg_forgive);
+        let agg_keep = if fleet.is_some() { KEEP_DEBT } else { 0 };
+        let mut agg_exceeded = check(&rule.aggregate, agg_tats, agg_stale, &packet, agg_keep);
         if agg_exceeded == 0 {
-            exceeded = commit(&rule.limits, tats, &packet, true);
+            exceeded = commit(&rule.limits, tats, &packet, keep);
         }
         if agg_exceeded == 0 && exceeded == 0 {
             // Under contention the source may be charged and the aggregate
             // then refuse: the sender loses that charge, never gains.
-            agg_exceeded = commit(&rule.aggregate, agg_tats, &packet, agg_forgive);
+            agg_exceeded = commit(&rule.aggregate, agg_tats, &packet, agg_keep);
         }
         if agg_exceeded != 0 {
             // Reported for the rule as a whole, like a shared bucket.
@@ -386,17 +400,17 @@ fn charge(rule: &Rule, ip: &PacketArgs) -> bool {
             return false;
         }
         if exceeded == 0
-            && let Some(slot) = fleet
+            && let Some(words) = fleet
         {
-            count_admitted(slot, &rule.aggregate, &packet);
+            count_admitted(words, &rule.aggregate, &packet);
         }
     } else if exceeded == 0 {
-        exceeded = commit(&rule.limits, tats, &packet, forgive);
+        exceeded = commit(&rule.limits, tats, &packet, keep);
         if exceeded == 0
             && shared
-            && let Some(slot) = fleet
+            && let Some(words) = fleet
         {
-            count_admitted(slot, &rule.limits, &packet);
+            count_admitted(words, &rule.limits, &packet);
         }
     }
     if exceeded == 0 {
@@ -417,19 +431,6 @@ fn charge(rule: &Rule, ip: &PacketArgs) -> bool {
     false
 }
 
-/// The rule's fleet slot, if the agent marked its bucket fleet-wide.
-#[inline(always)]
-fn fleet_slot(rule: &Rule) -> Option<*mut FleetSlot> {
-    let slot = FLEET.get_ptr_mut(rule.id)?;
-    // SAFETY: a live map value (see charge); one aligned u64.
-    let flags = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*slot).flags)) };
-    if flags & FleetSlot::FLEET != 0 {
-        Some(slot)
-    } else {
-        None
-    }
-}
-
 /// Charges into `tats` the units the rest of the fleet admitted that no
 /// packet here has charged yet (`remote - applied`, per limited dimension),
 /// whatever the bucket holds: the debt beyond the burst is paid back by this
@@ -437,25 +438,23 @@ fn fleet_slot(rule: &Rule) -> Option<*mut FleetSlot> {
 /// units no packet applied for a whole interval) charges nothing until it
 /// is ahead again.
 #[inline(always)]
-fn apply_remote(
-    slot: *mut FleetSlot,
+pub fn apply_remote(
+    words: fleet::Words,
     limits: &[Limit; dimension::COUNT],
     tats: *mut u64,
     stale: bool,
     now: u64,
 ) {
+    if words.remote.is_null() {
+        return;
+    }
     for (dim, limit) in limits.iter().enumerate() {
         if limit.is_unlimited() {
             continue;
         }
-        // SAFETY: `slot` is a live map value (see charge); dim < COUNT,
-        // inside both arrays; each word is an aligned u64.
-        let (remote_ptr, applied_ptr) = unsafe {
-            (
-                (core::ptr::addr_of_mut!((*slot).remote) as *mut u64).add(dim),
-                (core::ptr::addr_of_mut!((*slot).applied) as *mut u64).add(dim),
-            )
-        };
+        // SAFETY: the words are inside live map values (see charge); dim <
+        // COUNT, inside each array; each word is an aligned u64.
+        let (remote_ptr, applied_ptr) = unsafe { (words.remote.add(dim), words.applied.add(dim)) };
         // SAFETY: as above.
         let (remote, applied) = unsafe {
             (
@@ -488,31 +487,45 @@ fn apply_remote(
     }
 }
 
-/// Adds an admitted packet's units to the slot's `admitted` totals, for
+/// Adds an admitted packet's units to the bucket's `admitted` totals, for
 /// the dimensions `limits` limits (the only ones exchanged).
 #[inline(always)]
-fn count_admitted(slot: *mut FleetSlot, limits: &[Limit; dimension::COUNT], p: &PacketCost) {
+pub fn count_admitted(words: fleet::Words, limits: &[Limit; dimension::COUNT], p: &PacketCost) {
     for (dim, limit) in limits.iter().enumerate() {
         if limit.is_unlimited() || (dim == dimension::SYNS && !p.syn) {
             continue;
         }
-        // SAFETY: a live map value, dim < COUNT, an aligned u64.
-        unsafe {
-            let admitted = (core::ptr::addr_of_mut!((*slot).admitted) as *mut u64).add(dim);
-            atomic::add(admitted, p.units(dim));
-        }
+        // SAFETY: inside a live map value, dim < COUNT, an aligned u64.
+        unsafe { atomic::add(words.admitted.add(dim), p.units(dim)) };
     }
 }
 
+/// The packet's units of the first dimension `limits` limits (what a
+/// fleet-wide per-source rule counts to find heavy sources; the agent
+/// sets the threshold in the same dimension).
+#[inline(always)]
+pub fn lead_units(limits: &[Limit; dimension::COUNT], p: &PacketCost) -> u64 {
+    for (dim, limit) in limits.iter().enumerate() {
+        if !limit.is_unlimited() {
+            return if dim == dimension::SYNS && !p.syn {
+                0
+            } else {
+                p.units(dim)
+            };
+        }
+    }
+    0
+}
+
 /// What a packet costs, and when.
-struct PacketCost {
+pub struct PacketCost {
     /// Fine time.
-    now: u64,
+    pub now: u64,
     /// Bytes, the units of the byte budget (packets and connections count
     /// one each).
-    wire_len: u64,
+    pub wire_len: u64,
     /// A new TCP connection: charged to the connection budget.
-    syn: bool,
+    pub syn: bool,
 }
 
 impl PacketCost {
@@ -529,7 +542,7 @@ impl PacketCost {
 
 /// Marks `bucket` seen at `now_ns`; whether it was stale, and its TATs.
 #[inline(always)]
-fn seen(bucket: *mut Bucket, now_ns: u64) -> (bool, *mut u64) {
+pub fn seen(bucket: *mut Bucket, now_ns: u64) -> (bool, *mut u64) {
     // SAFETY: `bucket` points into a map value that stays valid for the
     // whole program run (RCU); fields are u64-aligned.
     unsafe {
@@ -539,17 +552,21 @@ fn seen(bucket: *mut Bucket, now_ns: u64) -> (bool, *mut u64) {
     }
 }
 
+/// `keep` for a bucket that keeps its debt: a fleet-wide bucket's debt is
+/// what the rest of the fleet admitted. A mask rather than a flag: ORed
+/// into the tolerance [`clear_debt`] clears beyond, it needs no branch.
+const KEEP_DEBT: u64 = u64::MAX;
+
 /// The dimensions of `limits` this packet exceeds (a bitmask of
-/// [`dimension`]s), charging nothing; with `forgive`, debt from an older
-/// budget is cleared on those (a fleet-wide bucket keeps its debt: it is
-/// what the rest of the fleet admitted).
+/// [`dimension`]s), charging nothing; debt from an older budget is cleared
+/// on those unless `keep` is [`KEEP_DEBT`].
 #[inline(always)]
 fn check(
     limits: &[Limit; dimension::COUNT],
     tats: *mut u64,
     stale: bool,
     p: &PacketCost,
-    forgive: bool,
+    keep: u64,
 ) -> u32 {
     let mut exceeded = 0u32;
     for (dim, limit) in limits.iter().enumerate() {
@@ -565,9 +582,7 @@ fn check(
             continue;
         }
         if conform(tat, p.now, limit.cost(p.units(dim)), limit.tolerance).is_none() {
-            if forgive {
-                clear_debt(tat_ptr, tat, p.now, limit.tolerance);
-            }
+            clear_debt(tat_ptr, tat, p.now, limit.tolerance | keep);
             exceeded |= 1 << dim;
         }
     }
@@ -575,14 +590,9 @@ fn check(
 }
 
 /// Charges the packet to every dimension of `limits`; the dimension that
-/// refused under contention (as a bitmask), or 0. `forgive` as in [`check`].
+/// refused under contention (as a bitmask), or 0. `keep` as in [`check`].
 #[inline(always)]
-fn commit(
-    limits: &[Limit; dimension::COUNT],
-    tats: *mut u64,
-    p: &PacketCost,
-    forgive: bool,
-) -> u32 {
+fn commit(limits: &[Limit; dimension::COUNT], tats: *mut u64, p: &PacketCost, keep: u64) -> u32 {
     for (dim, limit) in limits.iter().enumerate() {
         if limit.is_unlimited() || (dim == dimension::SYNS && !p.syn) {
             continue;
@@ -594,7 +604,7 @@ fn commit(
             p.now,
             limit.cost(p.units(dim)),
             limit.tolerance,
-            forgive,
+            keep,
         ) {
             return 1 << dim;
         }
@@ -607,7 +617,7 @@ fn commit(
 /// the next packet reads it right too. If another CPU moved the TAT
 /// meanwhile, its value is fresh and is used instead.
 #[inline(always)]
-fn refresh(tat_ptr: *mut u64, stale: bool, now: u64) -> u64 {
+pub fn refresh(tat_ptr: *mut u64, stale: bool, now: u64) -> u64 {
     // SAFETY: tat_ptr is inside a live map value (see charge).
     let seen = unsafe { core::ptr::read_volatile(tat_ptr) };
     if !(stale || lags_far_behind(seen, now)) {
@@ -618,16 +628,14 @@ fn refresh(tat_ptr: *mut u64, stale: bool, now: u64) -> u64 {
     if previous == seen { now } else { previous }
 }
 
-/// One dimension's compare-and-swap loop; `forgive` as in [`check`].
+/// One dimension's compare-and-swap loop; `keep` as in [`check`].
 #[inline(always)]
-fn charge_one(tat_ptr: *mut u64, now: u64, cost: u64, tolerance: u64, forgive: bool) -> bool {
+fn charge_one(tat_ptr: *mut u64, now: u64, cost: u64, tolerance: u64, keep: u64) -> bool {
     // SAFETY: tat_ptr is inside a live map value (see charge).
     let mut seen = unsafe { core::ptr::read_volatile(tat_ptr) };
     for _ in 0..CAS_ATTEMPTS {
         let Some(new_tat) = conform(seen, now, cost, tolerance) else {
-            if forgive {
-                clear_debt(tat_ptr, seen, now, tolerance);
-            }
+            clear_debt(tat_ptr, seen, now, tolerance | keep);
             return false;
         };
         // SAFETY: as above.
@@ -642,8 +650,9 @@ fn charge_one(tat_ptr: *mut u64, now: u64, cost: u64, tolerance: u64, forgive: b
 }
 
 /// After a refusal: debt from an older, slower budget is cleared so a raised
-/// budget applies at once (see `rate::clamp_debt`). One attempt: if another
-/// CPU moved the TAT meanwhile, it has dealt with it.
+/// budget applies at once (see `rate::clamp_debt`); with a tolerance of
+/// [`KEEP_DEBT`], never. One attempt: if another CPU moved the TAT
+/// meanwhile, it has dealt with it.
 #[inline(always)]
 fn clear_debt(tat_ptr: *mut u64, seen: u64, now: u64, tolerance: u64) {
     if let Some(clamped) = clamp_debt(seen, now, tolerance) {

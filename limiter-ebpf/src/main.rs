@@ -23,6 +23,7 @@
 mod atomic;
 mod classify;
 mod enforce;
+mod fleet;
 mod maps;
 mod mark;
 mod parse;

@@ -4,11 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use limiter_common::{
-    Bucket, DEFAULT_MAX_RULES, DEFAULT_MAX_SOURCES, EVENTS_RING_BYTES, FleetSlot, GENERATIONS,
-    Reason, Rule, RuleCounters, SourceKey, service,
+    Bucket, DEFAULT_MAX_RULES, DEFAULT_MAX_SOURCES, EVENTS_RING_BYTES, FleetRemote, FleetSlot,
+    FleetSource, GENERATIONS, Reason, Rule, RuleCounters, SourceKey, fleet_window, service,
 };
 
 /// Rules by slot (both generations' slots; the agent assigns them).
@@ -82,5 +82,25 @@ pub static REPLY_BUCKETS: Array<Bucket> = Array::with_max_entries(DEFAULT_MAX_RU
 /// Fleet-wide buckets by rule id (see `FleetSlot`): memory-mappable, so the
 /// agent writes what the rest of the fleet admitted one atomic word at a
 /// time while packets read it.
-#[map(name = "LIM_FLEET_V1")]
+#[map(name = "LIM_FLEET_V2")]
 pub static FLEET: Array<FleetSlot> = Array::with_max_entries(DEFAULT_MAX_RULES, BPF_F_MMAPABLE);
+
+/// Heavy sources of fleet-wide per-source rules: written in place by the
+/// programs only. LRU: when full, the idlest heavy source stops being
+/// exchanged (and is promoted again if it is still heavy).
+#[map(name = "LIM_FLEETSRC_V1")]
+pub static FLEET_SOURCES: LruHashMap<SourceKey, FleetSource> =
+    LruHashMap::with_max_entries(fleet_window::MAX_HEAVY_SOURCES, 0);
+
+/// What the rest of the fleet admitted from each heavy source: written by
+/// the agent only (whole values), read by the programs.
+#[map(name = "LIM_FLEETREM_V1")]
+pub static FLEET_REMOTE: HashMap<SourceKey, FleetRemote> =
+    HashMap::with_max_entries(fleet_window::MAX_HEAVY_SOURCES, 0);
+
+/// Window words of the sources of fleet-wide per-source rules (see
+/// `fleet_window`). The agent sizes it like the per-source buckets when
+/// the agent has a fleet, and to one entry otherwise.
+#[map(name = "LIM_FLEETWIN_V1")]
+pub static FLEET_WINDOWS: LruHashMap<SourceKey, u64> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_SOURCES, 0);

@@ -190,6 +190,7 @@ impl Harness {
         Self::with_capacities(Capacities {
             max_rules: 1024,
             max_sources: 4096,
+            fleet_windows: 4096,
         })
     }
 

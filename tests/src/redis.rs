@@ -25,6 +25,7 @@ pub const ACL: &[&str] = &[
     "+zadd",
     "+zremrangebyscore",
     "+zcard",
+    "+zrange",
 ];
 
 pub struct Redis {

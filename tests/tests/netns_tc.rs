@@ -32,6 +32,7 @@ fn setup(spec: RuleSpec) -> (Pair, Datapath) {
     let mut dp = Datapath::load(Capacities {
         max_rules: 16,
         max_sources: 1024,
+        fleet_windows: 0,
     })
     .unwrap_or_else(|e| panic!("load: {e}"));
     dp.set_rule(1, &spec.0).unwrap_or_else(|e| panic!("{e}"));

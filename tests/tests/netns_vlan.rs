@@ -172,6 +172,7 @@ fn lab(mode: Mode, push: bool) -> Lab {
     let mut dp = Datapath::load(Capacities {
         max_rules: 16,
         max_sources: 1024,
+        fleet_windows: 0,
     })
     .unwrap_or_else(|e| panic!("load: {e}"));
     dp.set_rule(RULE, &RuleSpec::new(RULE, Action::Deny).0)

@@ -61,6 +61,7 @@ fn native_xdp_on_a_veth_holds_every_source_to_its_budget() {
     let mut dp = Datapath::load(Capacities {
         max_rules: 64,
         max_sources: 4096,
+        fleet_windows: 0,
     })
     .unwrap_or_else(|e| panic!("load: {e}"));
     let rule = RuleSpec::new(1, Action::Drop).packets(RATE, BURST).0;

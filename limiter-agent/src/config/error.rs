@@ -137,11 +137,10 @@ pub enum Problem {
     )]
     RejectWithoutBudget,
     #[error(
-        "only a budget all sources share can be fleet-wide: use scope = \"shared\" with a \
-         budget, or give the rule an aggregate (aggregate = {{ packets = \"20k/s\" }}); \
-         each source's own budget stays this gateway's"
+        "only a budget can be fleet-wide, and this rule has none: give it one (packets = \
+         \"100/s\", or an aggregate = {{ packets = \"20k/s\" }}), or remove fleet = true"
     )]
-    FleetWithoutSharedBudget,
+    FleetWithoutBudget,
     #[error(
         "fleet = true needs a [fleet] section (the Redis the fleet exchanges usage through, \
          see docs/fleet.md): add one, or remove fleet = true"

@@ -415,12 +415,8 @@ impl RuleConfig {
             return Err(FieldError::new("skb_mark", Problem::SkbMarkWithoutMark));
         }
         let fleet = f.fleet.unwrap_or(false);
-        let shared_budget = match self.scope() {
-            ScopeConfig::Shared => has_budget,
-            ScopeConfig::PerSource => aggregate.is_some(),
-        };
-        if fleet && !shared_budget {
-            return Err(FieldError::new("fleet", Problem::FleetWithoutSharedBudget));
+        if fleet && !has_budget && aggregate.is_none() {
+            return Err(FieldError::new("fleet", Problem::FleetWithoutBudget));
         }
         let replies = if self.action == ActionConfig::Reject {
             let rate = f.replies.clone().unwrap_or(defaults::REPLIES.to_owned());

@@ -346,7 +346,7 @@ fn a_bad_reply_budget_is_refused_like_any_budget() {
 }
 
 #[test]
-fn only_a_shared_budget_or_an_aggregate_can_be_fleet_wide() {
+fn any_budget_can_be_fleet_wide_a_rule_without_one_cannot() {
     let shared = rule(r#", "action": "drop", "scope": "shared", "packets": "1k/s", "fleet": true"#)
         .validate()
         .unwrap();
@@ -357,17 +357,19 @@ fn only_a_shared_budget_or_an_aggregate_can_be_fleet_wide() {
     .validate()
     .unwrap();
     assert!(aggregate.fleet);
-    let (field, message) = refused(r#", "action": "drop", "packets": "10/s", "fleet": true"#);
-    assert_eq!(field, "fleet");
+    // Each source's own budget, for the whole fleet.
+    let per_source = rule(r#", "action": "drop", "packets": "10/s", "fleet": true"#)
+        .validate()
+        .unwrap();
+    assert!(per_source.fleet);
+    let (field, message) = refused(r#", "action": "allow", "scope": "shared", "fleet": true"#);
+    assert_eq!(field, "fleet", "a rule without a budget has none to share");
     assert!(
-        message.contains("scope = \"shared\"") && message.contains("aggregate"),
+        message.contains("packets = \"100/s\"") && message.contains("remove fleet = true"),
         "{message}"
     );
-    let (field, _) = refused(r#", "action": "allow", "scope": "shared", "fleet": true"#);
-    assert_eq!(
-        field, "fleet",
-        "a shared rule without a budget has none to share"
-    );
+    let (field, _) = refused(r#", "action": "deny", "fleet": true"#);
+    assert_eq!(field, "fleet");
     let off = rule(r#", "action": "drop", "packets": "10/s", "fleet": false"#)
         .validate()
         .unwrap();

@@ -1,4 +1,4 @@
-//! The fleet array (`LIM_FLEET_V1`, one [`FleetSlot`] per rule id) through
+//! The fleet array (`LIM_FLEET_V2`, one [`FleetSlot`] per rule id) through
 //! a shared memory mapping: the agent and the programs each write their
 //! own words of a slot, one aligned `u64` at a time, so neither ever sees a
 //! torn value (a map update would copy the whole slot over the programs'
@@ -81,7 +81,7 @@ impl FleetMemory {
         }
         let at = id as usize * size_of::<FleetSlot>() + offset;
         // SAFETY: `at + 8 <= entries * size_of::<FleetSlot>() <= len`, the
-        // mapping is page-aligned and slots are 80 bytes, so the word is an
+        // mapping is page-aligned and slots are 88 bytes, so the word is an
         // aligned u64 inside the live mapping; it is only ever accessed
         // atomically (by us) or by the programs' aligned loads, stores and
         // atomics.
@@ -114,12 +114,19 @@ impl FleetMemory {
         Ok(())
     }
 
-    /// Marks slot `id` fleet-wide or not.
-    pub(super) fn set_fleet(&self, id: u32, fleet: bool) -> Result<()> {
-        let flags = if fleet { FleetSlot::FLEET } else { 0 };
+    /// Sets slot `id`'s flags (`FleetSlot::FLEET`, `FleetSlot::SOURCES`).
+    pub(super) fn set_flags(&self, id: u32, flags: u64) -> Result<()> {
         self.word(id, FleetSlot::FLAGS_OFFSET)
             .ok_or(DatapathError::FleetSlot { id })?
             .store(flags, Ordering::Release);
+        Ok(())
+    }
+
+    /// Sets slot `id`'s per-source promotion threshold.
+    pub(super) fn set_source_threshold(&self, id: u32, threshold: u64) -> Result<()> {
+        self.word(id, FleetSlot::SOURCE_THRESHOLD_OFFSET)
+            .ok_or(DatapathError::FleetSlot { id })?
+            .store(threshold, Ordering::Release);
         Ok(())
     }
 

@@ -12,8 +12,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_common::{
-    Bucket, FleetSlot, GENERATIONS, Reason, Rule, RuleCounters, SourceKey, active, map_names,
-    verdict,
+    Bucket, FleetRemote, FleetSlot, FleetSource, GENERATIONS, Reason, Rule, RuleCounters,
+    SourceKey, active, map_names, verdict,
 };
 
 use super::{
@@ -52,7 +52,7 @@ impl PortBlock {
     }
 }
 
-/// One field per map of `map_names::ALL`.
+/// One field per map of `map_names::ALL`, and the fleet's unpinned maps.
 pub(super) struct Maps {
     pub(super) rules: Array<MapData, Rule>,
     pub(super) active: Array<MapData, u32>,
@@ -70,6 +70,13 @@ pub(super) struct Maps {
     /// Kept for pinning; read and written through `fleet_memory` only.
     fleet: Array<MapData, FleetSlot>,
     fleet_memory: FleetMemory,
+    /// Heavy sources of fleet-wide per-source rules (an LRU hash, written
+    /// by the programs) and what the rest of the fleet admitted of each
+    /// (written by the agent). Not pinned.
+    pub(super) fleet_sources: HashMap<MapData, SourceKey, FleetSource>,
+    pub(super) fleet_remote: HashMap<MapData, SourceKey, FleetRemote>,
+    /// Written by the programs; the agent only removes entries.
+    pub(super) fleet_windows: HashMap<MapData, SourceKey, u64>,
     /// A second handle on the event ring, whose own handle goes to its
     /// reader: the map must stay pinnable after that.
     events: MapData,
@@ -101,6 +108,9 @@ impl Maps {
             reply_buckets: take(ebpf, map_names::REPLY_BUCKETS)?,
             fleet,
             fleet_memory,
+            fleet_sources: take(ebpf, map_names::FLEET_SOURCES)?,
+            fleet_remote: take(ebpf, map_names::FLEET_REMOTE)?,
+            fleet_windows: take(ebpf, map_names::FLEET_WINDOWS)?,
             events: duplicate(map_names::EVENTS, events.as_fd())?,
             cpus,
         };
@@ -444,9 +454,55 @@ impl Datapath {
         self.maps.fleet_memory.set_remote(rule_id, remote)
     }
 
-    /// Marks rule `rule_id`'s shared bucket or aggregate fleet-wide (or not).
-    pub fn set_fleet(&self, rule_id: u32, fleet: bool) -> Result<()> {
-        self.maps.fleet_memory.set_fleet(rule_id, fleet)
+    /// Marks which of rule `rule_id`'s buckets are fleet-wide: its shared
+    /// bucket or aggregate (`FleetSlot::FLEET`), its per-source buckets
+    /// (`FleetSlot::SOURCES`).
+    pub fn set_fleet(&self, rule_id: u32, flags: u64) -> Result<()> {
+        self.maps.fleet_memory.set_flags(rule_id, flags)
+    }
+
+    /// Sets the units of its lead dimension per window that make a source
+    /// of rule `rule_id` heavy (see `limiter_common::fleet_window`).
+    pub fn set_fleet_source_threshold(&self, rule_id: u32, threshold: u64) -> Result<()> {
+        self.maps
+            .fleet_memory
+            .set_source_threshold(rule_id, threshold)
+    }
+
+    /// Every heavy source the programs keep, with its counts.
+    pub fn fleet_sources(&self) -> Vec<(SourceKey, FleetSource)> {
+        // An entry evicted while we walk ends the walk early: the rest is
+        // read at the next sync.
+        self.maps
+            .fleet_sources
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .collect()
+    }
+
+    /// What the agent last wrote of the rest of the fleet's usage of a
+    /// heavy source.
+    pub fn fleet_source_remote(&self, key: &SourceKey) -> Option<FleetRemote> {
+        self.maps.fleet_remote.get(key, 0).ok()
+    }
+
+    /// Sets what the rest of the fleet admitted of a source (running
+    /// totals); the source becomes heavy here on its next packet.
+    pub fn set_fleet_source_remote(&mut self, key: &SourceKey, remote: [u64; 3]) -> Result<()> {
+        self.maps
+            .fleet_remote
+            .insert(key, &FleetRemote { remote }, 0)
+            .map_err(map_err(map_names::FLEET_REMOTE))
+    }
+
+    /// Forgets a heavy source (it was quiet for long): its bucket is
+    /// local again until it is heavy again.
+    pub fn forget_fleet_source(&mut self, key: &SourceKey) {
+        // Missing entries are fine: forgetting is idempotent.
+        let _ = self.maps.fleet_remote.remove(key);
+        let _ = self.maps.fleet_sources.remove(key);
+        // Its window starts over: promoted again only by fresh usage.
+        let _ = self.maps.fleet_windows.remove(key);
     }
 
     /// The shared bucket of a rule.

@@ -17,7 +17,7 @@ use aya::{
     programs::{ProgramError, SchedClassifier, Xdp},
 };
 use limiter_common::{
-    DEFAULT_MAX_RULES, DEFAULT_MAX_SOURCES, GENERATIONS, map_names, program_names,
+    DEFAULT_MAX_RULES, DEFAULT_MAX_SOURCES, GENERATIONS, fleet_window, map_names, program_names,
 };
 
 use self::maps::Maps;
@@ -32,6 +32,9 @@ pub struct Capacities {
     pub max_rules: u32,
     /// Tracked (rule, source) buckets in the LRU map.
     pub max_sources: u32,
+    /// Sources of fleet-wide per-source rules counted to find the heavy
+    /// ones (an LRU map, not pinned: soft state); 0 without a fleet.
+    pub fleet_windows: u32,
 }
 
 impl Default for Capacities {
@@ -39,6 +42,7 @@ impl Default for Capacities {
         Self {
             max_rules: DEFAULT_MAX_RULES,
             max_sources: DEFAULT_MAX_SOURCES,
+            fleet_windows: 0,
         }
     }
 }
@@ -162,6 +166,16 @@ impl Datapath {
             loader.map_max_entries(name, capacities.max_rules);
         }
         loader.map_max_entries(map_names::SOURCE_BUCKETS, capacities.max_sources);
+        // Soft state, never pinned (lost on restart, a heavy source is
+        // found again within a window); without a fleet, one entry each.
+        let (windows, heavy) = if capacities.fleet_windows == 0 {
+            (1, 1)
+        } else {
+            (capacities.fleet_windows, fleet_window::MAX_HEAVY_SOURCES)
+        };
+        loader.map_max_entries(map_names::FLEET_WINDOWS, windows);
+        loader.map_max_entries(map_names::FLEET_SOURCES, heavy);
+        loader.map_max_entries(map_names::FLEET_REMOTE, heavy);
         let mut ebpf = loader.load(OBJECT)?;
         let xdp: &mut Xdp = program(&mut ebpf, program_names::XDP)?;
         xdp.load().map_err(|source| DatapathError::Program {

@@ -78,6 +78,17 @@ impl Datapath {
                 .remove(key)
                 .map_err(map_err(map_names::SOURCE_BUCKETS))?;
         }
+        let heavy: Vec<SourceKey> = self
+            .maps
+            .fleet_sources
+            .keys()
+            .chain(self.maps.fleet_remote.keys())
+            .chain(self.maps.fleet_windows.keys())
+            .filter_map(std::result::Result::ok)
+            .collect();
+        for key in &heavy {
+            self.forget_fleet_source(key);
+        }
         for reason in 0..Reason::COUNT {
             let zeros = self.maps.per_cpu_zeros::<u64>()?;
             self.maps

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use limiter_common::{dimension::COUNT as DIMENSIONS, rate::Rate};
+use limiter_common::{SourceKey, dimension::COUNT as DIMENSIONS, rate::Rate};
 
 /// Which of a rule's buckets is fleet-wide.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -20,6 +20,8 @@ pub enum BucketKind {
     Shared,
     /// A per-source rule's aggregate.
     Aggregate,
+    /// One heavy source's bucket of a per-source rule.
+    Source,
 }
 
 impl BucketKind {
@@ -27,6 +29,7 @@ impl BucketKind {
         match self {
             Self::Shared => "shared",
             Self::Aggregate => "aggregate",
+            Self::Source => "source",
         }
     }
 }
@@ -40,6 +43,9 @@ pub struct FleetBucket {
     pub kind: BucketKind,
     /// The budget's rate by dimension (`None`: not limited, not exchanged).
     pub rates: [Option<Rate>; DIMENSIONS],
+    /// A [`BucketKind::Source`] bucket's source: its kernel key and its
+    /// name in Redis (`198.18.0.7/32`).
+    pub source: Option<(SourceKey, String)>,
 }
 
 /// The field name's prefix for each dimension.
@@ -65,7 +71,16 @@ impl Keys {
 
     /// The hash of a bucket's per-gateway totals.
     pub fn bucket(&self, bucket: &FleetBucket) -> String {
-        format!("{}{}:{}", self.prefix, bucket.kind.word(), bucket.rule)
+        match &bucket.source {
+            Some((_, member)) => format!("{}source:{}:{member}", self.prefix, bucket.rule),
+            None => format!("{}{}:{}", self.prefix, bucket.kind.word(), bucket.rule),
+        }
+    }
+
+    /// The sorted set of a rule's heavy sources, scored by when a gateway
+    /// last saw one admit something (Unix ms).
+    pub fn heavy(&self, rule: &str) -> String {
+        format!("{}heavy:{rule}", self.prefix)
     }
 }
 
@@ -103,6 +118,20 @@ impl Exchange {
             return [0; DIMENSIONS];
         };
         std::array::from_fn(|d| admitted[d].checked_sub(before[d]).unwrap_or(admitted[d]))
+    }
+
+    /// As [`Exchange::publish`], for a bucket whose totals start at zero
+    /// when it appears (a heavy source's, from its promotion): seen for the
+    /// first time, all of it is published.
+    pub fn publish_from_zero(
+        &mut self,
+        key: &str,
+        admitted: [u64; DIMENSIONS],
+    ) -> [u64; DIMENSIONS] {
+        if !self.published.contains_key(key) {
+            self.published.insert(key.to_owned(), [0; DIMENSIONS]);
+        }
+        self.publish(key, admitted)
     }
 
     /// What the rest of the fleet admitted into the bucket at `key` since
@@ -205,6 +234,18 @@ mod tests {
     }
 
     #[test]
+    fn a_heavy_source_publishes_everything_since_its_promotion() {
+        let mut x = Exchange::new("gw1");
+        assert_eq!(x.publish_from_zero("s", [12, 900, 0]), [12, 900, 0]);
+        assert_eq!(x.publish_from_zero("s", [15, 1000, 0]), [3, 100, 0]);
+        // After an outage (rebaseline), what was admitted meanwhile was
+        // covered by the fallback: the caller publishes with `publish`.
+        x.rebaseline();
+        assert_eq!(x.publish("s", [40, 4000, 0]), [0, 0, 0]);
+        assert_eq!(x.publish_from_zero("s", [41, 4100, 0]), [1, 100, 0]);
+    }
+
+    #[test]
     fn the_rest_of_the_fleet_is_what_other_gateways_added_since_the_last_read() {
         let mut x = Exchange::new("gw1");
         let first = hash(&[
@@ -287,8 +328,21 @@ mod tests {
             id: 3,
             kind: BucketKind::Aggregate,
             rates: [None; DIMENSIONS],
+            source: None,
         };
         assert_eq!(keys.bucket(&bucket), "limiter:edge:aggregate:api");
+        let source = SourceKey {
+            rule_id: 3,
+            family: limiter_common::family::IPV4,
+            addr: [0; 16],
+        };
+        let heavy = FleetBucket {
+            kind: BucketKind::Source,
+            source: Some((source, "198.18.0.7/32".into())),
+            ..bucket
+        };
+        assert_eq!(keys.bucket(&heavy), "limiter:edge:source:api:198.18.0.7/32");
+        assert_eq!(keys.heavy("api"), "limiter:edge:heavy:api");
         assert_eq!(keys.gateways(), "limiter:edge:gateways");
         assert_eq!(field(1, "gw2"), "b:gw2");
     }

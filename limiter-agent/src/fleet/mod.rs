@@ -8,6 +8,7 @@
 //! (the budget over the last known number of gateways).
 
 pub mod exchange;
+pub mod sources;
 
 use std::{
     collections::HashMap,
@@ -23,7 +24,10 @@ use redis::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use self::exchange::{Exchange, FleetBucket, Keys, fallback_units, field};
+use self::{
+    exchange::{Exchange, FleetBucket, Keys, fallback_units, field},
+    sources::{HeavySources, SourceRule},
+};
 use crate::{config::FleetConfig, datapath::FleetCounts, service::Service};
 
 /// A gateway that has not synced for this many intervals (and at least
@@ -180,11 +184,30 @@ fn unix_millis() -> u64 {
 /// A fleet bucket and what its kernel slot holds now.
 pub type BucketCounts = (FleetBucket, FleetCounts);
 
+/// What the service holds of the fleet at one sync.
+#[derive(Debug, Default)]
+pub struct FleetSnapshot {
+    /// Every fleet-wide bucket in force: rules' shared buckets and
+    /// aggregates, and heavy sources.
+    pub buckets: Vec<BucketCounts>,
+    /// The rules whose per-source buckets are fleet-wide.
+    pub source_rules: Vec<SourceRule>,
+}
+
+/// A rule's heavy sources that admitted something since the last sync
+/// (added to its set), by the set's key.
+struct HeavySet {
+    key: String,
+    active: Vec<String>,
+}
+
 /// What one exchange with Redis brought back.
 struct Synced {
     gateways: u32,
     /// Each bucket's hash, in the order of the buckets sent.
     hashes: Vec<HashMap<String, String>>,
+    /// Each heavy set's members, in the order of the sets sent.
+    heavy: Vec<Vec<String>>,
     commands: u64,
 }
 
@@ -227,13 +250,16 @@ impl Redis {
 
 /// One pipeline: this gateway's heartbeat and the fleet's size, then per
 /// bucket what this gateway admitted (HINCRBY on its own fields only) and
-/// the bucket's whole hash.
+/// the bucket's whole hash, then per rule with fleet-wide per-source
+/// buckets its heavy sources (those active here added, the stale ones
+/// dropped, the rest read).
 async fn sync(
     conn: &mut MultiplexedConnection,
     keys: &Keys,
     gateway: &str,
     liveness: Duration,
     buckets: &[(String, [u64; DIMENSIONS])],
+    heavy: &[HeavySet],
 ) -> redis::RedisResult<Synced> {
     let now_ms = unix_millis();
     let ttl_ms = KEY_TTL.as_millis() as u64;
@@ -271,17 +297,47 @@ async fn sync(
         pipe.cmd("HGETALL").arg(key);
         commands += 2;
     }
+    let heavy_since = now_ms.saturating_sub(sources::HEAVY_LIVENESS.as_millis() as u64);
+    for set in heavy {
+        if !set.active.is_empty() {
+            let zadd = pipe.cmd("ZADD").arg(&set.key);
+            for member in &set.active {
+                zadd.arg(now_ms).arg(member);
+            }
+            zadd.ignore();
+            commands += 1;
+        }
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&set.key)
+            .arg("-inf")
+            .arg(heavy_since)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&set.key)
+            .arg(ttl_ms)
+            .ignore()
+            .cmd("ZRANGE")
+            .arg(&set.key)
+            .arg(0)
+            .arg(-1);
+        commands += 3;
+    }
     let mut replies: Vec<redis::Value> = pipe.query_async(conn).await?;
-    let hashes = replies
-        .split_off(1.min(replies.len()))
+    let mut rest = replies.split_off(1.min(replies.len()));
+    let sets = rest.split_off(buckets.len().min(rest.len()));
+    let hashes = rest
         .into_iter()
         .map(|v| redis::from_redis_value::<HashMap<String, String>>(v).map_err(Into::into))
+        .collect::<redis::RedisResult<Vec<_>>>()?;
+    let heavy_members = sets
+        .into_iter()
+        .map(|v| redis::from_redis_value::<Vec<String>>(v).map_err(Into::into))
         .collect::<redis::RedisResult<Vec<_>>>()?;
     let gateways = match replies.pop() {
         Some(v) => redis::from_redis_value::<u32>(v)?,
         None => 1,
     };
-    if hashes.len() != buckets.len() {
+    if hashes.len() != buckets.len() || heavy_members.len() != heavy.len() {
         return Err(redis::RedisError::from((
             redis::ErrorKind::Client,
             "pipeline answered fewer replies than commands",
@@ -290,6 +346,7 @@ async fn sync(
     Ok(Synced {
         gateways: gateways.max(1),
         hashes,
+        heavy: heavy_members,
         commands,
     })
 }
@@ -374,6 +431,8 @@ pub async fn run(
     let mut next_attempt = Instant::now();
     let mut gateways: u32 = 1;
     let mut carry: HashMap<(String, usize), u128> = HashMap::new();
+    let mut heavy = HeavySources::default();
+    let mut first_round = true;
     let mut last_tick = Instant::now();
     loop {
         tokio::select! {
@@ -382,9 +441,19 @@ pub async fn run(
         }
         let elapsed = last_tick.elapsed();
         last_tick = Instant::now();
-        let Some(snapshot) = blocking(&service, |s| s.fleet_buckets()).await else {
+        let elsewhere = heavy.elsewhere.clone();
+        let known_gateways = gateways;
+        let Some(FleetSnapshot {
+            buckets: snapshot,
+            source_rules,
+        }) = blocking(&service, move |s| {
+            s.fleet_snapshot(&elsewhere, known_gateways)
+        })
+        .await
+        else {
             return;
         };
+        heavy.retain_rules(&source_rules.iter().map(|r| r.id).collect::<Vec<_>>());
         let bucket_keys: Vec<String> = snapshot.iter().map(|(b, _)| keys.bucket(b)).collect();
         exchange.retain(&bucket_keys);
         carry.retain(|(key, _), _| bucket_keys.contains(key));
@@ -399,6 +468,7 @@ pub async fn run(
                     // Nothing of before is exchanged: the fallback share
                     // covered it (or the agent just started).
                     exchange.rebaseline();
+                    first_round = true;
                 }
                 Ok(Err(e)) => {
                     next_attempt = Instant::now() + backoff;
@@ -418,17 +488,30 @@ pub async fn run(
                 }
             }
         }
+        let mut published: Vec<(String, [u64; DIMENSIONS])> = Vec::new();
         let units: Vec<[u64; DIMENSIONS]> = match conn.as_mut() {
             Some(c) => {
-                let published: Vec<(String, [u64; DIMENSIONS])> = snapshot
+                published = snapshot
                     .iter()
                     .zip(&bucket_keys)
-                    .map(|((_, counts), key)| (key.clone(), exchange.publish(key, counts.admitted)))
+                    .map(|((bucket, counts), key)| {
+                        // A heavy source's totals start at its promotion:
+                        // all of it is news, except in the first round
+                        // after (re)connecting, which the fallback covered.
+                        let units = if bucket.source.is_some() && !first_round {
+                            exchange.publish_from_zero(key, counts.admitted)
+                        } else {
+                            exchange.publish(key, counts.admitted)
+                        };
+                        (key.clone(), units)
+                    })
                     .collect();
+                first_round = false;
+                let sets = heavy_sets(&keys, &source_rules, &snapshot, &published);
                 let started = Instant::now();
                 let outcome = tokio::time::timeout(
                     redis.timeout,
-                    sync(c, &keys, &config.gateway, liveness, &published),
+                    sync(c, &keys, &config.gateway, liveness, &published, &sets),
                 )
                 .await;
                 match outcome {
@@ -441,6 +524,15 @@ pub async fn run(
                             s.redis_commands += synced.commands;
                         }
                         change_state(&status, FleetState::Connected, gateways, None);
+                        heavy.elsewhere = source_rules
+                            .iter()
+                            .zip(&synced.heavy)
+                            .flat_map(|(rule, members)| {
+                                members
+                                    .iter()
+                                    .filter_map(|m| sources::parse_member(rule, m))
+                            })
+                            .collect();
                         bucket_keys
                             .iter()
                             .zip(&synced.hashes)
@@ -461,18 +553,52 @@ pub async fn run(
             }
             None => fallback(&snapshot, &bucket_keys, elapsed, gateways, &mut carry),
         };
+        // Heavy sources that moved (here or elsewhere) stay; quiet ones
+        // are forgotten.
+        let now = Instant::now();
+        for (i, ((bucket, _), units)) in snapshot.iter().zip(&units).enumerate() {
+            if let Some((key, _)) = &bucket.source {
+                let here = published
+                    .get(i)
+                    .is_some_and(|(_, p)| p.iter().any(|u| *u > 0));
+                heavy.touch(*key, here || units.iter().any(|u| *u > 0), now);
+            }
+        }
+        let forget = heavy.demote(now);
         let writes: Vec<(FleetBucket, [u64; DIMENSIONS])> = snapshot
             .into_iter()
             .map(|(bucket, _)| bucket)
             .zip(units)
             .collect();
-        if blocking(&service, move |s| s.charge_fleet(&writes))
+        if blocking(&service, move |s| s.charge_fleet(&writes, &forget))
             .await
             .is_none()
         {
             return;
         }
     }
+}
+
+/// Each per-source rule's heavy set, with the sources that admitted
+/// something here since the last sync.
+fn heavy_sets(
+    keys: &Keys,
+    rules: &[SourceRule],
+    snapshot: &[BucketCounts],
+    published: &[(String, [u64; DIMENSIONS])],
+) -> Vec<HeavySet> {
+    rules
+        .iter()
+        .map(|rule| HeavySet {
+            key: keys.heavy(&rule.name),
+            active: snapshot
+                .iter()
+                .zip(published)
+                .filter(|((b, _), (_, units))| b.id == rule.id && units.iter().any(|u| *u > 0))
+                .filter_map(|((b, _), _)| b.source.as_ref().map(|(_, m)| m.clone()))
+                .collect(),
+        })
+        .collect()
 }
 
 /// Units to charge each bucket while Redis cannot be reached.

@@ -11,7 +11,7 @@ mod error;
 mod views;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -20,9 +20,12 @@ pub use audit::Requester;
 pub use error::{ErrorKind, ServiceError};
 pub use views::reload_message;
 
+use limiter_common::{FleetSlot, SourceKey};
+
 use crate::{
     attachments::Attachments,
-    config::{Config, RuleConfig, RulePatch, ServiceTable},
+    config::{Config, RuleConfig, RuleDef, RulePatch, ScopeConfig, ServiceTable},
+    datapath::FleetCounts,
     enforcer::{Enforcer, KernelRuleSet},
     rules::{self, Change, InForce, PenaltyRequest, Plan},
     state::State,
@@ -165,7 +168,7 @@ impl Service {
         let dp = self.enforcer.datapath();
         for rule in &in_force {
             if let Some(id) = state.ids.get(&rule.def.name)
-                && let Err(e) = dp.set_fleet(*id, rule.def.fleet)
+                && let Err(e) = dp.set_fleet(*id, fleet_flags(&rule.def))
             {
                 tracing::error!(rule = rule.def.name, "marking the rule's fleet mode: {e}");
             }
@@ -382,36 +385,109 @@ impl Service {
         self.commit(&config, state)
     }
 
-    /// The fleet-wide buckets in force, with what their kernel slots hold.
-    pub fn fleet_buckets(&self) -> Vec<crate::fleet::BucketCounts> {
-        use crate::fleet::exchange::{BucketKind, FleetBucket};
+    /// The fleet-wide buckets in force, with what their kernel slots hold:
+    /// shared buckets and aggregates, then the heavy sources of per-source
+    /// rules (those the programs promoted, and those heard heavy
+    /// `elsewhere`). Sets each per-source rule's promotion threshold for
+    /// `gateways` on the way.
+    pub fn fleet_snapshot(
+        &self,
+        elsewhere: &HashSet<SourceKey>,
+        gateways: u32,
+    ) -> crate::fleet::FleetSnapshot {
+        use crate::fleet::{
+            exchange::{BucketKind, FleetBucket},
+            sources::{SourceRule, member, threshold},
+        };
         let dp = self.enforcer.datapath();
-        self.in_force
-            .iter()
-            .filter(|r| r.def.fleet)
-            .filter_map(|r| {
-                let id = *self.state.ids.get(&r.def.name)?;
-                let (kind, budgets) = match &r.def.aggregate {
-                    Some(aggregate) => (BucketKind::Aggregate, aggregate.by_dimension()),
-                    None => (BucketKind::Shared, r.def.budgets()),
-                };
+        let mut snapshot = crate::fleet::FleetSnapshot::default();
+        for r in self.in_force.iter().filter(|r| r.def.fleet) {
+            let Some(&id) = self.state.ids.get(&r.def.name) else {
+                continue;
+            };
+            let rule_bucket = match (&r.def.aggregate, r.def.scope) {
+                (Some(aggregate), _) => Some((BucketKind::Aggregate, aggregate.by_dimension())),
+                (None, ScopeConfig::Shared) => Some((BucketKind::Shared, r.def.budgets())),
+                (None, ScopeConfig::PerSource) => None,
+            };
+            if let Some((kind, budgets)) = rule_bucket {
                 let bucket = FleetBucket {
                     rule: r.def.name.clone(),
                     id,
                     kind,
                     rates: budgets.map(|b| b.as_ref().map(|b| b.rate)),
+                    source: None,
                 };
-                Some((bucket, dp.fleet_counts(id)))
+                snapshot.buckets.push((bucket, dp.fleet_counts(id)));
+            }
+            if fleet_flags(&r.def) & FleetSlot::SOURCES != 0 {
+                let rule = SourceRule {
+                    name: r.def.name.clone(),
+                    id,
+                    source_prefix_v4: r.def.source_prefix_v4,
+                    source_prefix_v6: r.def.source_prefix_v6,
+                    rates: r.def.budgets().map(|b| b.as_ref().map(|b| b.rate)),
+                };
+                if let Err(e) = dp.set_fleet_source_threshold(id, threshold(&rule.rates, gateways))
+                {
+                    tracing::error!(rule = rule.name, "setting the heavy-source threshold: {e}");
+                }
+                snapshot.source_rules.push(rule);
+            }
+        }
+        let mut heavy: HashMap<SourceKey, FleetCounts> = dp
+            .fleet_sources()
+            .into_iter()
+            .map(|(key, local)| {
+                let counts = FleetCounts {
+                    remote: [0; 3],
+                    applied: local.applied,
+                    admitted: local.admitted,
+                };
+                (key, counts)
             })
-            .collect()
+            .collect();
+        for key in elsewhere {
+            heavy.entry(*key).or_default();
+        }
+        for (key, mut counts) in heavy {
+            let Some(rule) = snapshot.source_rules.iter().find(|r| r.id == key.rule_id) else {
+                continue;
+            };
+            counts.remote = dp.fleet_source_remote(&key).map_or([0; 3], |r| r.remote);
+            let name = member(&key, rule.prefix_len(key.family));
+            let bucket = FleetBucket {
+                rule: rule.name.clone(),
+                id: rule.id,
+                kind: BucketKind::Source,
+                rates: rule.rates,
+                source: Some((key, name)),
+            };
+            snapshot.buckets.push((bucket, counts));
+        }
+        snapshot
     }
 
     /// Has the kernel charge each bucket `units` more of what the rest of
     /// the fleet admitted (see `fleet::exchange::next_remote`). A bucket
     /// whose rule is gone, no longer fleet-wide, or holds another id since
-    /// the units were read is left alone.
-    pub fn charge_fleet(&self, writes: &[(crate::fleet::exchange::FleetBucket, [u64; 3])]) {
-        let dp = self.enforcer.datapath();
+    /// the units were read is left alone. `forget`: heavy sources quiet for
+    /// long, whose buckets become local again.
+    pub fn charge_fleet(
+        &mut self,
+        writes: &[(crate::fleet::exchange::FleetBucket, [u64; 3])],
+        forget: &[SourceKey],
+    ) {
+        use crate::fleet::exchange::next_remote;
+        let dp = self.enforcer.datapath_mut();
+        for key in forget {
+            dp.forget_fleet_source(key);
+        }
+        let local: HashMap<SourceKey, [u64; 3]> = dp
+            .fleet_sources()
+            .into_iter()
+            .map(|(key, source)| (key, source.applied))
+            .collect();
         for (bucket, units) in writes {
             let current = self.in_force.iter().any(|r| {
                 r.def.fleet
@@ -421,10 +497,28 @@ impl Service {
             if !current {
                 continue;
             }
-            let applied = dp.fleet_counts(bucket.id).applied;
-            let remote =
-                std::array::from_fn(|d| crate::fleet::exchange::next_remote(applied[d], units[d]));
-            if let Err(e) = dp.set_fleet_remote(bucket.id, remote) {
+            let dp = self.enforcer.datapath_mut();
+            let result = match &bucket.source {
+                None => {
+                    let applied = dp.fleet_counts(bucket.id).applied;
+                    dp.set_fleet_remote(
+                        bucket.id,
+                        std::array::from_fn(|d| next_remote(applied[d], units[d])),
+                    )
+                }
+                // Nothing to charge: no entry made (it would promote a
+                // source this gateway may never see).
+                Some(_) if units.iter().all(|u| *u == 0) => Ok(()),
+                Some((key, _)) => {
+                    // Not heavy here yet: its entry starts from zero.
+                    let applied = local.get(key).copied().unwrap_or_default();
+                    dp.set_fleet_source_remote(
+                        key,
+                        std::array::from_fn(|d| next_remote(applied[d], units[d])),
+                    )
+                }
+            };
+            if let Err(e) = result {
                 tracing::error!(rule = bucket.rule, "charging the fleet's usage: {e}");
             }
         }
@@ -481,6 +575,23 @@ impl Service {
             Err(e) => tracing::error!("writing the rules back (retrying in a second): {e}"),
         }
     }
+}
+
+/// Which of a rule's buckets are fleet-wide (`FleetSlot` flags): its
+/// shared bucket or aggregate, and its per-source buckets.
+fn fleet_flags(def: &RuleDef) -> u64 {
+    if !def.fleet {
+        return 0;
+    }
+    let shared = def.scope == ScopeConfig::Shared;
+    let mut flags = 0;
+    if shared || def.aggregate.is_some() {
+        flags |= FleetSlot::FLEET;
+    }
+    if !shared && def.budgets().iter().any(|b| b.is_some()) {
+        flags |= FleetSlot::SOURCES;
+    }
+    flags
 }
 
 #[cfg(test)]

@@ -46,6 +46,7 @@ impl Kernel {
         let harness = Harness::with_capacities(Capacities {
             max_rules: MAX_RULES,
             max_sources: MAX_SOURCES,
+            fleet_windows: 0,
         });
         Self {
             harness,

@@ -186,6 +186,7 @@ pub fn suite(seconds: f64, out_dir: &std::path::Path) -> Result<()> {
     let mut dp = Datapath::load(Capacities {
         max_rules: 64,
         max_sources: 65_536,
+        fleet_windows: 0,
     })?;
     dp.set_prefix(0, net("198.18.0.0/15"), 1)?;
     let (dev, ns) = (gw.gw_in.clone(), gw.gateway.name.clone());

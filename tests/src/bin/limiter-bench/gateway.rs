@@ -193,6 +193,7 @@ pub fn suite(reps: usize, count: u32, out_dir: &std::path::Path) -> Result<()> {
     let mut dp = Datapath::load(Capacities {
         max_rules: 16,
         max_sources: 262_144,
+        fleet_windows: 0,
     })?;
     dp.set_prefix(0, net("198.18.0.0/15"), 1)?;
     dp.set_prefix(0, net("2001:db8::/32"), 1)?;

@@ -87,6 +87,7 @@ fn setup(rules: u32, sources: u32) -> Result<Setup> {
     let mut dp = Datapath::load(Capacities {
         max_rules: rules.max(8) + 8,
         max_sources: sources.max(1024),
+        fleet_windows: 0,
     })?;
     // The three measured rules, each on its own /32 (v4) and /128 (v6).
     let specs = [
