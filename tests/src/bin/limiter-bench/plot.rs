@@ -132,3 +132,98 @@ pub fn admitted_vs_offered(
     root.present().map_err(err)?;
     Ok(())
 }
+
+/// Grouped bars (one group per case, one bar per series) of ratios to a
+/// budget, a line at 1 (the budget), and over each bar a black tick at
+/// `bounds[series][case]`, the most it may reach. NaN values are skipped.
+pub fn bars_with_bounds(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    cases: &[String],
+    series: &[(String, Vec<f64>)],
+    bounds: &[Vec<f64>],
+) -> Result<()> {
+    let root = SVGBackend::new(path, (1100, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter())
+        .chain(bounds.iter().flatten())
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(1.0f64, f64::max)
+        * 1.15;
+    let group = series.len() as f64 + 1.0;
+    let width = cases.len() as f64 * group;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..width, 0.0..max)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(cases.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = (*x / group).floor() as usize;
+            if (x - (i as f64 * group + group / 2.0)).abs() < 0.5 {
+                cases.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(y_label)
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, 1.0), (width, 1.0)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(err)?
+        .label("the budget (rate x T + burst)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 15, y)], BLACK));
+    for (s, (name, values)) in series.iter().enumerate() {
+        let color = COLORS[(s + 2) % COLORS.len()];
+        let x0 = |c: usize| c as f64 * group + s as f64 + 0.5;
+        chart
+            .draw_series(
+                values
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(c, v)| {
+                        Rectangle::new([(x0(c), 0.0), (x0(c) + 0.9, *v)], color.filled())
+                    }),
+            )
+            .map_err(err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+        if let Some(marks) = bounds.get(s) {
+            chart
+                .draw_series(marks.iter().enumerate().filter(|(_, v)| v.is_finite()).map(
+                    |(c, v)| {
+                        PathElement::new([(x0(c), *v), (x0(c) + 0.9, *v)], BLACK.stroke_width(3))
+                    },
+                ))
+                .map_err(err)?;
+        }
+    }
+    chart
+        .draw_series(std::iter::empty::<PathElement<(f64, f64)>>())
+        .map_err(err)?
+        .label("bound of docs/fleet.md (black tick)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 15, y)], BLACK.stroke_width(3)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
