@@ -134,26 +134,29 @@ pub fn admitted_vs_offered(
 }
 
 /// Grouped bars (one group per case, one bar per series) of ratios to a
-/// budget, a line at 1 (the budget), and over each bar a black tick at
-/// `bounds[series][case]`, the most it may reach. NaN values are skipped.
-pub fn bars_with_bounds(
+/// budget, on a y axis from `floor`, with a line at 1 (the budget); over
+/// each bar a tick per entry of `marks` (label, values by series then
+/// case), black then grey: the most the bar may reach. NaNs are skipped.
+pub fn bars_with_marks(
     path: &Path,
     title: &str,
     y_label: &str,
+    floor: f64,
     cases: &[String],
     series: &[(String, Vec<f64>)],
-    bounds: &[Vec<f64>],
+    marks: &[(&str, Vec<Vec<f64>>)],
 ) -> Result<()> {
     let root = SVGBackend::new(path, (1100, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let max = series
+    let top = series
         .iter()
         .flat_map(|(_, v)| v.iter())
-        .chain(bounds.iter().flatten())
+        .chain(marks.iter().flat_map(|(_, m)| m.iter().flatten()))
         .copied()
         .filter(|v| v.is_finite())
-        .fold(1.0f64, f64::max)
-        * 1.15;
+        .fold(1.0f64, f64::max);
+    // Room above the tallest bar for the legend.
+    let max = top + (top - floor) * 0.45;
     let group = series.len() as f64 + 1.0;
     let width = cases.len() as f64 * group;
     let mut chart = ChartBuilder::on(&root)
@@ -161,7 +164,7 @@ pub fn bars_with_bounds(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..width, 0.0..max)
+        .build_cartesian_2d(0.0..width, floor..max)
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -184,11 +187,11 @@ pub fn bars_with_bounds(
             BLACK.stroke_width(1),
         ))
         .map_err(err)?
-        .label("the budget (rate x T + burst)")
+        .label("1: the budget")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 15, y)], BLACK));
+    let x0 = |s: usize, c: usize| c as f64 * group + s as f64 + 0.5;
     for (s, (name, values)) in series.iter().enumerate() {
         let color = COLORS[(s + 2) % COLORS.len()];
-        let x0 = |c: usize| c as f64 * group + s as f64 + 0.5;
         chart
             .draw_series(
                 values
@@ -196,30 +199,33 @@ pub fn bars_with_bounds(
                     .enumerate()
                     .filter(|(_, v)| v.is_finite())
                     .map(|(c, v)| {
-                        Rectangle::new([(x0(c), 0.0), (x0(c) + 0.9, *v)], color.filled())
+                        Rectangle::new([(x0(s, c), floor), (x0(s, c) + 0.9, *v)], color.filled())
                     }),
             )
             .map_err(err)?
             .label(name.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
-        if let Some(marks) = bounds.get(s) {
-            chart
-                .draw_series(marks.iter().enumerate().filter(|(_, v)| v.is_finite()).map(
-                    |(c, v)| {
-                        PathElement::new([(x0(c), *v), (x0(c) + 0.9, *v)], BLACK.stroke_width(3))
-                    },
-                ))
-                .map_err(err)?;
-        }
+    }
+    for (m, (name, values)) in marks.iter().enumerate() {
+        let color = if m == 0 { BLACK } else { COLORS[0] };
+        let ticks = values.iter().enumerate().flat_map(|(s, by_case)| {
+            by_case
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.is_finite())
+                .map(move |(c, v)| (s, c, *v))
+        });
+        chart
+            .draw_series(ticks.map(|(s, c, v)| {
+                PathElement::new([(x0(s, c), v), (x0(s, c) + 0.9, v)], color.stroke_width(3))
+            }))
+            .map_err(err)?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 15, y)], color.stroke_width(3)));
     }
     chart
-        .draw_series(std::iter::empty::<PathElement<(f64, f64)>>())
-        .map_err(err)?
-        .label("bound of docs/fleet.md (black tick)")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 15, y)], BLACK.stroke_width(3)));
-    chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
