@@ -39,7 +39,17 @@ impl Fleet {
     /// config `config(&redis, fleet name, i)`; waits until all are
     /// connected and see each other.
     pub fn start(gateways: usize, config: impl Fn(&Redis, &str, usize) -> String) -> Result<Self> {
-        let redis = Redis::start()?;
+        Self::start_on(Redis::start()?, gateways, config)
+    }
+
+    /// [`Fleet::start`] on a Redis already running (e.g. one that
+    /// [`Fleet::stop`] handed back): a fleet of a fresh name, so none of
+    /// the keys of an earlier fleet on it are read.
+    pub fn start_on(
+        redis: Redis,
+        gateways: usize,
+        config: impl Fn(&Redis, &str, usize) -> String,
+    ) -> Result<Self> {
         let name = format!("test-{}-{}", std::process::id(), crate::netns::unique_tag());
         let mut envs = Vec::with_capacity(gateways);
         for i in 1..=gateways {
@@ -54,6 +64,14 @@ impl Fleet {
         let fleet = Self { redis, name, envs };
         fleet.wait_connected(1.0);
         Ok(fleet)
+    }
+
+    /// Stops the agents (and removes their namespaces and pins); hands
+    /// back the Redis, still running, for the next fleet.
+    pub fn stop(self) -> Redis {
+        let Self { redis, envs, .. } = self;
+        drop(envs);
+        redis
     }
 
     /// Every agent's log, then Redis's, for failure messages.

@@ -70,7 +70,8 @@ enum Task {
     },
     /// Run setup, then build the Debian package (target/debian/limiter_*.deb)
     Package,
-    /// Run setup, then the benchmarks (packet cost, control-plane latency)
+    /// Run setup, then the benchmarks (packet cost, control-plane latency,
+    /// gateway CPU, accuracy, fleet budgets through Redis)
     Bench {
         /// Passed to `limiter-bench`
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -176,7 +176,7 @@ struct Usage {
 }
 
 /// (RSS in MiB, CPU seconds so far) of `pid`.
-fn rss_and_cpu(pid: u32) -> Result<(f64, f64)> {
+pub(crate) fn rss_and_cpu(pid: u32) -> Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kib: f64 = status
         .lines()

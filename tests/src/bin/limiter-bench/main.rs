@@ -33,12 +33,15 @@ enum Suite {
     Gateway,
     /// Admitted vs budget at 1.5x, 10x, 100x from both CPUs
     Accuracy,
+    /// Fleet-wide budgets through Redis: admitted vs budget by sync
+    /// interval and gateways, Redis load and agent CPU
+    Fleet,
     All,
 }
 
 #[derive(Parser)]
 #[command(
-    about = "limiter benchmarks: per-packet cost (BPF_PROG_TEST_RUN) and control-plane latency"
+    about = "limiter benchmarks: per-packet cost (BPF_PROG_TEST_RUN), control-plane latency, gateway CPU, accuracy, fleet budgets"
 )]
 struct Args {
     #[arg(value_enum, default_value_t = Suite::All)]
@@ -203,6 +206,7 @@ fn median_min_max(samples: &[f64]) -> (f64, f64, f64) {
 
 mod accuracy;
 mod control;
+mod fleet;
 mod gateway;
 mod plot;
 
@@ -233,6 +237,14 @@ fn main() -> Result<()> {
     }
     if all || args.suite == Suite::Accuracy {
         accuracy::suite(if args.smoke { 1.0 } else { 10.0 }, &args.out)?;
+    }
+    if all || args.suite == Suite::Fleet {
+        let plan = if args.smoke {
+            fleet::Plan::smoke()
+        } else {
+            fleet::Plan::full()
+        };
+        fleet::suite(&plan, &args.out)?;
     }
     Ok(())
 }
