@@ -223,12 +223,12 @@ fn three_gateways_hold_one_budget_through_redis_and_their_share_without_it() {
         }
     }
     // The agents' user reads what they wrote, under the fleet's prefix.
-    let name = &fleet.name;
+    let key = fleet.key("shared:fleet");
     let shared = fleet
         .redis
-        .cli(&["HGETALL", &format!("limiter:{name}:shared:fleet")])
+        .cli(&["HGETALL", &key])
         .unwrap_or_else(|e| panic!("{e:#}"));
-    println!("limiter:{name}:shared:fleet = {shared:?}");
+    println!("{key} = {shared:?}");
     assert!(
         shared.contains("p:gw1") && shared.contains("p:gw3"),
         "{shared}"
