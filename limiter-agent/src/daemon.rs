@@ -85,10 +85,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     for warning in idle_warnings(&config) {
         tracing::warn!("{warning}");
     }
-    // Read first: a password file that cannot be read stops the start
-    // before anything is attached.
-    let fleet_password = match &config.fleet {
-        Some(fleet) => crate::fleet::read_password(fleet)?,
+    // Read first: a password or TLS file that cannot be read stops the
+    // start before anything is attached.
+    let fleet_redis = match &config.fleet {
+        Some(fleet) => Some(crate::fleet::Connector::prepare(fleet)?),
         None => None,
     };
     let agent = config.file.agent.clone();
@@ -224,8 +224,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         ))
     });
     let events_task = tokio::spawn(consume_events(events, shared.clone(), stop_rx.clone()));
-    let fleet_task = match (config.fleet.clone(), fleet_status) {
-        (Some(fleet), Some(status)) => {
+    let fleet_task = match (config.fleet.clone(), fleet_redis, fleet_status) {
+        (Some(fleet), Some(redis), Some(status)) => {
             tracing::info!(
                 redis = %fleet.address,
                 fleet = %fleet.name,
@@ -235,7 +235,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             );
             Some(tokio::spawn(crate::fleet::run(
                 fleet,
-                fleet_password,
+                redis,
                 shared.service.clone(),
                 status,
                 stop_rx.clone(),

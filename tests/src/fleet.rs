@@ -1,5 +1,6 @@
-//! A fleet of real agents for the fleet tests and the fleet bench: one
-//! `redis-server` of the test's own, N agents, each on the veth of its own
+//! A fleet of real agents for the fleet tests and the fleet bench: a Redis
+//! of the test's own (one `redis-server` or a cluster, plain or TLS), N
+//! agents, each on the veth of its own
 //! gateway namespace pair, one source per gateway sending paced UDP.
 //! Counts come from the kernel's rule counters; time is only measured.
 
@@ -7,21 +8,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
-use crate::{agent::AgentEnv, redis::Redis, scenario::rule};
+use crate::{
+    agent::AgentEnv,
+    redis::{Redis, RedisKind},
+    scenario::rule,
+};
 
 /// The `[fleet]` section for gateway `gateway` (1-based) of fleet `fleet`.
 pub fn fleet_section(redis: &Redis, fleet: &str, gateway: usize, interval: &str) -> String {
     format!(
         r#"
 [fleet]
-address = "{address}"
-name = "{fleet}"
+{how}name = "{fleet}"
 gateway = "gw{gateway}"
 sync_interval = "{interval}"
 username = "limiter"
 password_file = {password:?}
 "#,
-        address = redis.address(),
+        how = redis.fleet_lines(),
         password = redis.password_file,
     )
 }
@@ -29,17 +33,27 @@ password_file = {password:?}
 /// N agents sharing one Redis.
 pub struct Fleet {
     pub redis: Redis,
-    /// The fleet's name (its keys are `limiter:{name}:*`).
+    /// The fleet's name (its keys are `limiter:{name}:*`, braces and all:
+    /// see [`Fleet::key`]).
     pub name: String,
     pub envs: Vec<AgentEnv>,
 }
 
 impl Fleet {
-    /// Starts Redis, then `gateways` agents, agent i (1-based) with the
-    /// config `config(&redis, fleet name, i)`; waits until all are
-    /// connected and see each other.
+    /// Starts a single Redis, then `gateways` agents, agent i (1-based)
+    /// with the config `config(&redis, fleet name, i)`; waits until all
+    /// are connected and see each other.
     pub fn start(gateways: usize, config: impl Fn(&Redis, &str, usize) -> String) -> Result<Self> {
-        Self::start_on(Redis::start()?, gateways, config)
+        Self::start_with(RedisKind::SINGLE, gateways, config)
+    }
+
+    /// [`Fleet::start`] with a Redis of `kind` (a cluster, TLS).
+    pub fn start_with(
+        kind: RedisKind,
+        gateways: usize,
+        config: impl Fn(&Redis, &str, usize) -> String,
+    ) -> Result<Self> {
+        Self::start_on(Redis::start_kind(kind)?, gateways, config)
     }
 
     /// [`Fleet::start`] on a Redis already running (e.g. one that
@@ -72,6 +86,13 @@ impl Fleet {
         let Self { redis, envs, .. } = self;
         drop(envs);
         redis
+    }
+
+    /// The name of the fleet's key `rest` (e.g. `shared:api`), as the
+    /// agent's `Keys` makes it: the fleet's name in braces is the hash tag
+    /// that keeps a fleet's keys in one cluster slot.
+    pub fn key(&self, rest: &str) -> String {
+        format!("limiter:{{{}}}:{rest}", self.name)
     }
 
     /// Every agent's log, then Redis's, for failure messages.

@@ -171,21 +171,10 @@ fn redis(fleet: &Fleet, args: &[&str]) -> String {
 
 /// The rule's heavy sources in Redis, and the source's own hash.
 fn exchanged(fleet: &Fleet) -> (String, String) {
-    let set = redis(
-        fleet,
-        &[
-            "ZRANGE",
-            &format!("limiter:{}:heavy:clients", fleet.name),
-            "0",
-            "-1",
-        ],
-    );
+    let set = redis(fleet, &["ZRANGE", &fleet.key("heavy:clients"), "0", "-1"]);
     let hash = redis(
         fleet,
-        &[
-            "HGETALL",
-            &format!("limiter:{}:source:clients:198.18.0.1/32", fleet.name),
-        ],
+        &["HGETALL", &fleet.key("source:clients:198.18.0.1/32")],
     );
     (set.trim().to_owned(), hash)
 }
@@ -212,10 +201,7 @@ fn three_gateways_hold_each_source_to_one_budget_and_exchange_only_heavy_ones() 
         "a light source is not exchanged"
     );
     // The answers above are real: the same user reads the fleet's size.
-    let size = redis(
-        &fleet,
-        &["ZCARD", &format!("limiter:{}:gateways", fleet.name)],
-    );
+    let size = redis(&fleet, &["ZCARD", &fleet.key("gateways")]);
     assert_eq!(size.trim(), "3");
 
     // Twice the budget, evenly: each gateway sees two thirds of a budget,

@@ -17,7 +17,9 @@ use crate::cmd;
 /// running); util-linux: setpriv runs the agent with the unit's
 /// capabilities; redis-server: the fleet tests start their own Redis (on a
 /// port and in a directory of their own), so the package's service is
-/// stopped again when setup installs it.
+/// stopped again when setup installs it; redis-tools: redis-cli, which
+/// creates the tests' Redis Cluster and reads their keys; openssl: the TLS
+/// tests make their own CA and certificates.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -30,6 +32,8 @@ const PACKAGES: &[&str] = &[
     "systemd",
     "util-linux",
     "redis-server",
+    "redis-tools",
+    "openssl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -301,16 +301,38 @@ pub enum ConfigProblem {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FleetProblem {
     #[error(
-        "fleet.address {0:?} is not a Redis address: write redis://host:port, e.g. \
-         \"redis://127.0.0.1:6379\""
+        "fleet.address {0:?} is not a Redis address: write redis://host:port (rediss://host:port \
+         for TLS), e.g. \"redis://127.0.0.1:6379\""
     )]
     Address(String),
     #[error(
-        "fleet.address {0:?}: TLS (rediss://) is not supported yet: reach Redis over a \
-         trusted network or a local TLS tunnel, and write redis://host:port, e.g. \
-         \"redis://127.0.0.1:6379\""
+        "fleet.address is an empty list: write the Redis address, e.g. \
+         \"redis://127.0.0.1:6379\", or a Redis Cluster's nodes with cluster = true"
     )]
-    Tls(String),
+    NoAddress,
+    #[error(
+        "fleet.address lists {0} addresses, but a single Redis has one: for a Redis Cluster \
+         add cluster = true (the addresses are its seed nodes); otherwise write one address"
+    )]
+    SeveralAddresses(usize),
+    #[error(
+        "fleet.address mixes redis:// and rediss://: the fleet's Redis nodes are reached all \
+         over TLS (rediss://) or all without (redis://)"
+    )]
+    MixedTls,
+    #[error(
+        "fleet.{0} is set but fleet.address is redis:// (no TLS): write rediss://host:port to \
+         reach Redis over TLS, or remove {0}"
+    )]
+    TlsFileWithoutTls(&'static str),
+    #[error(
+        "fleet.{given} without fleet.{missing}: mutual TLS needs this gateway's certificate \
+         (cert_file) and its private key (key_file); set both, or neither"
+    )]
+    ClientCertHalf {
+        given: &'static str,
+        missing: &'static str,
+    },
     #[error(
         "fleet.address holds credentials: write redis://host:port and put the password in \
          a file named by fleet.password_file (and the user in fleet.username); an address \

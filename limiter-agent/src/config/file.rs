@@ -73,10 +73,16 @@ impl Default for MetricsSection {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct FleetSection {
-    /// The Redis server: `redis://host:port` (no password in it: see
-    /// `password_file`).
+    /// The Redis server, `redis://host:port` (`rediss://` for TLS), or a
+    /// list of a Redis Cluster's nodes (with `cluster = true`). No password
+    /// in it: see `password_file`.
     #[serde(default = "default_fleet_address")]
-    pub address: String,
+    pub address: FleetAddress,
+    /// The addresses are nodes of a Redis Cluster (docs/fleet.md): the
+    /// fleet's keys share one hash slot, its pipeline goes to that slot's
+    /// master.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
     /// The fleet's name: every key the fleet uses starts with
     /// `limiter:{name}:`, so fleets can share one Redis.
     pub name: String,
@@ -94,10 +100,77 @@ pub struct FleetSection {
     /// only: never in the config, the command line or the logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// With `rediss://`: the CA certificates (PEM) that sign the Redis
+    /// server's certificate, trusted instead of the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// With `rediss://`, for Redis's `tls-auth-clients yes`: this gateway's
+    /// certificate (PEM, its chain) and its private key (PEM), together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
-fn default_fleet_address() -> String {
-    defaults::FLEET_ADDRESS.into()
+/// `fleet.address`: one address, or a list (a Redis Cluster's nodes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FleetAddress {
+    One(String),
+    List(Vec<String>),
+}
+
+impl FleetAddress {
+    /// The addresses as written, in order.
+    pub fn all(&self) -> &[String] {
+        match self {
+            Self::One(one) => std::slice::from_ref(one),
+            Self::List(list) => list,
+        }
+    }
+}
+
+impl Serialize for FleetAddress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::One(one) => s.serialize_str(one),
+            Self::List(list) => list.serialize(s),
+        }
+    }
+}
+
+/// By hand rather than `untagged`: a wrong type then says what to write,
+/// not "data did not match any variant".
+impl<'de> Deserialize<'de> for FleetAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FleetAddress;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a Redis address, e.g. \"redis://127.0.0.1:6379\", or a list of a Redis \
+                     Cluster's nodes, e.g. [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FleetAddress, E> {
+                Ok(FleetAddress::One(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<FleetAddress, A::Error> {
+                let mut list = Vec::new();
+                while let Some(address) = seq.next_element::<String>()? {
+                    list.push(address);
+                }
+                Ok(FleetAddress::List(list))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+fn default_fleet_address() -> FleetAddress {
+    FleetAddress::One(defaults::FLEET_ADDRESS.into())
 }
 
 fn default_sync_interval() -> String {

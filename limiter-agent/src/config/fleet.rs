@@ -10,13 +10,35 @@ use super::{FleetSection, error::FleetProblem, units};
 pub const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
+/// One Redis node to connect to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisNode {
+    pub host: String,
+    pub port: u16,
+}
+
+/// TLS to Redis (`rediss://`): whom to trust, and who this gateway is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FleetTls {
+    /// CA certificates (PEM) trusted instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// This gateway's certificate chain and private key (PEM), for mutual
+    /// TLS.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
 /// A validated `[fleet]` section.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetConfig {
-    /// As written (no credentials: those are refused in it).
+    /// As written, the addresses joined by ", " (no credentials: those are
+    /// refused in it), for logs and status.
     pub address: String,
-    pub host: String,
-    pub port: u16,
+    /// One node, or a Redis Cluster's seed nodes.
+    pub nodes: Vec<RedisNode>,
+    /// The nodes are a Redis Cluster's.
+    pub cluster: bool,
+    /// `Some`: every node is reached over TLS (`rediss://`).
+    pub tls: Option<FleetTls>,
     /// The key namespace.
     pub name: String,
     /// This gateway's name in the fleet.
@@ -29,7 +51,25 @@ pub struct FleetConfig {
 impl FleetConfig {
     /// Validates `section`; the field at fault and why, on error.
     pub fn from_section(section: &FleetSection) -> Result<Self, (&'static str, FleetProblem)> {
-        let (host, port) = parse_address(&section.address).map_err(|p| ("address", p))?;
+        let written = section.address.all();
+        let mut nodes = Vec::with_capacity(written.len());
+        let mut schemes = Vec::with_capacity(written.len());
+        for address in written {
+            let (tls, node) = parse_address(address).map_err(|p| ("address", p))?;
+            schemes.push(tls);
+            nodes.push(node);
+        }
+        let tls = match schemes.as_slice() {
+            [] => return Err(("address", FleetProblem::NoAddress)),
+            [first, rest @ ..] if rest.iter().any(|t| t != first) => {
+                return Err(("address", FleetProblem::MixedTls));
+            }
+            [first, ..] => *first,
+        };
+        if nodes.len() > 1 && !section.cluster {
+            return Err(("address", FleetProblem::SeveralAddresses(nodes.len())));
+        }
+        let tls = fleet_tls(section, tls)?;
         check_name("name", &section.name)?;
         let gateway = match &section.gateway {
             Some(gateway) => gateway.clone(),
@@ -49,9 +89,10 @@ impl FleetConfig {
             check_name("username", user)?;
         }
         Ok(Self {
-            address: section.address.clone(),
-            host,
-            port,
+            address: written.join(", "),
+            nodes,
+            cluster: section.cluster,
+            tls,
             name: section.name.clone(),
             gateway,
             sync_interval,
@@ -61,13 +102,59 @@ impl FleetConfig {
     }
 }
 
-/// `redis://host[:port]` to (host, port); IPv6 hosts in brackets.
-fn parse_address(address: &str) -> Result<(String, u16), FleetProblem> {
-    let bad = || FleetProblem::Address(address.to_owned());
-    if address.starts_with("rediss://") {
-        return Err(FleetProblem::Tls(address.to_owned()));
+/// The TLS files, which only `rediss://` takes; a certificate and its key
+/// go together.
+fn fleet_tls(
+    section: &FleetSection,
+    tls: bool,
+) -> Result<Option<FleetTls>, (&'static str, FleetProblem)> {
+    let files = [
+        ("ca_file", &section.ca_file),
+        ("cert_file", &section.cert_file),
+        ("key_file", &section.key_file),
+    ];
+    if !tls {
+        return match files.iter().find(|(_, file)| file.is_some()) {
+            Some((field, _)) => Err((field, FleetProblem::TlsFileWithoutTls(field))),
+            None => Ok(None),
+        };
     }
-    let rest = address.strip_prefix("redis://").ok_or_else(bad)?;
+    let client = match (&section.cert_file, &section.key_file) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err((
+                "cert_file",
+                FleetProblem::ClientCertHalf {
+                    given: "cert_file",
+                    missing: "key_file",
+                },
+            ));
+        }
+        (None, Some(_)) => {
+            return Err((
+                "key_file",
+                FleetProblem::ClientCertHalf {
+                    given: "key_file",
+                    missing: "cert_file",
+                },
+            ));
+        }
+    };
+    Ok(Some(FleetTls {
+        ca_file: section.ca_file.clone(),
+        client,
+    }))
+}
+
+/// `redis://host[:port]` (or `rediss://`, TLS) to whether it is TLS and
+/// the node; IPv6 hosts in brackets.
+fn parse_address(address: &str) -> Result<(bool, RedisNode), FleetProblem> {
+    let bad = || FleetProblem::Address(address.to_owned());
+    let (tls, rest) = match address.strip_prefix("rediss://") {
+        Some(rest) => (true, rest),
+        None => (false, address.strip_prefix("redis://").ok_or_else(bad)?),
+    };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.contains('@') {
         return Err(FleetProblem::CredentialsInAddress);
@@ -89,7 +176,13 @@ fn parse_address(address: &str) -> Result<(String, u16), FleetProblem> {
     if host.is_empty() || !host.chars().all(plain) {
         return Err(bad());
     }
-    Ok((host.to_owned(), port))
+    Ok((
+        tls,
+        RedisNode {
+            host: host.to_owned(),
+            port,
+        },
+    ))
 }
 
 /// Fleet, gateway and user names end up in Redis keys and metrics: plain.
@@ -129,16 +222,25 @@ fn host_name() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::FleetAddress;
 
     fn section(address: &str) -> FleetSection {
         FleetSection {
-            address: address.into(),
+            address: FleetAddress::One(address.into()),
+            cluster: false,
             name: "edge".into(),
             gateway: Some("gw1".into()),
             sync_interval: "250ms".into(),
             username: None,
             password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
+    }
+
+    fn node(fleet: &FleetConfig) -> (&str, u16) {
+        (fleet.nodes[0].host.as_str(), fleet.nodes[0].port)
     }
 
     #[test]
@@ -149,7 +251,8 @@ mod tests {
             ("redis://[::1]:7000/", "::1", 7000),
         ] {
             let fleet = FleetConfig::from_section(&section(address)).unwrap();
-            assert_eq!((fleet.host.as_str(), fleet.port), (host, port), "{address}");
+            assert_eq!(node(&fleet), (host, port), "{address}");
+            assert_eq!((fleet.tls, fleet.cluster), (None, false));
         }
     }
 
@@ -158,6 +261,7 @@ mod tests {
         for address in [
             "127.0.0.1:6379",
             "redis://",
+            "rediss://",
             "redis://h:0",
             "redis://h:x",
             "http://h",
@@ -169,8 +273,6 @@ mod tests {
                 "{address}: {problem}"
             );
         }
-        let (_, tls) = FleetConfig::from_section(&section("rediss://h:6380")).unwrap_err();
-        assert!(tls.to_string().contains("TLS"), "{tls}");
         let (_, secret) =
             FleetConfig::from_section(&section("redis://user:hunter2@h:6379")).unwrap_err();
         let text = secret.to_string();
@@ -178,6 +280,85 @@ mod tests {
             text.contains("password_file") && !text.contains("hunter2"),
             "{text}"
         );
+        let (_, secret) =
+            FleetConfig::from_section(&section("rediss://:hunter2@h:6379")).unwrap_err();
+        assert!(!secret.to_string().contains("hunter2"), "{secret}");
+    }
+
+    #[test]
+    fn tls_is_rediss_with_an_optional_ca_and_client_certificate() {
+        let mut s = section("rediss://redis.internal:6380");
+        let fleet = FleetConfig::from_section(&s).unwrap();
+        assert_eq!(node(&fleet), ("redis.internal", 6380));
+        assert_eq!(fleet.tls, Some(FleetTls::default()), "the system's roots");
+        s.ca_file = Some("/etc/limiter/redis-ca.pem".into());
+        s.cert_file = Some("/etc/limiter/gw1.pem".into());
+        s.key_file = Some("/etc/limiter/gw1.key".into());
+        let tls = FleetConfig::from_section(&s).unwrap().tls.unwrap();
+        assert_eq!(tls.ca_file, s.ca_file);
+        assert_eq!(
+            tls.client,
+            Some(("/etc/limiter/gw1.pem".into(), "/etc/limiter/gw1.key".into()))
+        );
+        // A certificate without its key, or the other way round.
+        s.key_file = None;
+        let (field, problem) = FleetConfig::from_section(&s).unwrap_err();
+        assert_eq!(field, "cert_file");
+        assert!(problem.to_string().contains("key_file"), "{problem}");
+        s.cert_file = None;
+        s.key_file = Some("/k".into());
+        assert_eq!(FleetConfig::from_section(&s).unwrap_err().0, "key_file");
+        // TLS files without TLS: named, and what to write instead.
+        for field in ["ca_file", "cert_file", "key_file"] {
+            let mut s = section("redis://h");
+            let file = Some(PathBuf::from("/f"));
+            match field {
+                "ca_file" => s.ca_file = file,
+                "cert_file" => s.cert_file = file,
+                _ => s.key_file = file,
+            }
+            let (at, problem) = FleetConfig::from_section(&s).unwrap_err();
+            assert_eq!(at, field);
+            let text = problem.to_string();
+            assert!(
+                text.contains(&format!("fleet.{field}")) && text.contains("rediss://"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cluster_is_a_list_of_seed_nodes_and_says_so() {
+        let nodes = ["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"];
+        let mut s = section("");
+        s.address = FleetAddress::List(nodes.iter().map(|a| (*a).to_owned()).collect());
+        // Several addresses are a cluster's: cluster = true is asked for.
+        let (field, problem) = FleetConfig::from_section(&s).unwrap_err();
+        assert_eq!(field, "address");
+        assert!(problem.to_string().contains("cluster = true"), "{problem}");
+        s.cluster = true;
+        let fleet = FleetConfig::from_section(&s).unwrap();
+        assert!(fleet.cluster);
+        assert_eq!(fleet.nodes.len(), 2);
+        assert_eq!(fleet.nodes[1].host, "10.0.0.2");
+        assert_eq!(
+            fleet.address,
+            "redis://10.0.0.1:7000, redis://10.0.0.2:7000"
+        );
+        // One seed node is enough for a cluster.
+        let mut one = section("rediss://10.0.0.1:7000");
+        one.cluster = true;
+        let fleet = FleetConfig::from_section(&one).unwrap();
+        assert!(fleet.cluster && fleet.tls.is_some());
+        // All TLS or none; never empty.
+        s.address = FleetAddress::List(vec!["redis://a".into(), "rediss://b".into()]);
+        let (field, problem) = FleetConfig::from_section(&s).unwrap_err();
+        assert_eq!(field, "address");
+        assert!(problem.to_string().contains("rediss://"), "{problem}");
+        s.address = FleetAddress::List(vec![]);
+        let (field, problem) = FleetConfig::from_section(&s).unwrap_err();
+        assert_eq!(field, "address");
+        assert!(problem.to_string().contains("empty list"), "{problem}");
     }
 
     #[test]

@@ -32,10 +32,10 @@ pub use error::{
     RuleSetError,
 };
 pub use file::{
-    AgentSection, CapacitySection, ConfigFile, FleetSection, InterfaceConfig, MetricsSection,
-    XdpModeConfig,
+    AgentSection, CapacitySection, ConfigFile, FleetAddress, FleetSection, InterfaceConfig,
+    MetricsSection, XdpModeConfig,
 };
-pub use fleet::{FleetConfig, MAX_SYNC_INTERVAL, MIN_SYNC_INTERVAL};
+pub use fleet::{FleetConfig, FleetTls, MAX_SYNC_INTERVAL, MIN_SYNC_INTERVAL, RedisNode};
 use locate::{Table, line_of, line_of_field};
 pub use precedence::ServiceTable;
 pub use rule::{

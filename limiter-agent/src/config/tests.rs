@@ -530,7 +530,9 @@ fn a_fleet_section_has_its_defaults_and_a_fleet_rule_needs_it() {
         rule("action = \"drop\"\nscope = \"shared\"\npackets = \"1k/s\"\nfleet = true");
     let config = parse(&format!("{FLEET}{fleet_rule}")).unwrap();
     let fleet = config.fleet.unwrap();
-    assert_eq!((fleet.host.as_str(), fleet.port), ("127.0.0.1", 6379));
+    assert_eq!(fleet.nodes[0].host, "127.0.0.1");
+    assert_eq!(fleet.nodes[0].port, 6379);
+    assert!(!fleet.cluster && fleet.tls.is_none());
     assert_eq!(fleet.sync_interval, std::time::Duration::from_millis(250));
     assert_eq!(fleet.gateway, "gw1");
     assert!(config.rules[0].fleet);
@@ -562,6 +564,27 @@ fn fleet_section_errors_point_at_their_field() {
     assert!(err.contains("name"), "the fleet's name is required: {err}");
     let err = parse(&format!("{FLEET}password = \"x\"\n")).unwrap_err();
     assert!(err.contains("unknown field `password`"), "{err}");
+    // A Redis Cluster: a list of nodes and cluster = true, or a line that
+    // says to add it; a wrong type says what to write.
+    let cluster = "address = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]\n";
+    let err = parse(&format!("{FLEET}{cluster}")).unwrap_err();
+    assert!(
+        err.starts_with("test.toml:4: fleet.address lists 2 addresses")
+            && err.contains("cluster = true"),
+        "{err}"
+    );
+    let fleet = parse(&format!("{FLEET}{cluster}cluster = true\n"))
+        .unwrap()
+        .fleet
+        .unwrap();
+    assert_eq!((fleet.cluster, fleet.nodes.len()), (true, 2));
+    let err = parse(&format!("{FLEET}address = 6379\n")).unwrap_err();
+    assert!(err.contains("redis://127.0.0.1:6379"), "{err}");
+    let err = parse(&format!("{FLEET}ca_file = \"/ca.pem\"\n")).unwrap_err();
+    assert!(
+        err.starts_with("test.toml:4: fleet.ca_file is set but fleet.address is redis://"),
+        "{err}"
+    );
 }
 
 #[test]

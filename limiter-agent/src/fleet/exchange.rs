@@ -51,7 +51,13 @@ pub struct FleetBucket {
 /// The field name's prefix for each dimension.
 pub const DIMENSION_TAGS: [&str; DIMENSIONS] = ["p", "b", "c"];
 
-/// The Redis keys of one fleet.
+/// The Redis keys of one fleet: the one place their names are made.
+///
+/// Every key is `limiter:{FLEET}:...`, the fleet's name in braces: a Redis
+/// Cluster hashes only that part (the hash tag), so all of a fleet's keys
+/// share one slot and its one pipeline per sync goes to one master. The
+/// same names on a single Redis, so nothing changes between the two; the
+/// ACL pattern `~limiter:*` covers them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Keys {
     prefix: String,
@@ -60,7 +66,7 @@ pub struct Keys {
 impl Keys {
     pub fn new(fleet: &str) -> Self {
         Self {
-            prefix: format!("limiter:{fleet}:"),
+            prefix: format!("limiter:{{{fleet}}}:"),
         }
     }
 
@@ -321,7 +327,7 @@ mod tests {
     }
 
     #[test]
-    fn keys_and_fields_are_namespaced_by_fleet_kind_and_gateway() {
+    fn keys_share_the_fleet_s_hash_tag_and_fields_name_kind_and_gateway() {
         let keys = Keys::new("edge");
         let bucket = FleetBucket {
             rule: "api".into(),
@@ -330,7 +336,7 @@ mod tests {
             rates: [None; DIMENSIONS],
             source: None,
         };
-        assert_eq!(keys.bucket(&bucket), "limiter:edge:aggregate:api");
+        assert_eq!(keys.bucket(&bucket), "limiter:{edge}:aggregate:api");
         let source = SourceKey {
             rule_id: 3,
             family: limiter_common::family::IPV4,
@@ -341,9 +347,12 @@ mod tests {
             source: Some((source, "198.18.0.7/32".into())),
             ..bucket
         };
-        assert_eq!(keys.bucket(&heavy), "limiter:edge:source:api:198.18.0.7/32");
-        assert_eq!(keys.heavy("api"), "limiter:edge:heavy:api");
-        assert_eq!(keys.gateways(), "limiter:edge:gateways");
+        assert_eq!(
+            keys.bucket(&heavy),
+            "limiter:{edge}:source:api:198.18.0.7/32"
+        );
+        assert_eq!(keys.heavy("api"), "limiter:{edge}:heavy:api");
+        assert_eq!(keys.gateways(), "limiter:{edge}:gateways");
         assert_eq!(field(1, "gw2"), "b:gw2");
     }
 }

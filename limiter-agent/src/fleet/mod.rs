@@ -7,6 +7,7 @@
 //! While Redis cannot be reached, each bucket is held to its fallback share
 //! (the budget over the last known number of gateways).
 
+pub mod connection;
 pub mod exchange;
 pub mod sources;
 
@@ -17,14 +18,12 @@ use std::{
 };
 
 use limiter_common::dimension::COUNT as DIMENSIONS;
-use redis::{
-    AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo as _,
-    RedisConnectionInfo, aio::MultiplexedConnection,
-};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use self::connection::Connector;
 use self::{
+    connection::Connection,
     exchange::{Exchange, FleetBucket, Keys, fallback_units, field},
     sources::{HeavySources, SourceRule},
 };
@@ -211,50 +210,13 @@ struct Synced {
     commands: u64,
 }
 
-/// The connection to the fleet's Redis.
-struct Redis {
-    info: ConnectionInfo,
-    timeout: Duration,
-}
-
-impl Redis {
-    fn new(config: &FleetConfig, password: Option<&str>) -> redis::RedisResult<Self> {
-        let mut settings = RedisConnectionInfo::default().set_skip_set_lib_name();
-        if let Some(user) = &config.username {
-            settings = settings.set_username(user);
-        }
-        if let Some(password) = password {
-            settings = settings.set_password(password);
-        }
-        let info = ConnectionAddr::Tcp(config.host.clone(), config.port)
-            .into_connection_info()?
-            .set_redis_settings(settings);
-        Ok(Self {
-            info,
-            // One interval: a sync that takes longer is late anyway, and
-            // the next one is due.
-            timeout: config.sync_interval,
-        })
-    }
-
-    async fn connect(&self) -> redis::RedisResult<MultiplexedConnection> {
-        let client = redis::Client::open(self.info.clone())?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
-        client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-    }
-}
-
 /// One pipeline: this gateway's heartbeat and the fleet's size, then per
 /// bucket what this gateway admitted (HINCRBY on its own fields only) and
 /// the bucket's whole hash, then per rule with fleet-wide per-source
 /// buckets its heavy sources (those active here added, the stale ones
 /// dropped, the rest read).
 async fn sync(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Connection,
     keys: &Keys,
     gateway: &str,
     liveness: Duration,
@@ -299,28 +261,32 @@ async fn sync(
     }
     let heavy_since = now_ms.saturating_sub(sources::HEAVY_LIVENESS.as_millis() as u64);
     for set in heavy {
+        // Only a gateway with something to add maintains the set; every
+        // gateway reads its recent members (one command per rule when
+        // idle).
         if !set.active.is_empty() {
             let zadd = pipe.cmd("ZADD").arg(&set.key);
             for member in &set.active {
                 zadd.arg(now_ms).arg(member);
             }
-            zadd.ignore();
-            commands += 1;
+            zadd.ignore()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(&set.key)
+                .arg("-inf")
+                .arg(format!("({heavy_since}"))
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&set.key)
+                .arg(ttl_ms)
+                .ignore();
+            commands += 3;
         }
-        pipe.cmd("ZREMRANGEBYSCORE")
+        pipe.cmd("ZRANGE")
             .arg(&set.key)
-            .arg("-inf")
             .arg(heavy_since)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&set.key)
-            .arg(ttl_ms)
-            .ignore()
-            .cmd("ZRANGE")
-            .arg(&set.key)
-            .arg(0)
-            .arg(-1);
-        commands += 3;
+            .arg("+inf")
+            .arg("BYSCORE");
+        commands += 1;
     }
     let mut replies: Vec<redis::Value> = pipe.query_async(conn).await?;
     let mut rest = replies.split_off(1.min(replies.len()));
@@ -382,51 +348,21 @@ fn change_state(status: &FleetHandle, state: FleetState, gateways: u32, error: O
     }
 }
 
-/// The password in `fleet.password_file` (its first line), if one is named.
-pub fn read_password(config: &FleetConfig) -> anyhow::Result<Option<String>> {
-    let Some(path) = &config.password_file else {
-        return Ok(None);
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        anyhow::anyhow!(
-            "reading fleet.password_file {}: {e} (the file holds the Redis password on its \
-             first line, readable by the agent)",
-            path.display()
-        )
-    })?;
-    let password = text.lines().next().unwrap_or("").trim_end();
-    if password.is_empty() {
-        anyhow::bail!(
-            "fleet.password_file {} is empty: write the Redis password on its first line, \
-             or remove password_file",
-            path.display()
-        );
-    }
-    Ok(Some(password.to_owned()))
-}
-
-/// Runs the sync until `stop`. `password` is the content of
-/// `fleet.password_file`, never logged.
+/// Runs the sync until `stop`, connecting with `redis` (its secrets read
+/// at start, never logged).
 pub async fn run(
     config: FleetConfig,
-    password: Option<String>,
+    redis: Connector,
     service: Arc<Mutex<Service>>,
     status: FleetHandle,
     mut stop: watch::Receiver<bool>,
 ) {
-    let redis = match Redis::new(&config, password.as_deref()) {
-        Ok(redis) => redis,
-        Err(e) => {
-            tracing::error!("fleet: {e}; fleet buckets stay at their full budget on this gateway");
-            return;
-        }
-    };
     let keys = Keys::new(&config.name);
     let liveness = (config.sync_interval * LIVENESS_INTERVALS).max(MIN_LIVENESS);
     let mut tick = tokio::time::interval(config.sync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut exchange = Exchange::new(&config.gateway);
-    let mut conn: Option<MultiplexedConnection> = None;
+    let mut conn: Option<Connection> = None;
     let mut backoff = BACKOFF_FIRST;
     let mut next_attempt = Instant::now();
     let mut gateways: u32 = 1;
@@ -461,7 +397,7 @@ pub async fn run(
             s.buckets = snapshot.len();
         }
         if conn.is_none() && Instant::now() >= next_attempt {
-            match tokio::time::timeout(redis.timeout, redis.connect()).await {
+            match tokio::time::timeout(redis.timeout(), redis.connect()).await {
                 Ok(Ok(c)) => {
                     conn = Some(c);
                     backoff = BACKOFF_FIRST;
@@ -477,13 +413,13 @@ pub async fn run(
                         &status,
                         FleetState::Disconnected,
                         gateways,
-                        Some(e.to_string()),
+                        Some(redis.explain(&e)),
                     );
                 }
                 Err(_) => {
                     next_attempt = Instant::now() + backoff;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
-                    let error = format!("no connection within {:?}", redis.timeout);
+                    let error = format!("no connection within {:?}", redis.timeout());
                     change_state(&status, FleetState::Disconnected, gateways, Some(error));
                 }
             }
@@ -510,7 +446,7 @@ pub async fn run(
                 let sets = heavy_sets(&keys, &source_rules, &snapshot, &published);
                 let started = Instant::now();
                 let outcome = tokio::time::timeout(
-                    redis.timeout,
+                    redis.timeout(),
                     sync(c, &keys, &config.gateway, liveness, &published, &sets),
                 )
                 .await;
@@ -541,8 +477,8 @@ pub async fn run(
                     }
                     failed => {
                         let error = match failed {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => format!("no answer within {:?}", redis.timeout),
+                            Ok(Err(e)) => redis.explain(&e),
+                            _ => format!("no answer within {:?}", redis.timeout()),
                         };
                         conn = None;
                         next_attempt = Instant::now() + backoff;
