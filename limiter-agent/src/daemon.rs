@@ -147,6 +147,18 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .as_ref()
         .map(|fleet| Arc::new(Mutex::new(crate::fleet::FleetStatus::new(fleet))));
     service.fleet = fleet_status.clone();
+    let fleet_rules = match &config.fleet {
+        Some(fleet) => match crate::fleet::rules::FleetRules::new(fleet, fleet_password.as_deref())
+        {
+            Ok(rules) => Some(Arc::new(rules)),
+            Err(e) => {
+                tracing::error!("fleet rules: {e}; fleet rule changes are off on this gateway");
+                None
+            }
+        },
+        None => None,
+    };
+    service.fleet_rules = fleet_rules.clone();
     // The programs just replaced held the maps of an older layout.
     match pins.remove_stale_maps() {
         Ok(removed) if removed.is_empty() => {}
@@ -236,6 +248,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
         _ => None,
     };
+    // Fleet rule changes: applied as they are announced, checked every
+    // sync interval (docs/fleet.md, "Fleet rule changes").
+    let fleet_rules_task = fleet_rules.map(|rules| {
+        tokio::spawn(crate::fleet::rules::run(
+            rules,
+            shared.service.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let log_task =
         kernel_logger.map(|logger| tokio::spawn(forward_kernel_logs(logger, stop_rx.clone())));
     let expiry = tokio::spawn(every_tick(
@@ -310,6 +331,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let _ = events_task.await;
     if let Some(task) = fleet_task {
+        let _ = task.await;
+    }
+    if let Some(task) = fleet_rules_task {
         let _ = task.await;
     }
     if let Some(task) = log_task {

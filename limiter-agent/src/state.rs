@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::RuleConfig;
+use crate::{config::RuleConfig, fleet::rules::FleetApplied};
 
 pub const VERSION: u32 = 1;
 
@@ -40,6 +40,12 @@ pub struct State {
     /// `reload` and `rules show` to say since when a rule is live.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub override_since: BTreeMap<String, u64>,
+    /// The fleet changes applied here, by rule, with their versions
+    /// (docs/fleet.md, "Fleet rule changes"): the rule they changed is an
+    /// override above; this says which fleet version it holds, so a
+    /// restart without Redis keeps it and applies only newer ones later.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fleet_rules: BTreeMap<String, FleetApplied>,
 }
 
 #[derive(Debug, thiserror::Error)]

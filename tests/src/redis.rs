@@ -25,6 +25,14 @@ pub const ACL: &[&str] = &[
     "+zadd",
     "+zremrangebyscore",
     "+zcard",
+    // Fleet rule changes: the scripts (and the commands they run), the
+    // counter check, the notifications.
+    "+eval",
+    "+hget",
+    "+hset",
+    "+publish",
+    "+subscribe",
+    "&limiter:*",
 ];
 
 pub struct Redis {

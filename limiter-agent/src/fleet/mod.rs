@@ -8,6 +8,7 @@
 //! (the budget over the last known number of gateways).
 
 pub mod exchange;
+pub mod rules;
 
 use std::{
     collections::HashMap,
