@@ -167,6 +167,21 @@ mod tests {
         state.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), state);
         state.ids.insert("b".into(), 4);
+        state.fleet_rules.insert(
+            "a".into(),
+            FleetApplied {
+                version: 7,
+                record: crate::fleet::rules::FleetRecord {
+                    budget: crate::fleet::rules::FleetBudget {
+                        packets: Some("300/s".into()),
+                        ..Default::default()
+                    },
+                    who: "uid 0".into(),
+                    gateway: "gw1".into(),
+                    at: 1,
+                },
+            },
+        );
         state.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), state);
         assert_eq!(State::load(&backup_path(&path)).unwrap(), state);

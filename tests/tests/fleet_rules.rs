@@ -128,6 +128,8 @@ fn a_fleet_change_through_one_agent_is_in_force_on_the_others_within_a_second() 
         assert_eq!(fleet_version(env), 1);
     }
     let status = gw3.cli_json(&["status"]);
+    // Announced: gw3 was notified, not only found it at its next check.
+    assert_eq!(status["fleet_rules"]["notifications"], 1, "{status}");
     let change = &status["fleet_rules"]["changes"][0];
     assert_eq!(change["gateway"], "gw1", "{status}");
     assert!(

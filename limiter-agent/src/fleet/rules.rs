@@ -381,6 +381,8 @@ pub struct RulesStatus {
     pub last_error: Option<String>,
     pub applied: u64,
     pub refused_total: u64,
+    /// Change notifications received.
+    pub notifications: u64,
     /// The last refusal of each rule.
     pub refused: BTreeMap<String, Refusal>,
 }
@@ -414,6 +416,8 @@ pub struct FleetRulesView {
     /// Fleet changes applied and refused here since the agent started.
     pub changes_applied: u64,
     pub changes_refused: u64,
+    /// Change notifications received since the agent started.
+    pub notifications: u64,
 }
 
 /// The fleet's rule changes on this agent: where they are stored, and
@@ -468,6 +472,7 @@ impl FleetRules {
             last_error: status.last_error,
             changes_applied: status.applied,
             changes_refused: status.refused_total,
+            notifications: status.notifications,
         }
     }
 
@@ -733,7 +738,12 @@ pub async fn run(
             _ = crate::daemon::stopped(&mut stop) => return,
             _ = tick.tick() => false,
             message = next_message(&mut messages) => match message {
-                Some(_) => true,
+                Some(_) => {
+                    if let Ok(mut s) = rules.status.lock() {
+                        s.notifications += 1;
+                    }
+                    true
+                }
                 None => {
                     messages = None;
                     if let Ok(mut s) = rules.status.lock() {
