@@ -579,6 +579,14 @@ pub async fn change(
                 generation,
             ))
         }
+        // This gateway's own task applied it first, on its notification.
+        (Ok(Outcome::Superseded { by }), generation) if by == version => Ok((
+            format!(
+                "rule {name:?} changed for the whole fleet: version {version}, in force here; \
+                 every gateway of the fleet applies it within a second"
+            ),
+            generation,
+        )),
         (Ok(Outcome::Superseded { by }), generation) => Ok((
             format!(
                 "rule {name:?} changed for the whole fleet as version {version}, but version {by} \
