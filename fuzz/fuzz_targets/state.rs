@@ -1,19 +1,28 @@
 //! Arbitrary bytes as the state file, through `State::parse` (what
 //! `State::load` runs on the file's bytes at start), then the state's live
 //! rules and penalties composed over the example configuration and checked
-//! as the service checks them.
+//! as the service checks them. Fleet changes kept in it (whose budgets come
+//! from the fleet's Redis) are put on each rule of the example as a fleet
+//! change puts them.
 #![no_main]
 
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use limiter_agent::state::{State, StateError, VERSION};
-use limiter_fuzz::{EXAMPLE, check_plan};
+use limiter_fuzz::{EXAMPLE, apply_rule, check_plan};
 
 fuzz_target!(|data: &[u8]| {
     match State::parse(data, Path::new("state.json")) {
         Ok(state) => {
             assert_eq!(state.version, VERSION);
+            for applied in state.fleet_rules.values() {
+                for rule in &EXAMPLE.file.rules {
+                    if let Ok(changed) = applied.record.budget.apply_to(rule) {
+                        apply_rule(&changed);
+                    }
+                }
+            }
             check_plan(&EXAMPLE, state);
         }
         // Anything refused is refused as corrupt, with a message; bytes that

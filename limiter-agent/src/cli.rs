@@ -95,11 +95,57 @@ pub async fn add(client: &Client, out: &Output, args: RuleArgs) -> Result {
     Ok(())
 }
 
-pub async fn change(client: &Client, out: &Output, args: RuleArgs) -> Result {
+/// `rules change`: a rule's name, the fields to change, and whether the
+/// change is made once for the whole fleet.
+#[derive(Debug, clap::Args)]
+pub struct ChangeArgs {
+    #[command(flatten)]
+    pub rule: RuleArgs,
+    /// Change the budgets of a fleet-wide rule (`fleet = true`) on every
+    /// gateway of the fleet: stored in the fleet's Redis with a version,
+    /// in force everywhere within a second (budget flags only)
+    #[arg(long = "fleet", id = "whole_fleet")]
+    pub fleet: bool,
+}
+
+/// The flag of each rule field that is not a budget, for `--fleet`'s
+/// refusal in the CLI's own words.
+fn not_budget_flags(fields: &RuleFields) -> Vec<String> {
+    crate::fleet::rules::not_budget_fields(fields)
+        .iter()
+        .map(|field| match field.as_str() {
+            "prefixes" => "--prefix".to_owned(),
+            "ports" => "--port".to_owned(),
+            "destinations" => "--destination".to_owned(),
+            "fleet" => "--fleet-wide".to_owned(),
+            other => format!("--{}", other.replace('_', "-")),
+        })
+        .collect()
+}
+
+pub async fn change(client: &Client, out: &Output, args: ChangeArgs) -> Result {
+    let ChangeArgs { rule: args, fleet } = args;
     if args.fields.is_empty() {
         return Err(ClientError::Rejected(
             "nothing to change: give at least one field".into(),
         ));
+    }
+    if fleet {
+        let others = not_budget_flags(&args.fields);
+        if !others.is_empty() {
+            return Err(ClientError::Rejected(format!(
+                "--fleet changes only budgets (--packets, --packet-burst, --bytes, --byte-burst, \
+                 --new-connections, --connection-burst, --aggregate-*); {} is each gateway's own: \
+                 change it without --fleet on each gateway",
+                others.join(", ")
+            )));
+        }
+        let path = format!("/v1/fleet/rules/{}", segment(&args.name));
+        let a: Applied = client
+            .call(Method::PATCH, &path, Some(&args.fields))
+            .await?;
+        applied(out, &a);
+        return Ok(());
     }
     let path = format!("/v1/rules/{}", segment(&args.name));
     let a: Applied = client
@@ -357,6 +403,39 @@ fn fleet_line(f: &crate::fleet::FleetView) -> String {
     }
 }
 
+/// The fleet rule changes in force here, for `status`.
+fn fleet_rules_lines(r: &crate::fleet::rules::FleetRulesView, now: u64) -> Vec<String> {
+    let listening = if r.listening {
+        "notified of changes"
+    } else {
+        "NOT notified of changes (checked every sync interval once Redis is reachable)"
+    };
+    let mut lines = vec![format!(
+        "  fleet rules   version {}, {listening}",
+        r.version
+    )];
+    for c in &r.changes {
+        lines.push(format!(
+            "                {} v{} by {} via {}, {}",
+            c.rule,
+            c.version,
+            c.who,
+            c.gateway,
+            when(c.at, now)
+        ));
+    }
+    for refused in &r.refused {
+        lines.push(format!(
+            "                REFUSED {} v{}: {}",
+            refused.rule, refused.version, refused.reason
+        ));
+    }
+    if let Some(error) = &r.last_error {
+        lines.push(format!("                last error: {error}"));
+    }
+    lines
+}
+
 pub async fn status(client: &Client, out: &Output) -> Result {
     let s: Status = client.get("/v1/status").await?;
     out.print(&s, |s| {
@@ -401,6 +480,11 @@ pub async fn status(client: &Client, out: &Output) -> Result {
         );
         if let Some(f) = &s.fleet {
             println!("  fleet         {}", fleet_line(f));
+        }
+        if let Some(r) = &s.fleet_rules {
+            for line in fleet_rules_lines(r, now_unix()) {
+                println!("{line}");
+            }
         }
         for i in &s.interfaces {
             println!(

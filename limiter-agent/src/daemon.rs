@@ -154,6 +154,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .as_ref()
         .map(|fleet| Arc::new(Mutex::new(crate::fleet::FleetStatus::new(fleet))));
     service.fleet = fleet_status.clone();
+    let fleet_rules = match (&config.fleet, &fleet_redis) {
+        (Some(fleet), Some(redis)) => {
+            Some(Arc::new(crate::fleet::rules::FleetRules::new(fleet, redis)))
+        }
+        _ => None,
+    };
+    service.fleet_rules = fleet_rules.clone();
     // The programs just replaced held the maps of an older layout.
     match pins.remove_stale_maps() {
         Ok(removed) if removed.is_empty() => {}
@@ -243,6 +250,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
         _ => None,
     };
+    // Fleet rule changes: applied as they are announced, checked every
+    // sync interval (docs/fleet.md, "Fleet rule changes").
+    let fleet_rules_task = fleet_rules.map(|rules| {
+        tokio::spawn(crate::fleet::rules::run(
+            rules,
+            shared.service.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let log_task =
         kernel_logger.map(|logger| tokio::spawn(forward_kernel_logs(logger, stop_rx.clone())));
     let expiry = tokio::spawn(every_tick(
@@ -317,6 +333,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let _ = events_task.await;
     if let Some(task) = fleet_task {
+        let _ = task.await;
+    }
+    if let Some(task) = fleet_rules_task {
         let _ = task.await;
     }
     if let Some(task) = log_task {

@@ -94,8 +94,9 @@ enum RulesCommand {
     Show { name: String },
     /// Add a rule
     Add(cli::RuleArgs),
-    /// Change fields of a rule (only those given)
-    Change(cli::RuleArgs),
+    /// Change fields of a rule (only those given); with --fleet, the
+    /// budgets of a fleet-wide rule on every gateway of the fleet
+    Change(cli::ChangeArgs),
     /// Delete a rule
     Delete { name: String },
     /// Drop a rule's live change: it is again what the config file says

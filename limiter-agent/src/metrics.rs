@@ -113,6 +113,7 @@ struct Snapshot {
     epochs: std::collections::HashMap<u32, u64>,
     top_k: usize,
     fleet: Option<crate::fleet::FleetStatus>,
+    fleet_rules: Option<crate::fleet::rules::FleetRulesView>,
 }
 
 /// Renders every metric family.
@@ -142,6 +143,7 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
                 .fleet
                 .as_ref()
                 .and_then(|f| f.lock().ok().map(|f| f.clone())),
+            fleet_rules: s.fleet_rules.as_ref().map(|r| r.view(s.fleet_applied())),
         },
         Err(_) => return Vec::new(),
     };
@@ -332,6 +334,9 @@ pub fn gather(shared: &Shared, counters: &KernelCounters) -> Vec<MetricFamily> {
     if let Some(fleet) = &snapshot.fleet {
         out.extend(fleet_families(fleet));
     }
+    if let Some(rules) = &snapshot.fleet_rules {
+        out.extend(fleet_rules_families(rules));
+    }
 
     let mut build = Family::new(
         "limiter_build_info",
@@ -420,6 +425,34 @@ fn fleet_families(fleet: &crate::fleet::FleetStatus) -> Vec<MetricFamily> {
     latency.mut_metric().push(metric);
     out.push(latency);
     out
+}
+
+/// The fleet rule changes' families (only with a `[fleet]` section).
+fn fleet_rules_families(rules: &crate::fleet::rules::FleetRulesView) -> Vec<MetricFamily> {
+    let mut version = Family::new(
+        "limiter_fleet_rules_version",
+        "The highest fleet rule change version in force on this gateway (0: none); every \
+         gateway of a fleet shows the same once a change has reached them all.",
+        MetricType::GAUGE,
+    );
+    version.add(&[], rules.version as f64);
+    let mut changes = Family::new(
+        "limiter_fleet_rule_changes_total",
+        "Fleet rule changes this gateway applied, or refused (its rule left as it was; `status` \
+         says why).",
+        MetricType::COUNTER,
+    );
+    changes.add(&[("outcome", "applied")], rules.changes_applied as f64);
+    changes.add(&[("outcome", "refused")], rules.changes_refused as f64);
+    let mut listening = Family::new(
+        "limiter_fleet_rules_listening",
+        "1 while fleet rule change notifications arrive; 0 while they do not (a change then \
+         applies at the next check of the stored version, every sync interval, once Redis is \
+         reachable).",
+        MetricType::GAUGE,
+    );
+    listening.add(&[], if rules.listening { 1.0 } else { 0.0 });
+    vec![version.0, changes.0, listening.0]
 }
 
 #[derive(Clone)]

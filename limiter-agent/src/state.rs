@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::RuleConfig;
+use crate::{config::RuleConfig, fleet::rules::FleetApplied};
 
 pub const VERSION: u32 = 1;
 
@@ -40,6 +40,12 @@ pub struct State {
     /// `reload` and `rules show` to say since when a rule is live.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub override_since: BTreeMap<String, u64>,
+    /// The fleet changes applied here, by rule, with their versions
+    /// (docs/fleet.md, "Fleet rule changes"): the rule they changed is an
+    /// override above; this says which fleet version it holds, so a
+    /// restart without Redis keeps it and applies only newer ones later.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fleet_rules: BTreeMap<String, FleetApplied>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +167,21 @@ mod tests {
         state.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), state);
         state.ids.insert("b".into(), 4);
+        state.fleet_rules.insert(
+            "a".into(),
+            FleetApplied {
+                version: 7,
+                record: crate::fleet::rules::FleetRecord {
+                    budget: crate::fleet::rules::FleetBudget {
+                        packets: Some("300/s".into()),
+                        ..Default::default()
+                    },
+                    who: "uid 0".into(),
+                    gateway: "gw1".into(),
+                    at: 1,
+                },
+            },
+        );
         state.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), state);
         assert_eq!(State::load(&backup_path(&path)).unwrap(), state);

@@ -31,6 +31,14 @@ pub const ACL: &[&str] = &[
     "+zremrangebyscore",
     "+zcard",
     "+zrange",
+    // Fleet rule changes: the scripts (and the commands they run), the
+    // counter check, the notifications.
+    "+eval",
+    "+hget",
+    "+hset",
+    "+publish",
+    "+subscribe",
+    "&limiter:*",
 ];
 /// What a Redis Cluster's client needs besides [`ACL`] (docs/fleet.md):
 /// the slot map, and the PING each new node connection starts with.

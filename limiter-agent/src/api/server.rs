@@ -15,7 +15,7 @@ use axum::{
     },
     http::StatusCode,
     middleware,
-    routing::{get, post},
+    routing::{get, patch, post},
     serve::IncomingStream,
 };
 use serde::Deserialize;
@@ -73,6 +73,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/v1/rules/{name}/revert", post(revert_rule))
         .route("/v1/revert", post(revert_all))
         .route("/v1/batch", post(batch))
+        .route("/v1/fleet/rules/{name}", patch(fleet_change_rule))
         .route("/v1/penalties", post(penalize))
         .route("/v1/reload", post(reload))
         .route("/v1/detach", post(detach))
@@ -146,6 +147,23 @@ async fn patch_rule(
     })
     .await
     .map(Json)
+}
+
+/// A budget change made once for the whole fleet (docs/fleet.md, "Fleet
+/// rule changes"): stored in Redis with the next version, in force here,
+/// applied by every other gateway within a second.
+async fn fleet_change_rule(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+    Body(patch): Body<RulePatch>,
+) -> ApiResult<Applied> {
+    let (message, config_generation) =
+        crate::fleet::rules::change(&s.service, &name, patch, &peer.requester()).await?;
+    Ok(Json(Applied {
+        config_generation,
+        message,
+    }))
 }
 
 async fn delete_rule(

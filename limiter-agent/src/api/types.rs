@@ -166,6 +166,9 @@ pub struct Status {
     /// The fleet exchange (with a `[fleet]` section).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<crate::fleet::FleetView>,
+    /// Fleet rule changes applied here (with a `[fleet]` section).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_rules: Option<crate::fleet::rules::FleetRulesView>,
 }
 
 /// One entry of `GET /v1/top`.

@@ -125,8 +125,8 @@ fn every_rule_field_but_the_name_is_a_flag() {
             "prefixes" => "prefix".to_owned(),
             "ports" => "port".to_owned(),
             "destinations" => "destination".to_owned(),
-            // `--fleet` is kept for a change made for the whole fleet
-            // (issue 14).
+            // `--fleet` (on `rules change`) makes a change for the whole
+            // fleet (docs/fleet.md, "Fleet rule changes").
             "fleet" => "fleet-wide".to_owned(),
             _ => field.replace('_', "-"),
         };
@@ -426,5 +426,91 @@ fn rules_list_shows_a_rules_service_in_words() {
         lines[1].contains(" tcp port 22, 8000-8080 to 198.19.0.0/24 "),
         "{}",
         lines[1]
+    );
+}
+
+/// `rules change` arguments as clap reads them.
+#[derive(clap::Parser)]
+struct Change {
+    #[command(flatten)]
+    args: ChangeArgs,
+}
+
+#[test]
+fn rules_change_fleet_is_a_change_for_the_whole_fleet_and_takes_budgets_only() {
+    let parse = |args: &[&str]| {
+        Change::try_parse_from(std::iter::once("change").chain(args.iter().copied()))
+            .map(|c| c.args)
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let change = parse(&[
+        "api",
+        "--fleet",
+        "--packets",
+        "300/s",
+        "--fleet-wide",
+        "true",
+    ]);
+    assert!(change.fleet);
+    assert_eq!(
+        change.rule.fields.fleet,
+        Some(true),
+        "--fleet-wide is the field"
+    );
+    assert_eq!(not_budget_flags(&change.rule.fields), ["--fleet-wide"]);
+    let local = parse(&["api", "--packets", "300/s"]);
+    assert!(!local.fleet);
+    let many = parse(&[
+        "api",
+        "--fleet",
+        "--prefix",
+        "198.18.0.0/15",
+        "--port",
+        "22",
+        "--skb-mark",
+        "1",
+        "--aggregate-packets",
+        "1/s",
+    ]);
+    assert_eq!(
+        not_budget_flags(&many.rule.fields),
+        ["--port", "--prefix", "--skb-mark"]
+    );
+}
+
+#[test]
+fn status_lists_the_fleet_changes_in_force_and_those_refused() {
+    use crate::fleet::rules::{FleetRuleView, FleetRulesView, Refusal};
+    let view = FleetRulesView {
+        version: 7,
+        stored_version: Some(7),
+        listening: true,
+        changes: vec![FleetRuleView {
+            rule: "api".into(),
+            version: 7,
+            who: "uid 0 pid 9 (limiter-agent)".into(),
+            gateway: "gw1".into(),
+            at: 60,
+        }],
+        refused: vec![Refusal {
+            rule: "web".into(),
+            version: 5,
+            reason: "rule \"web\" is not fleet-wide here".into(),
+        }],
+        last_error: None,
+        changes_applied: 1,
+        changes_refused: 1,
+        notifications: 2,
+    };
+    let lines = fleet_rules_lines(&view, 125);
+    assert_eq!(lines[0], "  fleet rules   version 7, notified of changes");
+    assert_eq!(
+        lines[1].trim(),
+        "api v7 by uid 0 pid 9 (limiter-agent) via gw1, 1970-01-01 00:01:00 UTC (1m 5s ago)"
+    );
+    assert!(
+        lines[2].contains("REFUSED web v5: rule \"web\" is not fleet-wide"),
+        "{}",
+        lines[2]
     );
 }

@@ -69,6 +69,7 @@ impl ConnectionLike for Connection {
 }
 
 /// The client of one node or of a cluster.
+#[derive(Clone)]
 #[expect(
     clippy::large_enum_variant,
     reason = "one per agent, made once at start: its size does not matter"
@@ -80,8 +81,13 @@ enum Client {
 
 /// Makes connections to the fleet's Redis as `[fleet]` says, with the
 /// secrets read at start.
+#[derive(Clone)]
 pub struct Connector {
     client: Client,
+    /// For subscribing to notifications: the node itself, or a cluster's
+    /// first seed node (a Redis Cluster passes every PUBLISH to every
+    /// node, so any one hears them all).
+    subscriber: redis::Client,
     /// For connecting and for every answer: one sync interval (a sync that
     /// takes longer is late anyway, and the next one is due).
     timeout: Duration,
@@ -104,10 +110,11 @@ impl Connector {
             None => None,
         };
         let timeout = config.sync_interval;
-        let client = build_client(config, password.as_deref(), certificates, timeout)
+        let (client, subscriber) = build_client(config, password.as_deref(), certificates, timeout)
             .map_err(|e| anyhow::anyhow!("fleet.address {}: {e}", config.address))?;
         Ok(Self {
             client,
+            subscriber,
             timeout,
             tls: config.tls.is_some(),
         })
@@ -116,6 +123,20 @@ impl Connector {
     /// The longest a connection attempt or an answer may take.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The same Redis, with connections (to one node) bounded by
+    /// `timeout` instead.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        Self {
+            timeout,
+            ..self.clone()
+        }
+    }
+
+    /// A connection of its own for subscribing to notifications.
+    pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        self.subscriber.get_async_pubsub().await
     }
 
     /// Connects (a cluster: to a seed node, then learns the slots and
@@ -179,31 +200,13 @@ fn build_client(
     password: Option<&str>,
     certificates: Option<TlsCertificates>,
     timeout: Duration,
-) -> redis::RedisResult<Client> {
+) -> redis::RedisResult<(Client, redis::Client)> {
     let tls = certificates.is_some();
     let nodes = config
         .nodes
         .iter()
         .map(|node| node_info(node, tls))
         .collect::<redis::RedisResult<Vec<_>>>()?;
-    if config.cluster {
-        let mut builder = ClusterClientBuilder::new(nodes)
-            .connection_timeout(timeout)
-            .response_timeout(timeout)
-            .retries(CLUSTER_RETRIES)
-            .min_retry_wait(CLUSTER_RETRY_WAIT_MS.0)
-            .max_retry_wait(CLUSTER_RETRY_WAIT_MS.1);
-        if let Some(user) = &config.username {
-            builder = builder.username(user);
-        }
-        if let Some(password) = password {
-            builder = builder.password(password);
-        }
-        if let Some(certificates) = certificates {
-            builder = builder.certs(certificates);
-        }
-        return builder.build().map(Client::Cluster);
-    }
     let mut settings = RedisConnectionInfo::default().set_skip_set_lib_name();
     if let Some(user) = &config.username {
         settings = settings.set_username(user);
@@ -211,18 +214,36 @@ fn build_client(
     if let Some(password) = password {
         settings = settings.set_password(password);
     }
-    let Some(node) = nodes.into_iter().next() else {
+    let Some(first) = nodes.first().cloned() else {
         return Err(redis::RedisError::from((
             redis::ErrorKind::InvalidClientConfig,
             "no Redis address",
         )));
     };
-    let info = node.set_redis_settings(settings);
-    match certificates {
+    let info = first.set_redis_settings(settings);
+    let single = match certificates.clone() {
         Some(certificates) => redis::Client::build_with_tls(info, certificates),
         None => redis::Client::open(info),
+    }?;
+    if !config.cluster {
+        return Ok((Client::Single(single.clone()), single));
     }
-    .map(Client::Single)
+    let mut builder = ClusterClientBuilder::new(nodes)
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        .retries(CLUSTER_RETRIES)
+        .min_retry_wait(CLUSTER_RETRY_WAIT_MS.0)
+        .max_retry_wait(CLUSTER_RETRY_WAIT_MS.1);
+    if let Some(user) = &config.username {
+        builder = builder.username(user);
+    }
+    if let Some(password) = password {
+        builder = builder.password(password);
+    }
+    if let Some(certificates) = certificates {
+        builder = builder.certs(certificates);
+    }
+    Ok((Client::Cluster(builder.build()?), single))
 }
 
 /// The password in `fleet.password_file` (its first line), if one is named.

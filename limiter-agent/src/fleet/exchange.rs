@@ -88,6 +88,17 @@ impl Keys {
     pub fn heavy(&self, rule: &str) -> String {
         format!("{}heavy:{rule}", self.prefix)
     }
+
+    /// The hash of the fleet's rule changes (`fleet::rules`): the counter
+    /// `version`, and `v:<rule>` / `r:<rule>` per rule changed.
+    pub fn rules(&self) -> String {
+        format!("{}rules", self.prefix)
+    }
+
+    /// The channel a rule change is announced on (its version).
+    pub fn rules_channel(&self) -> String {
+        format!("{}rules:changed", self.prefix)
+    }
 }
 
 /// A gateway's field of dimension `dim` in a bucket's hash.
@@ -353,6 +364,8 @@ mod tests {
         );
         assert_eq!(keys.heavy("api"), "limiter:{edge}:heavy:api");
         assert_eq!(keys.gateways(), "limiter:{edge}:gateways");
+        assert_eq!(keys.rules(), "limiter:{edge}:rules");
+        assert_eq!(keys.rules_channel(), "limiter:{edge}:rules:changed");
         assert_eq!(field(1, "gw2"), "b:gw2");
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod connection;
 pub mod exchange;
+pub mod rules;
 pub mod sources;
 
 use std::{

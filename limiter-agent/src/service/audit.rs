@@ -20,6 +20,13 @@ pub enum Requester {
     Sighup,
     /// The agent itself (penalty expiry, repairs).
     Agent,
+    /// A change made once for the whole fleet, with its version: `who`
+    /// asked through `gateway` (as that gateway's audit line says).
+    Fleet {
+        version: u64,
+        who: String,
+        gateway: String,
+    },
 }
 
 impl Requester {
@@ -48,6 +55,11 @@ impl fmt::Display for Requester {
             }
             Self::Sighup => f.write_str("SIGHUP"),
             Self::Agent => f.write_str("the agent itself"),
+            Self::Fleet {
+                version,
+                who,
+                gateway,
+            } => write!(f, "fleet change v{version} by {who} via {gateway}"),
         }
     }
 }
@@ -114,6 +126,12 @@ mod tests {
         assert_eq!(unknown.to_string(), "uid 1000");
         assert_eq!(Requester::Sighup.to_string(), "SIGHUP");
         assert_eq!(Requester::Agent.to_string(), "the agent itself");
+        let fleet = Requester::Fleet {
+            version: 7,
+            who: "uid 0".into(),
+            gateway: "gw1".into(),
+        };
+        assert_eq!(fleet.to_string(), "fleet change v7 by uid 0 via gw1");
     }
 
     #[test]

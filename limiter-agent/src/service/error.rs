@@ -11,6 +11,9 @@ pub enum ErrorKind {
     Conflict,
     /// Something failed on our side: 500. Nothing was changed.
     Internal,
+    /// A service the change needs (the fleet's Redis) cannot be reached:
+    /// 503. Nothing was changed.
+    Unavailable,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,14 @@ pub enum ServiceError {
     Save(#[source] StateError),
     #[error("agent state lock poisoned")]
     Poisoned,
+    #[error(transparent)]
+    FleetRule(#[from] crate::fleet::rules::FleetRuleError),
+    #[error(
+        "the fleet change was stored as version {version}, but this gateway refused it: {reason}. \
+         The rule in force here is unchanged; the other gateways apply it if they can \
+         (`status` shows what each refused)"
+    )]
+    FleetStoredNotApplied { version: u64, reason: String },
 }
 
 impl ServiceError {
@@ -70,7 +81,13 @@ impl ServiceError {
             | Self::Kernel(_)
             | Self::Read(_)
             | Self::Save(_)
-            | Self::Poisoned => ErrorKind::Internal,
+            | Self::Poisoned
+            | Self::FleetStoredNotApplied { .. } => ErrorKind::Internal,
+            Self::FleetRule(e) => match e {
+                crate::fleet::rules::FleetRuleError::Unreachable { .. } => ErrorKind::Unavailable,
+                crate::fleet::rules::FleetRuleError::NotHere(_) => ErrorKind::NotFound,
+                _ => ErrorKind::Invalid,
+            },
         }
     }
 }

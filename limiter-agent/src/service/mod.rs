@@ -8,6 +8,7 @@
 
 mod audit;
 mod error;
+mod fleet_rules;
 mod views;
 
 use std::{
@@ -105,6 +106,9 @@ pub struct Service {
     pub attachments: Option<Attachments>,
     /// The fleet sync's status (set by the daemon with a `[fleet]`).
     pub fleet: Option<crate::fleet::FleetHandle>,
+    /// Fleet rule changes: where they are stored, what was refused (set by
+    /// the daemon with a `[fleet]`).
+    pub fleet_rules: Option<std::sync::Arc<crate::fleet::rules::FleetRules>>,
     /// Bumped on every rule-set change that reached the kernel.
     pub config_generation: u64,
     pub last_reload_ok: Option<u64>,
@@ -133,6 +137,7 @@ impl Service {
             by_id: HashMap::new(),
             attachments: None,
             fleet: None,
+            fleet_rules: None,
             config_generation: 0,
             last_reload_ok: None,
             last_reload_failed: None,

@@ -374,6 +374,10 @@ impl Service {
                 .fleet
                 .as_ref()
                 .and_then(|f| f.lock().ok().map(|f| f.view())),
+            fleet_rules: self
+                .fleet_rules
+                .as_ref()
+                .map(|r| r.view(&self.state.fleet_rules)),
         }
     }
 
