@@ -284,7 +284,7 @@ pub async fn show(client: &Client, out: &Output, name: &str) -> Result {
         }
         if f.fleet == Some(true) {
             println!(
-                "  fleet-wide       yes: its shared or aggregate budget holds for the whole fleet"
+                "  fleet-wide       yes: its budgets hold for the whole fleet"
             );
         }
         if r.rule.action == ActionConfig::Reject {

@@ -117,7 +117,7 @@ pub fn print_check(config: &Config, out: &Output) {
                 println!("      {:<16}{all}", "all sources");
             }
             if f.fleet == Some(true) {
-                println!("      {:<16}yes (the shared or aggregate budget)", "fleet-wide");
+                println!("      {:<16}yes (its budgets hold for the whole fleet)", "fleet-wide");
             }
             if let Some(def) = config.rules.iter().find(|d| d.name == r.name)
                 && let Some(replies) = &def.replies

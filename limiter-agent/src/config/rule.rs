@@ -221,8 +221,8 @@ rule_fields! {
         #[command(flatten)]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub aggregate: Option<AggregateFields>,
-        /// The rule's shared budget (scope shared) or aggregate holds for
-        /// the whole fleet, exchanged through [fleet]'s Redis
+        /// The rule's budgets (shared, per source, aggregate) hold for the
+        /// whole fleet, exchanged through [fleet]'s Redis
         #[arg(long = "fleet-wide")]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub fleet: Option<bool>,

@@ -59,8 +59,8 @@ pub struct RuleDef {
     /// A reject rule's RSTs, all its sources together (always set for
     /// reject, never for other actions).
     pub replies: Option<Budget>,
-    /// Its shared budget (scope shared) or its aggregate holds for the
-    /// whole fleet (docs/fleet.md).
+    /// Its budgets (shared, per source, aggregate) hold for the whole
+    /// fleet (docs/fleet.md).
     pub fleet: bool,
 }
 
