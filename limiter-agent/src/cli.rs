@@ -283,9 +283,7 @@ pub async fn show(client: &Client, out: &Output, name: &str) -> Result {
             println!("  all sources      {all}");
         }
         if f.fleet == Some(true) {
-            println!(
-                "  fleet-wide       yes: its budgets hold for the whole fleet"
-            );
+            println!("  fleet-wide       yes: its budgets hold for the whole fleet");
         }
         if r.rule.action == ActionConfig::Reject {
             let replies = match &f.replies {

@@ -275,4 +275,31 @@ fn a_tls_cluster_is_reached_through_one_seed_node() {
         fleet.logs()
     });
     owner_of_the_fleet_s_keys(&fleet);
+
+    // A budget changed once for the fleet, through the cluster (the script
+    // on the fleet's master, the notification heard on the seed node).
+    let since = Instant::now();
+    fleet.envs[0].cli_ok(&["rules", "change", "fleet", "--fleet", "--packets", "300/s"]);
+    let deadline = since + Duration::from_secs(5);
+    let packets = |env: &AgentEnv| {
+        let rules = env.cli_json(&["rules", "list"]);
+        limiter_tests::scenario::rule(&rules, "fleet")
+            .and_then(|r| r["rule"]["packets"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    while fleet.envs.iter().any(|e| packets(e) != "300/s") {
+        assert!(
+            Instant::now() < deadline,
+            "the fleet change did not reach every gateway within 5 s:\n{}",
+            fleet.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!(
+        "tls cluster: fleet change in force everywhere after {:?}",
+        since.elapsed()
+    );
+    let status = fleet.envs[1].cli_json(&["status"]);
+    assert_eq!(status["fleet_rules"]["version"], 1, "{status}");
+    assert_eq!(status["fleet_rules"]["listening"], true, "{status}");
 }
