@@ -202,7 +202,14 @@ fn sender(
 /// ends (`ss -tinp`, connections to 127.0.0.1:`port`).
 fn agent_bytes(port: u16) -> Result<HashMap<u32, (usize, f64, f64)>> {
     let out = std::process::Command::new("ss")
-        .args(["-Htinp", "state", "established", "dport", "=", &format!(":{port}")])
+        .args([
+            "-Htinp",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{port}"),
+        ])
         .output()
         .context("running ss (Debian package iproute2)")?;
     ensure!(
@@ -385,7 +392,9 @@ fn run_case(redis: Redis, plan: &Plan, fleet_wide: bool) -> Result<(Case, Redis)
             cpu: cpu_between(&b.cpu, &a.cpu) / window * 100.0,
         });
     }
-    let members = fleet.redis.cli(&["ZRANGE", &fleet.key(&format!("heavy:{RULE}")), "0", "-1"])?;
+    let members = fleet
+        .redis
+        .cli(&["ZRANGE", &fleet.key(&format!("heavy:{RULE}")), "0", "-1"])?;
     let members: Vec<String> = members
         .lines()
         .map(str::trim)
@@ -489,6 +498,22 @@ fn check(plan: &Plan, fleet: &Case, base: &Case) -> Result<()> {
     Ok(())
 }
 
+/// `v` rounded, with thousands separators: 1,000,010.
+fn thousands(v: f64) -> String {
+    if !v.is_finite() {
+        return "-".to_owned();
+    }
+    let digits = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < 0.0 { format!("-{out}") } else { out }
+}
+
 fn mean(values: impl Iterator<Item = f64>) -> f64 {
     let v: Vec<f64> = values.collect();
     v.iter().sum::<f64>() / v.len().max(1) as f64
@@ -508,7 +533,7 @@ fn report(plan: &Plan, fleet: &Case, base: &Case, took: f64) -> Result<String> {
     ));
     out.push_str(
         "| rule | gateway | tracked sources | heavy sources exchanged (set / agent) | syncs/s \
-         | Redis commands/s | commands per sync | bound | Redis bytes/s sent / received \
+         | Redis commands/s | commands per sync | bound | bytes/s to / from Redis \
          | agent CPU % |\n",
     );
     out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
@@ -527,9 +552,9 @@ fn report(plan: &Plan, fleet: &Case, base: &Case, took: f64) -> Result<String> {
                 "4".to_owned()
             };
             out.push_str(&format!(
-                "| {label} | gw{} | {:.0} | {} / {:.0} | {:.2} | {:.1} | {:.1} | {bound_cell} | {:.0} / {:.0} | {:.2} |\n",
+                "| {label} | gw{} | {} | {} / {:.0} | {:.2} | {:.1} | {:.1} | {bound_cell} | {:.0} / {:.0} | {:.2} |\n",
                 g + 1,
-                a.tracked,
+                thousands(a.tracked),
                 case.heavy_set,
                 a.buckets,
                 a.syncs,
@@ -545,14 +570,21 @@ fn report(plan: &Plan, fleet: &Case, base: &Case, took: f64) -> Result<String> {
     let tracked = mean(fleet.agents.iter().map(|a| a.tracked));
     let syncs = mean(fleet.agents.iter().map(|a| a.syncs));
     let everything = 4.0 + 3.0 * tracked;
-    let bytes_per_sync =
-        |c: &Case| mean(c.agents.iter().map(|a| (a.bytes_out + a.bytes_in) / a.syncs));
+    let bytes_per_sync = |c: &Case| {
+        mean(
+            c.agents
+                .iter()
+                .map(|a| (a.bytes_out + a.bytes_in) / a.syncs),
+        )
+    };
     let per_source = (bytes_per_sync(fleet) - bytes_per_sync(base)) / fleet.heavy_set as f64;
     out.push_str(&format!(
-        "| exchanging every tracked source (computed) | each | {tracked:.0} | {tracked:.0} | {syncs:.2} \
-         | {:.0} | {everything:.0} | | {:.0} | |\n",
-        everything * syncs,
-        per_source * tracked * syncs,
+        "| exchanging every tracked source (computed) | each | {} | {} | {syncs:.2} | {} | {} | | {} | |\n",
+        thousands(tracked),
+        thousands(tracked),
+        thousands(everything * syncs),
+        thousands(everything),
+        thousands(per_source * tracked * syncs),
     ));
     out.push_str(&format!(
         "\nPer agent, over {:.1} s of steady traffic after every light source was sent and the \
