@@ -50,6 +50,8 @@ pub struct AgentEnv {
     pub top_k: usize,
     /// `[capacity] rules` written by `header`.
     pub max_rules: u32,
+    /// `[capacity] sources` written by `header`.
+    pub max_sources: u32,
     /// The interface the agent attaches to and its namespace: the pair's
     /// gateway side unless a test points it elsewhere.
     pub interface: String,
@@ -81,6 +83,7 @@ impl AgentEnv {
             metrics_port: free_port()?,
             top_k: 20,
             max_rules: 256,
+            max_sources: 65_536,
             agent: None,
         })
     }
@@ -91,7 +94,7 @@ impl AgentEnv {
         format!(
             "[agent]\npin_path = {:?}\nstate_file = {:?}\ncontrol_socket = {:?}\n\
              [metrics]\naddress = \"127.0.0.1:{}\"\ntop_k = {}\n\
-             [capacity]\nrules = {}\nsources = 65536\n\
+             [capacity]\nrules = {}\nsources = {}\n\
              [[interface]]\nname = {:?}\nnetns = {:?}\nxdp = {:?}\ntc = {}\n",
             self.pin_path,
             self.state_file,
@@ -99,6 +102,7 @@ impl AgentEnv {
             self.metrics_port,
             self.top_k,
             self.max_rules,
+            self.max_sources,
             self.interface,
             self.interface_netns,
             self.xdp,

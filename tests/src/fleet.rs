@@ -80,6 +80,32 @@ impl Fleet {
         Ok(fleet)
     }
 
+    /// [`Fleet::start_on`] with each agent's environment adjusted by
+    /// `prepare` before its config is written (e.g. a larger
+    /// `max_sources`, for `[capacity] sources`).
+    pub fn start_on_prepared(
+        redis: Redis,
+        gateways: usize,
+        prepare: impl Fn(&mut AgentEnv),
+        config: impl Fn(&Redis, &str, usize) -> String,
+    ) -> Result<Self> {
+        let name = format!("test-{}-{}", std::process::id(), crate::netns::unique_tag());
+        let mut envs = Vec::with_capacity(gateways);
+        for i in 1..=gateways {
+            let mut env = AgentEnv::new().context("environment")?;
+            prepare(&mut env);
+            env.write_config(&config(&redis, &name, i))
+                .context("config")?;
+            envs.push(env);
+        }
+        for env in &mut envs {
+            env.start()?;
+        }
+        let fleet = Self { redis, name, envs };
+        fleet.wait_connected(1.0);
+        Ok(fleet)
+    }
+
     /// Stops the agents (and removes their namespaces and pins); hands
     /// back the Redis, still running, for the next fleet.
     pub fn stop(self) -> Redis {
@@ -210,4 +236,17 @@ pub fn wait_metric(envs: &[AgentEnv], name: &str, value: f64) {
     }
     let states: Vec<Option<f64>> = envs.iter().map(|e| metric(e, name)).collect();
     panic!("{name} is {states:?}, not all {value}:\n{}", envs[0].logs());
+}
+
+/// Packets rule `name` dropped on each gateway.
+pub fn dropped(envs: &[AgentEnv], name: &str) -> Result<Vec<f64>> {
+    envs.iter()
+        .map(|env| {
+            let rules = env.cli_json(&["rules", "list"]);
+            let r = rule(&rules, name).with_context(|| format!("no rule {name}: {rules}"))?;
+            r["counters"]["packets"]["dropped"]
+                .as_f64()
+                .with_context(|| format!("rule {name} has no dropped packet counter: {r}"))
+        })
+        .collect()
 }

@@ -168,12 +168,12 @@ fn traffic(envs: &[AgentEnv], seconds: f64, settle: Duration) -> Result<Vec<Phas
 /// CPU time of a process: each thread's exact run time in ns
 /// (/proc/PID/task/*/schedstat), and utime + stime of the whole process
 /// (/proc/PID/stat: also threads that exited, but in 10 ms ticks).
-struct Cpu {
+pub(crate) struct Cpu {
     threads: std::collections::HashMap<String, f64>,
     ticks: f64,
 }
 
-fn cpu(pid: u32) -> Result<Cpu> {
+pub(crate) fn cpu(pid: u32) -> Result<Cpu> {
     let mut threads = std::collections::HashMap::new();
     let tasks = format!("/proc/{pid}/task");
     for task in std::fs::read_dir(&tasks)
@@ -199,7 +199,7 @@ fn cpu(pid: u32) -> Result<Cpu> {
 
 /// CPU seconds between two snapshots: the threads' exact times when all
 /// threads of the first are still there, else the tick-rounded total.
-fn cpu_between(before: &Cpu, after: &Cpu) -> f64 {
+pub(crate) fn cpu_between(before: &Cpu, after: &Cpu) -> f64 {
     let mut exact = 0.0;
     for (tid, t0) in &before.threads {
         match after.threads.get(tid) {
@@ -217,7 +217,7 @@ fn cpu_between(before: &Cpu, after: &Cpu) -> f64 {
 }
 
 /// `ss` (iproute2) on TCP sockets of 127.0.0.1:`port` in `state`.
-fn ss(port: u16, state: &str, flags: &str) -> Result<String> {
+pub(crate) fn ss(port: u16, state: &str, flags: &str) -> Result<String> {
     let out = std::process::Command::new("ss")
         .args([flags, "state", state, "sport", "=", &format!(":{port}")])
         .output()
@@ -231,7 +231,7 @@ fn ss(port: u16, state: &str, flags: &str) -> Result<String> {
 }
 
 /// The process listening on 127.0.0.1:`port`: the bench's Redis.
-fn listener_pid(port: u16) -> Result<u32> {
+pub(crate) fn listener_pid(port: u16) -> Result<u32> {
     let text = ss(port, "listening", "-Htlnp")?;
     text.split("pid=")
         .nth(1)

@@ -34,8 +34,12 @@ enum Suite {
     /// Admitted vs budget at 1.5x, 10x, 100x from both CPUs
     Accuracy,
     /// Fleet-wide budgets through Redis: admitted vs budget by sync
-    /// interval and gateways, Redis load and agent CPU
+    /// interval and gateways, Redis load and agent CPU; then the
+    /// fleet-sources case
     Fleet,
+    /// Fleet-wide per-source budgets at 1,000,000 tracked sources per
+    /// gateway: Redis commands and bytes per agent, heavy sources only
+    FleetSources,
     All,
 }
 
@@ -207,6 +211,7 @@ fn median_min_max(samples: &[f64]) -> (f64, f64, f64) {
 mod accuracy;
 mod control;
 mod fleet;
+mod fleet_sources;
 mod gateway;
 mod plot;
 
@@ -245,6 +250,14 @@ fn main() -> Result<()> {
             fleet::Plan::full()
         };
         fleet::suite(&plan, &args.out)?;
+    }
+    if all || args.suite == Suite::Fleet || args.suite == Suite::FleetSources {
+        let plan = if args.smoke {
+            fleet_sources::Plan::smoke()
+        } else {
+            fleet_sources::Plan::full()
+        };
+        fleet_sources::suite(&plan, &args.out)?;
     }
     Ok(())
 }
