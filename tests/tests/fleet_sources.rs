@@ -181,7 +181,7 @@ fn exchanged(fleet: &Fleet) -> (String, String) {
 
 #[test]
 fn three_gateways_hold_each_source_to_one_budget_and_exchange_only_heavy_ones() {
-    let fleet = Fleet::start(3, rules).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut fleet = Fleet::start(3, rules).unwrap_or_else(|e| panic!("{e:#}"));
     let envs = &fleet.envs;
 
     // Light: a tenth of the budget in all, a fifth of the threshold on
@@ -237,5 +237,33 @@ fn three_gateways_hold_each_source_to_one_budget_and_exchange_only_heavy_ones() 
     assert_eq!(set, "198.18.0.1/32", "the heavy source, and only it");
     for gateway in ["gw1", "gw2", "gw3"] {
         assert!(hash.contains(&format!("p:{gateway}")), "{hash}");
+    }
+
+    // Redis gone: the heavy source is held to its share on each gateway
+    // (a third of its budget, plus its burst), not to a whole budget each
+    // (which would admit all it is sent, as the control does).
+    fleet.redis.kill().unwrap_or_else(|e| panic!("{e:#}"));
+    fleet.wait_connected(0.0);
+    // The debt of the phase before (the fleet's usage) drains first.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let envs = &fleet.envs;
+    let (got, took) = admitted(envs, &["clients", "control"], || {
+        send(envs, &even, &[FLEET_PORT, CONTROL_PORT], SECONDS)
+    });
+    println!(
+        "fallback: {took:.2} s, per gateway clients {:?} control {:?}",
+        got[0], got[1]
+    );
+    for (i, g) in got[0].iter().enumerate() {
+        // Its share, less the others' shares of the interval before the
+        // first packet (charged with it: the fallback runs ahead by one).
+        let share = RATE / 3.0 * took + BURST - 2.0 / 3.0 * RATE * 0.1;
+        let slack = 0.05 * share + 0.1 * RATE / 3.0 + 2.0;
+        assert!(
+            (g - share).abs() <= slack,
+            "gateway {i} holds the heavy source to its share: admitted {g}, expected \
+             {share:.0} ± {slack:.0}\n{}",
+            fleet.logs()
+        );
     }
 }
