@@ -64,20 +64,7 @@ impl Fleet {
         gateways: usize,
         config: impl Fn(&Redis, &str, usize) -> String,
     ) -> Result<Self> {
-        let name = format!("test-{}-{}", std::process::id(), crate::netns::unique_tag());
-        let mut envs = Vec::with_capacity(gateways);
-        for i in 1..=gateways {
-            let env = AgentEnv::new().context("environment")?;
-            env.write_config(&config(&redis, &name, i))
-                .context("config")?;
-            envs.push(env);
-        }
-        for env in &mut envs {
-            env.start()?;
-        }
-        let fleet = Self { redis, name, envs };
-        fleet.wait_connected(1.0);
-        Ok(fleet)
+        Self::start_on_prepared(redis, gateways, |_| {}, config)
     }
 
     /// [`Fleet::start_on`] with each agent's environment adjusted by
