@@ -236,6 +236,11 @@ const ROUTES: &[Route] = &[
         ],
     },
     Route {
+        path: "/v1/fleet/rules/{name}",
+        methods: &["PATCH"],
+        bodies: &[("PATCH", r#"{"packets": "1/s"}"#, r#"{"packets": 5}"#)],
+    },
+    Route {
         path: "/v1/rules/{name}/revert",
         methods: &["POST"],
         bodies: &[],
