@@ -480,6 +480,11 @@ impl Datapath {
             .collect()
     }
 
+    /// What the programs keep of a heavy source, if it is heavy here.
+    pub fn fleet_source(&self, key: &SourceKey) -> Option<FleetSource> {
+        self.maps.fleet_sources.get(key, 0).ok()
+    }
+
     /// What the agent last wrote of the rest of the fleet's usage of a
     /// heavy source.
     pub fn fleet_source_remote(&self, key: &SourceKey) -> Option<FleetRemote> {

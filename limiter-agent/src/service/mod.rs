@@ -488,18 +488,16 @@ impl Service {
         for key in forget {
             dp.forget_fleet_source(key);
         }
-        let local: HashMap<SourceKey, [u64; 3]> = dp
-            .fleet_sources()
-            .into_iter()
-            .map(|(key, source)| (key, source.applied))
+        // The fleet rules in force now, by name with their ids: a bucket
+        // read under another id (or of a rule gone) is left alone.
+        let current: HashMap<&str, u32> = self
+            .in_force
+            .iter()
+            .filter(|r| r.def.fleet)
+            .filter_map(|r| Some((r.def.name.as_str(), *self.state.ids.get(&r.def.name)?)))
             .collect();
         for (bucket, units) in writes {
-            let current = self.in_force.iter().any(|r| {
-                r.def.fleet
-                    && r.def.name == bucket.rule
-                    && self.state.ids.get(&r.def.name) == Some(&bucket.id)
-            });
-            if !current {
+            if current.get(bucket.rule.as_str()) != Some(&bucket.id) {
                 continue;
             }
             let dp = self.enforcer.datapath_mut();
@@ -516,7 +514,7 @@ impl Service {
                 Some(_) if units.iter().all(|u| *u == 0) => Ok(()),
                 Some((key, _)) => {
                     // Not heavy here yet: its entry starts from zero.
-                    let applied = local.get(key).copied().unwrap_or_default();
+                    let applied = dp.fleet_source(key).map_or([0; 3], |s| s.applied);
                     dp.set_fleet_source_remote(
                         key,
                         std::array::from_fn(|d| next_remote(applied[d], units[d])),
