@@ -237,3 +237,23 @@ pub fn dropped(envs: &[AgentEnv], name: &str) -> Result<Vec<f64>> {
         })
         .collect()
 }
+
+/// Asserts that the fleet admitted `expected` within the tolerance the
+/// fleet tests state (docs/fleet.md, "Accuracy"): 5 % of it, plus what the
+/// rest of the fleet may admit before a gateway learns of it (two sync
+/// intervals at the budget's `rate`). Prints the figures either way.
+pub fn assert_admitted(
+    what: &str,
+    got: f64,
+    expected: f64,
+    (rate, interval): (f64, f64),
+    logs: impl Fn() -> String,
+) {
+    let slack = 0.05 * expected + 2.0 * interval * rate;
+    println!("{what}: admitted {got}, expected {expected:.0} ± {slack:.0}");
+    assert!(
+        (got - expected).abs() <= slack,
+        "{what}: admitted {got}, expected {expected:.0} ± {slack:.0}\n{}",
+        logs()
+    );
+}

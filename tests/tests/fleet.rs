@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use limiter_tests::{
-    fleet::{Fleet, admitted, fleet_section, metric, send},
+    fleet::{Fleet, admitted, assert_admitted, fleet_section, metric, send},
     redis::Redis,
 };
 
@@ -76,21 +76,9 @@ fn budget(seconds: f64) -> f64 {
     RATE * seconds + BURST
 }
 
-/// The stated tolerance (docs/fleet.md, "Accuracy"): 5% of the budget, plus
-/// what the rest of the fleet may admit before a gateway learns of it (two
-/// sync intervals at the budget's rate).
-fn tolerance(expected: f64) -> f64 {
-    0.05 * expected + 2.0 * INTERVAL * RATE
-}
-
+/// [`assert_admitted`] with this test's budget and sync interval.
 fn assert_near(what: &str, got: f64, expected: f64, logs: impl Fn() -> String) {
-    let slack = tolerance(expected);
-    println!("{what}: admitted {got}, expected {expected:.0} ± {slack:.0}");
-    assert!(
-        (got - expected).abs() <= slack,
-        "{what}: admitted {got}, expected {expected:.0} ± {slack:.0}\n{}",
-        logs()
-    );
+    assert_admitted(what, got, expected, (RATE, INTERVAL), logs);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use limiter_tests::{
     agent::AgentEnv,
-    fleet::{Fleet, admitted, fleet_section, metric, send, wait_metric},
+    fleet::{Fleet, admitted, assert_admitted, fleet_section, metric, send, wait_metric},
     redis::{Redis, RedisKind, Topology, Transport},
 };
 
@@ -63,16 +63,9 @@ fn budget(seconds: f64) -> f64 {
     RATE * seconds + BURST
 }
 
-/// The tolerance of tests/tests/fleet.rs (docs/fleet.md, "Accuracy"): 5%
-/// of the budget, plus two sync intervals at the budget's rate.
+/// [`assert_admitted`] with this test's budget and sync interval.
 fn assert_near(what: &str, got: f64, expected: f64, logs: impl Fn() -> String) {
-    let slack = 0.05 * expected + 2.0 * INTERVAL * RATE;
-    println!("{what}: admitted {got}, expected {expected:.0} ± {slack:.0}");
-    assert!(
-        (got - expected).abs() <= slack,
-        "{what}: admitted {got}, expected {expected:.0} ± {slack:.0}\n{}",
-        logs()
-    );
+    assert_admitted(what, got, expected, (RATE, INTERVAL), logs);
 }
 
 /// Every gateway sends an even share of [`OFFERED`] to `ports` for
