@@ -351,11 +351,16 @@ fn charge(rule: &Rule, ip: &PacketArgs, keep_debt: u64) -> bool {
         syn: ip.syn != 0,
     };
     let shared = rule.scope == Scope::Shared as u32;
-    let fleet_slot = fleet::slot(rule);
-    // The shared bucket or the aggregate, if fleet-wide.
-    let fleet = fleet_slot
-        .filter(|(_, flags)| flags & FleetSlot::FLEET != 0 && (shared || rule.has_aggregate()))
-        .map(|(slot, _)| fleet::Words::of_slot(slot));
+    // The shared bucket or the aggregate, if fleet-wide. A per-source
+    // rule without an aggregate has neither: no lookup on its path (its
+    // sources' fleet words are `limiter_fleet_source`'s business).
+    let fleet = if shared || rule.has_aggregate() {
+        fleet::slot(rule)
+            .filter(|(_, flags)| flags & FleetSlot::FLEET != 0)
+            .map(|(slot, _)| fleet::Words::of_slot(slot))
+    } else {
+        None
+    };
     let (stale, tats) = seen(bucket, now_ns);
     if shared && let Some(words) = fleet {
         apply_remote(words, &rule.limits, tats, stale, packet.now);
