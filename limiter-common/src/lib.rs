@@ -17,9 +17,9 @@ pub use rate::Limit;
 pub mod map_names {
     /// Every map name starts with this (older layouts' too).
     pub const PREFIX: &str = "LIM_";
-    /// V3: the reply budget of `reject` rules (V2: intervals in 2^-14 ns,
-    /// aggregate budgets; V1: 2^-16 ns).
-    pub const RULES: &str = "LIM_RULES_V3";
+    /// V4: `flags` (the tick clock); V3: the reply budget of `reject`
+    /// rules (V2: intervals in 2^-14 ns, aggregate budgets; V1: 2^-16 ns).
+    pub const RULES: &str = "LIM_RULES_V4";
     /// V2: keyed by (generation, service, source prefix).
     pub const PREFIXES_V4: &str = "LIM_PFX4_V2";
     pub const PREFIXES_V6: &str = "LIM_PFX6_V2";
@@ -233,6 +233,10 @@ pub struct Rule {
     pub skb_mark: u32,
     /// Non-zero once the slot holds a rule; an empty slot passes traffic.
     pub in_use: u32,
+    /// [`rule_flags`], derived from the budgets by [`Rule::flags_for`].
+    pub flags: u32,
+    /// Explicit padding (zero).
+    pub reserved: u32,
     /// Budgets by [`dimension`]; unlimited dimensions have `interval == 0`.
     pub limits: [Limit; dimension::COUNT],
     /// A per-source rule's budgets for all its sources together, charged to
@@ -246,7 +250,7 @@ pub struct Rule {
     pub reply: Limit,
 }
 
-const _: () = assert!(size_of::<Rule>() == 144);
+const _: () = assert!(size_of::<Rule>() == 152);
 
 impl Rule {
     pub const EMPTY: Self = Self {
@@ -258,10 +262,37 @@ impl Rule {
         dscp: 0,
         skb_mark: 0,
         in_use: 0,
+        flags: 0,
+        reserved: 0,
         limits: [Limit::UNLIMITED; dimension::COUNT],
         aggregate: [Limit::UNLIMITED; dimension::COUNT],
         reply: Limit::UNLIMITED,
     };
+
+    /// The [`rule_flags`] a rule with these budgets gets: the tick clock
+    /// when every budget holds with it (see
+    /// [`Limit::holds_with_tick_clock`]). The reply budget is charged with
+    /// the precise clock whatever it is.
+    pub const fn flags_for(
+        limits: &[Limit; dimension::COUNT],
+        aggregate: &[Limit; dimension::COUNT],
+    ) -> u32 {
+        let mut dim = 0;
+        while dim < dimension::COUNT {
+            let max_units = if dim == dimension::BYTES {
+                rate::MAX_UNITS_PER_PACKET
+            } else {
+                1
+            };
+            if !limits[dim].holds_with_tick_clock(max_units)
+                || !aggregate[dim].holds_with_tick_clock(max_units)
+            {
+                return 0;
+            }
+            dim += 1;
+        }
+        rule_flags::TICK_CLOCK
+    }
 
     /// Whether a per-source rule also has budgets for all its sources
     /// together.
@@ -272,6 +303,14 @@ impl Rule {
                 && self.aggregate[1].is_unlimited()
                 && self.aggregate[2].is_unlimited())
     }
+}
+
+/// Bits of [`Rule::flags`].
+pub mod rule_flags {
+    /// Packets of the rule read the tick clock (a precise reading from
+    /// earlier in the current jiffy) instead of the precise clock: its
+    /// budgets hold as written with a clock that lags that much.
+    pub const TICK_CLOCK: u32 = 1;
 }
 
 /// Address family tags used in keys and events.

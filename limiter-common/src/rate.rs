@@ -45,6 +45,13 @@ pub const STALE_AFTER_NS: u64 = 4 * 86_400 * NANOS_PER_SEC;
 /// wrapping difference reads it as ahead. One day.
 pub const REANCHOR_LAG_NS: u64 = 86_400 * NANOS_PER_SEC;
 
+/// The most the tick clock (`bpf_jiffies64`-gated, see the programs'
+/// `clock` module) lags the precise one: one jiffy at HZ=100, the coarsest
+/// tick Linux is built with. Its reading is a precise reading taken earlier
+/// in the current jiffy.
+pub const TICK_CLOCK_LAG_NS: u64 = 10_000_000;
+const TICK_CLOCK_LAG: u64 = TICK_CLOCK_LAG_NS << FINE_SHIFT;
+
 // No tolerance outlasts the staleness horizon: a stale bucket would have
 // refilled anyway.
 const _: () = assert!(MAX_FINE_SPAN >> FINE_SHIFT < STALE_AFTER_NS);
@@ -170,6 +177,22 @@ impl Limit {
             Ok(interval) => (MAX_FINE_SPAN - 1) / interval,
             Err(_) => 0,
         }
+    }
+
+    /// Whether this budget holds as written when `now` lags by up to
+    /// [`TICK_CLOCK_LAG_NS`] (a lagging clock never admits more than `rate
+    /// x (T + lag) + burst`; what it can do is admit less). Either the
+    /// burst beyond the costliest packet (`max_units`) covers two lags, so
+    /// a sender over budget never finds the bucket reset by a clock jump
+    /// and gets the rate exactly; or one unit is worth at least 100 lags, so
+    /// each wait for the next unit is at most 1 % longer.
+    pub const fn holds_with_tick_clock(&self, max_units: u64) -> bool {
+        if self.is_unlimited() {
+            return true;
+        }
+        let costliest = self.cost(max_units);
+        self.tolerance >= costliest.saturating_add(2 * TICK_CLOCK_LAG)
+            || self.interval >= 100 * TICK_CLOCK_LAG
     }
 
     /// No budget in this dimension.
@@ -331,3 +354,5 @@ pub const fn available(tat: u64, now: u64, limit: &Limit) -> u64 {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tick_clock_tests;

@@ -28,7 +28,7 @@ use limiter_common::{
 use crate::{
     atomic::{self, compare_exchange},
     classify::{NO_RULE, limiter_classify},
-    fleet,
+    clock, fleet,
     maps::{
         EVENTS, REASON_COUNTERS, REPLY_BUCKETS, RULE_COUNTERS, RULES, SHARED_BUCKETS,
         SOURCE_BUCKETS,
@@ -340,8 +340,7 @@ pub extern "C" fn limiter_reply_allowed(rule: *const Rule) -> u32 {
 /// it admits for the agent to publish.
 #[inline(always)]
 fn charge(rule: &Rule, ip: &PacketArgs, keep_debt: u64) -> bool {
-    // SAFETY: a plain helper call without arguments.
-    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let now_ns = clock::now_ns(rule);
     let Some((bucket, key)) = bucket_for(rule, ip, now_ns) else {
         return true;
     };

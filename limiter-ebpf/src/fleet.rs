@@ -12,7 +12,7 @@
 //! so it costs Redis nothing. A source the agent learned is heavy elsewhere
 //! (it has a `FleetRemote`) is promoted here on its next packet.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::bindings::BPF_NOEXIST;
 use limiter_common::{
     FleetRemote, FleetSlot, FleetSource, Rule, Scope, SourceKey,
     fleet_window::{self, COUNT_BITS, COUNT_MASK},
@@ -22,6 +22,7 @@ use limiter_common::{
 
 use crate::{
     atomic::{self, compare_exchange},
+    clock,
     enforce::{
         PacketArgs, PacketCost, apply_remote, count_admitted, lead_units, seen, source_prefix_len,
     },
@@ -99,8 +100,7 @@ pub extern "C" fn limiter_fleet_source(rule: *const Rule, args: *const PacketArg
     let Some(slot) = source_slot(rule) else {
         return 0;
     };
-    // SAFETY: a plain helper call without arguments.
-    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let now_ns = clock::now_ns(rule);
     let key = source_key(rule, args);
     let packet = PacketCost {
         now: fine_time(now_ns),

@@ -22,6 +22,7 @@
 
 mod atomic;
 mod classify;
+mod clock;
 mod enforce;
 mod fleet;
 mod maps;

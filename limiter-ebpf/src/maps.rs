@@ -12,7 +12,7 @@ use limiter_common::{
 };
 
 /// Rules by slot (both generations' slots; the agent assigns them).
-#[map(name = "LIM_RULES_V3")]
+#[map(name = "LIM_RULES_V4")]
 pub static RULES: Array<Rule> = Array::with_max_entries(DEFAULT_MAX_RULES * GENERATIONS, 0);
 
 /// The active rule-set generation and how to classify it (one u32, see

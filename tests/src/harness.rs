@@ -56,29 +56,36 @@ impl RuleSpec {
 
     pub fn packets(mut self, rate: u64, burst: u64) -> Self {
         self.0.limits[dimension::PACKETS] = limit(rate, burst);
-        self
+        self.with_clock()
     }
 
     pub fn bytes(mut self, rate: u64, burst: u64) -> Self {
         self.0.limits[dimension::BYTES] = limit(rate, burst);
-        self
+        self.with_clock()
     }
 
     pub fn syns(mut self, rate: u64, burst: u64) -> Self {
         self.0.limits[dimension::SYNS] = limit(rate, burst);
-        self
+        self.with_clock()
     }
 
     /// Any budget the representation holds (`3/min`, `10GB/day`), by
     /// [`dimension`].
     pub fn limit(mut self, dim: usize, limit: Limit) -> Self {
         self.0.limits[dim] = limit;
-        self
+        self.with_clock()
     }
 
     /// A budget for all the rule's sources together, by [`dimension`].
     pub fn aggregate(mut self, dim: usize, limit: Limit) -> Self {
         self.0.aggregate[dim] = limit;
+        self.with_clock()
+    }
+
+    /// The clock flag the agent derives from the budgets
+    /// (`Rule::flags_for`).
+    fn with_clock(mut self) -> Self {
+        self.0.flags = Rule::flags_for(&self.0.limits, &self.0.aggregate);
         self
     }
 

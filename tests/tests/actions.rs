@@ -605,3 +605,56 @@ fn a_new_harness_sees_nothing_of_the_last_one() {
     h.rule(per_source, &["198.18.1.0/24"]);
     assert_eq!(h.xdp_many(&udp4(v4(1)), 2), (1, 1));
 }
+
+/// A rule whose budgets hold with the tick clock reads one precise time per
+/// jiffy (the first packet's): back-to-back packets of different sources
+/// share it. A rule whose budgets need the precise clock never does.
+#[test]
+fn only_rules_whose_budgets_allow_it_read_the_tick_clock() {
+    let mut h = Harness::new();
+    // One packet a second: each wait at most 1 % longer with a late clock.
+    h.rule(
+        RuleSpec::new(1, Action::Drop).packets(1, 5),
+        &["198.18.1.0/24"],
+    );
+    // 100,000/s with a burst of 10 (100 µs): needs the precise clock.
+    h.rule(
+        RuleSpec::new(2, Action::Drop).packets(100_000, 10),
+        &["198.18.2.0/24"],
+    );
+    let pair_readings = |h: &mut Harness, subnet: u8, pair: u8| {
+        let sources = [
+            Ipv4Addr::new(198, 18, subnet, 2 * pair),
+            Ipv4Addr::new(198, 18, subnet, 2 * pair + 1),
+        ];
+        for source in sources {
+            assert_eq!(h.xdp(&udp4(source)).0, XDP_PASS);
+        }
+        sources.map(|source| {
+            h.dp.source_bucket(&v4_key(u32::from(subnet), source))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("no bucket for {source}"))
+                .last_seen_ns
+        })
+    };
+    let pairs = 20;
+    let shared = (0..pairs)
+        .filter(|&pair| {
+            let [a, b] = pair_readings(&mut h, 1, pair);
+            assert!(a <= b, "a later packet read an earlier time: {a} then {b}");
+            a == b
+        })
+        .count();
+    // Two packets take microseconds; a jiffy is 1 to 10 ms, so most pairs
+    // fall in one.
+    assert!(
+        shared >= pairs as usize / 2,
+        "only {shared} of {pairs} pairs shared a reading"
+    );
+    for pair in 0..pairs {
+        let [a, b] = pair_readings(&mut h, 2, pair);
+        assert!(a < b, "the precise clock gave {a} then {b}");
+    }
+    assert_eq!(h.packets(1)[verdict::PASSED], 2 * u64::from(pairs));
+    assert_eq!(h.packets(2)[verdict::PASSED], 2 * u64::from(pairs));
+}

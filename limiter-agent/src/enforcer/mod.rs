@@ -95,6 +95,8 @@ fn kernel_rule(def: &RuleDef, id: u32, service: u8) -> KernelRule {
         ActionConfig::Monitor => Action::Monitor,
         ActionConfig::Reject => Action::Reject,
     };
+    let limits = def.limits();
+    let aggregate = def.aggregate_limits();
     KernelRule {
         id,
         rule: Rule {
@@ -109,10 +111,12 @@ fn kernel_rule(def: &RuleDef, id: u32, service: u8) -> KernelRule {
             dscp: u32::from(def.dscp),
             skb_mark: def.skb_mark,
             in_use: 1,
+            flags: Rule::flags_for(&limits, &aggregate),
+            reserved: 0,
             // Made by validation: nothing here can turn a budget into
             // "unlimited".
-            limits: def.limits(),
-            aggregate: def.aggregate_limits(),
+            limits,
+            aggregate,
             reply: def.reply_limit(),
         },
         service,

@@ -317,6 +317,8 @@ fn rule() -> impl Strategy<Value = Rule> {
                 dscp,
                 skb_mark,
                 in_use: 1,
+                flags: Rule::flags_for(&limits, &aggregate),
+                reserved: 0,
                 limits,
                 aggregate,
                 reply,
