@@ -18,7 +18,7 @@ use limiter_common::{
 };
 
 use crate::{
-    netns::{Namespace, unique_tag, veth},
+    netns::{Namespace, unique_tag, veth, veth_queues},
     traffic::if_index,
 };
 
@@ -56,8 +56,24 @@ fn mac_of(ns: &Namespace, dev: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
+/// How the gateway's receiving veth runs XDP.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Receive {
+    /// One queue, threaded NAPI: all receive work in one kthread, whose CPU
+    /// time is the measurement.
+    OneThread,
+    /// Two queues, NAPI in softirq: a frame redirected into the source veth
+    /// lands on the gateway queue of the CPU that sent it, so XDP runs on
+    /// each sending CPU at once.
+    EachCpu,
+}
+
 impl Gateway {
     pub fn create() -> Result<Self> {
+        Self::create_with(Receive::OneThread)
+    }
+
+    pub fn create_with(receive: Receive) -> Result<Self> {
         let tag = unique_tag();
         let source = Namespace::create(&format!("lim-bsrc-{tag}"))?;
         let gateway = Namespace::create(&format!("lim-bgw-{tag}"))?;
@@ -68,7 +84,8 @@ impl Gateway {
             format!("bo{tag}"),
             format!("bk{tag}"),
         );
-        veth((&source, &src_if), (&gateway, &gw_in))?;
+        let queues = if receive == Receive::EachCpu { 2 } else { 1 };
+        veth_queues((&source, &src_if), (&gateway, &gw_in), queues)?;
         veth((&gateway, &gw_out), (&sink, &sink_if))?;
         gateway.exec(&["ip", "addr", "add", "198.18.0.1/24", "dev", &gw_in])?;
         gateway.exec(&["ip", "addr", "add", "198.19.200.2/24", "dev", &gw_out])?;
@@ -139,7 +156,14 @@ impl Gateway {
         ])?;
         // Threaded NAPI with GRO on the receiving veths: redirected frames
         // are accepted, and each device's receive work is one kthread.
-        for (ns, dev) in [(&gateway, &gw_in), (&sink, &sink_if)] {
+        // With `EachCpu` the gateway's receiving veth keeps NAPI in softirq
+        // (the XDP program it gets makes it accept redirected frames).
+        let threaded = if receive == Receive::OneThread {
+            vec![(&gateway, &gw_in), (&sink, &sink_if)]
+        } else {
+            vec![(&sink, &sink_if)]
+        };
+        for (ns, dev) in threaded {
             ns.exec(&["ethtool", "-K", dev, "gro", "on"])?;
             ns.exec(&[
                 "sh",

@@ -68,9 +68,33 @@ impl Drop for Namespace {
 
 /// Creates a veth pair with one end (`namespace`, `name`) in each namespace.
 pub fn veth(a: (&Namespace, &str), b: (&Namespace, &str)) -> Result<()> {
+    veth_queues(a, b, 1)
+}
+
+/// [`veth`] with `queues` receive and transmit queues at each end.
+pub fn veth_queues(a: (&Namespace, &str), b: (&Namespace, &str), queues: u32) -> Result<()> {
+    let queues = queues.to_string();
     ip(&[
-        "link", "add", a.1, "netns", &a.0.name, "type", "veth", "peer", "name", b.1, "netns",
+        "link",
+        "add",
+        a.1,
+        "netns",
+        &a.0.name,
+        "numtxqueues",
+        &queues,
+        "numrxqueues",
+        &queues,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b.1,
+        "netns",
         &b.0.name,
+        "numtxqueues",
+        &queues,
+        "numrxqueues",
+        &queues,
     ])
 }
 

@@ -402,19 +402,24 @@ impl Datapath {
 
     /// A rule's counters, summed over CPUs.
     pub fn rule_counters(&self, rule_id: u32) -> Result<RuleCounters> {
-        let per_cpu = self
-            .maps
-            .rule_counters
-            .get(&rule_id, 0)
-            .map_err(map_err(map_names::RULE_COUNTERS))?;
         let mut sum = RuleCounters::default();
-        for cpu in per_cpu.iter() {
+        for cpu in self.rule_counters_by_cpu(rule_id)? {
             for v in 0..verdict::COUNT {
                 sum.packets[v] += cpu.packets[v];
                 sum.bytes[v] += cpu.bytes[v];
             }
         }
         Ok(sum)
+    }
+
+    /// A rule's counters on each possible CPU, in CPU order.
+    pub fn rule_counters_by_cpu(&self, rule_id: u32) -> Result<Vec<RuleCounters>> {
+        let per_cpu = self
+            .maps
+            .rule_counters
+            .get(&rule_id, 0)
+            .map_err(map_err(map_names::RULE_COUNTERS))?;
+        Ok(per_cpu.iter().copied().collect())
     }
 
     /// Global counters by [`Reason`], summed over CPUs.

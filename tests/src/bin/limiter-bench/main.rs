@@ -67,6 +67,13 @@ struct Args {
     many_sources: u32,
     /// A quick run that only proves the benchmark works (CI); its tables
     /// and plots go to a temporary directory.
+    /// Repetitions of the gateway suite (each filter and case once per
+    /// repetition, interleaved).
+    #[arg(long, default_value_t = 5)]
+    gateway_reps: usize,
+    /// Packets measured per gateway case (after a quarter as many warm-up).
+    #[arg(long, default_value_t = 2_000_000)]
+    gateway_packets: u32,
     #[arg(long)]
     smoke: bool,
     /// Where the gateway and accuracy suites write their tables (.md) and
@@ -236,7 +243,7 @@ fn main() -> Result<()> {
         let (reps, count) = if args.smoke {
             (1, 100_000)
         } else {
-            (5, 2_000_000)
+            (args.gateway_reps, args.gateway_packets)
         };
         gateway::suite(reps, count, &args.out)?;
     }
