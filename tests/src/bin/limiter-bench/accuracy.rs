@@ -26,7 +26,7 @@ use limiter_common::{
     verdict,
 };
 use limiter_tests::{
-    gateway::{FIRST_V4, Gateway, Receive},
+    gateway::{FIRST_V4, Gateway, Receive, pin_to_cpu},
     harness::{RuleSpec, limit, net},
     traffic::{PacketSocket, if_index},
 };
@@ -49,15 +49,6 @@ struct Case {
     sender: Sender,
 }
 
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET on an index < 1024.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 /// Sends `offered` packets/s for `duration` from two threads, one pinned
 /// to each CPU, cycling through `frames`. Each thread sends exactly its
 /// share on a 1 ms schedule: whatever is due is sent, so a late wake-up
@@ -77,7 +68,7 @@ fn send_paced(
             .map(|cpu| {
                 scope.spawn(move || -> Result<()> {
                     gw.source.run(|| {
-                        pin_to_cpu(cpu);
+                        pin_to_cpu(0, cpu)?;
                         let sock = PacketSocket::open(&gw.src_if)?;
                         let mut sent = 0u64;
                         // The threads take alternate frames of the cycle.
@@ -120,7 +111,7 @@ fn send_live_paced(gw: &Gateway, offered: u64, duration: Duration) -> Result<Dur
             .map(|cpu| {
                 scope.spawn(move || -> Result<()> {
                     gw.enter_source()?;
-                    pin_to_cpu(cpu);
+                    pin_to_cpu(0, cpu)?;
                     let mut sent = 0u64;
                     loop {
                         let elapsed = started.elapsed().min(duration);

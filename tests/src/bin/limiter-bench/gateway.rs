@@ -20,7 +20,7 @@ use limiter_agent::{
 };
 use limiter_common::Action;
 use limiter_tests::{
-    gateway::Gateway,
+    gateway::{Gateway, RECEIVE_CPU, pin_to_cpu},
     harness::{RuleSpec, net},
     traffic::if_index,
 };
@@ -236,10 +236,17 @@ impl Bench {
 
     /// ns of gateway receive CPU per packet received.
     fn measure(&mut self, count: u32, sources: u32, v6: bool) -> Result<f64> {
+        // The receive thread is re-created with each attachment: pinned
+        // again each time, away from the sender.
+        let pid = self.gw.napi_thread()?;
+        pin_to_cpu(pid, RECEIVE_CPU)?;
         // Warm-up: fills state tables, puts sources over budget.
         self.gw.send(count / 4, sources, v6)?;
         std::thread::sleep(Duration::from_millis(100));
-        let pid = self.gw.napi_thread()?;
+        anyhow::ensure!(
+            self.gw.napi_thread()? == pid,
+            "the receive thread was re-created during the warm-up"
+        );
         let cpu0 = Gateway::cpu_ns(pid)?;
         let rx0 = self.gw.received()?;
         self.gw.send(count, sources, v6)?;
