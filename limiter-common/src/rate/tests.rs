@@ -173,7 +173,11 @@ proptest! {
         gaps in prop::collection::vec(0u64..400_000_000_000, 1..150),
     ) {
         let rate = Rate { count, per_ns };
-        let limit = Limit::from_rate(rate, burst, 1).unwrap();
+        // A burst over 3.26 days' worth (79 at 1/h) is refused, not held:
+        // `a_burst_beyond_the_clock_span_is_refused`.
+        let Ok(limit) = Limit::from_rate(rate, burst, 1) else {
+            return Ok(());
+        };
         let times = arrivals(&gaps);
         let stream: Vec<(u64, u64)> = times.iter().map(|&t| (t, 1)).collect();
         let admitted = run(&limit, &stream);
@@ -454,4 +458,19 @@ fn a_remote_charge_never_leaves_the_range_wrapping_differences_express() {
         assert!(ahead > 0, "still ahead of now, not wrapped behind it");
         assert!(ahead as u64 <= limit.tolerance + MAX_FINE_SPAN);
     }
+}
+
+/// The case the interval property once drew and unwrapped: 79 units at one
+/// an hour is more than the 2^62 fine units (3.26 days) a tolerance holds.
+#[test]
+fn a_burst_beyond_the_clock_span_is_refused() {
+    let hourly = Rate {
+        count: 1,
+        per_ns: 3_600 * NANOS_PER_SEC,
+    };
+    assert_eq!(
+        Limit::from_rate(hourly, 79, 1),
+        Err(LimitError::BurstTooLarge)
+    );
+    assert!(Limit::from_rate(hourly, 78, 1).is_ok());
 }
