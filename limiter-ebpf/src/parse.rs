@@ -59,8 +59,9 @@ pub const PROTO_UNKNOWN: u8 = 255;
 #[derive(Clone, Copy)]
 pub struct IpPacket {
     pub family: u32,
-    /// Offset of the IP header (the addresses are read from there, for
-    /// classifying; the mark rewrite too).
+    pub src: [u8; 16],
+    /// Offset of the IP header (for the mark rewrite; the destination
+    /// address is read from there when a rule names destinations).
     pub l3: usize,
     /// The L4 protocol ([`PROTO_UNKNOWN`] past too long an IPv6 chain).
     pub proto: u8,
@@ -116,29 +117,6 @@ fn bytes_before<const N: usize, P: Packet>(pkt: &P, off: usize, end: usize) -> O
     read::<N, P>(pkt, off)
 }
 
-/// 16 address bytes from two native-endian words, stored as words. A
-/// zero-filled byte array (`[0u8; 16]`) compiles to a call to a
-/// byte-at-a-time `memset` on this target (three instructions a byte, on
-/// every packet); volatile stores cannot be merged back into one.
-#[inline(always)]
-pub fn addr16(low: u64, high: u64) -> [u8; 16] {
-    let mut words = core::mem::MaybeUninit::<[u64; 2]>::uninit();
-    let word = words.as_mut_ptr() as *mut u64;
-    // SAFETY: the array's two aligned words, both written before it is
-    // read; any bytes are a valid [u8; 16].
-    unsafe {
-        core::ptr::write_volatile(word, low);
-        core::ptr::write_volatile(word.add(1), high);
-        core::mem::transmute::<[u64; 2], [u8; 16]>(words.assume_init())
-    }
-}
-
-/// An IPv4 address in the first 4 of 16 bytes, the rest zero.
-#[inline(always)]
-pub fn ipv4_in_16(addr: [u8; 4]) -> [u8; 16] {
-    addr16(u64::from(u32::from_ne_bytes(addr)), 0)
-}
-
 #[inline(always)]
 fn be16<P: Packet>(pkt: &P, off: usize) -> Option<u16> {
     read::<2, P>(pkt, off).map(u16::from_be_bytes)
@@ -187,11 +165,14 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3: usize) -> Parsed {
     if pkt.data() + l3 + header_len > pkt.data_end() {
         return Parsed::Drop(Reason::MalformedIpv4);
     }
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&hdr[12..16]);
     let flags_and_offset = u16::from_be_bytes([hdr[6], hdr[7]]);
     let fragment_offset = flags_and_offset & 0x1fff;
     let more_fragments = flags_and_offset & 0x2000 != 0;
     let mut ip = IpPacket {
         family: family::IPV4,
+        src,
         l3,
         proto: hdr[9],
         l4: 0,
@@ -277,8 +258,11 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize) -> Parsed {
     }
     // Where the packet ends: a jumbogram's end is the frame's.
     let end = l3 + IPV6_HLEN + if jumbo { on_wire } else { payload_len };
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&hdr[8..24]);
     let mut ip = IpPacket {
         family: family::IPV6,
+        src,
         l3,
         proto: PROTO_UNKNOWN,
         l4: 0,

@@ -273,32 +273,8 @@ pub struct Sums {
 
 /// The sums for the TCP checksum of a reply [`build`] wrote without one,
 /// its IP header at `l3`; `None` if the reply is not there.
-#[inline(always)]
-pub fn sums(data: usize, end: usize, l3: usize, ipv6: bool) -> Option<Sums> {
-    let packed = packed_sums(data, end, l3, ipv6);
-    (packed & SUMS_FOUND != 0).then_some(Sums {
-        tcp: (packed >> 32) as u32 & 0x7fff_ffff,
-        pseudo: packed as u32,
-    })
-}
-
-/// Set in [`packed_sums`]' answer when the reply was there.
-const SUMS_FOUND: u64 = 1 << 63;
-
-/// [`sums`] as one word (`SUMS_FOUND | tcp << 32 | pseudo`; each sum is
-/// below 2^20): a function of its own, and a struct returned through
-/// memory would be a pointer to the caller's stack, which the verifier
-/// refuses to see returned.
 #[inline(never)]
-fn packed_sums(data: usize, end: usize, l3: usize, ipv6: bool) -> u64 {
-    match sums_here(data, end, l3, ipv6) {
-        Some(Sums { tcp, pseudo }) => SUMS_FOUND | u64::from(tcp) << 32 | u64::from(pseudo),
-        None => 0,
-    }
-}
-
-#[inline(always)]
-fn sums_here(data: usize, end: usize, l3: usize, ipv6: bool) -> Option<Sums> {
+pub fn sums(data: usize, end: usize, l3: usize, ipv6: bool) -> Option<Sums> {
     if l3 > MAX_L3 {
         return None;
     }
