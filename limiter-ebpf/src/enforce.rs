@@ -33,7 +33,7 @@ use crate::{
         EVENTS, REASON_COUNTERS, REPLY_BUCKETS, RULE_COUNTERS, RULES, SHARED_BUCKETS,
         SOURCE_BUCKETS,
     },
-    parse::{IpPacket, Packet, Parsed, parse, read},
+    parse::{IpPacket, Packet, Parsed, addr16, ipv4_in_16, parse, read},
     reply,
 };
 
@@ -189,14 +189,13 @@ fn lookup_rule(args: &PacketArgs) -> Option<&'static Rule> {
 /// plain memory, not packet pointers).
 #[inline(always)]
 fn packet_args<P: Packet>(pkt: &P, ip: &IpPacket) -> PacketArgs {
-    let mut dst = [0u8; 16];
-    if ip.family == family::IPV4 {
-        if let Some(d) = read::<4, P>(pkt, ip.l3 + 16) {
-            dst[..4].copy_from_slice(&d);
-        }
-    } else if let Some(d) = read::<16, P>(pkt, ip.l3 + 24) {
-        dst = d;
+    // The parser checked the header: neither read fails.
+    let dst = if ip.family == family::IPV4 {
+        read::<4, P>(pkt, ip.l3 + 16).map(ipv4_in_16)
+    } else {
+        read::<16, P>(pkt, ip.l3 + 24)
     }
+    .unwrap_or_else(|| addr16(0, 0));
     PacketArgs {
         family: ip.family,
         wire_len: pkt.wire_len(),
@@ -228,8 +227,9 @@ fn bucket_for(rule: &Rule, ip: &PacketArgs, now_ns: u64) -> Option<(*mut Bucket,
         family: ip.family,
         addr: ip.src,
     };
+    // A shared bucket's key is not looked up, and its reports name no
+    // source (see `maybe_report`): left unmasked, no zeroing per packet.
     if rule.scope == Scope::Shared as u32 {
-        key.addr = [0; 16];
         return SHARED_BUCKETS.get_ptr_mut(rule.id).map(|b| (b, key));
     }
     mask_addr(&mut key.addr, source_prefix_len(rule, ip.family));
@@ -395,7 +395,7 @@ fn charge(rule: &Rule, ip: &PacketArgs, keep_debt: u64) -> bool {
         if agg_exceeded != 0 {
             // Reported for the rule as a whole, like a shared bucket.
             let whole_rule = Report {
-                addr: [0; 16],
+                addr: key.addr,
                 prefix_len: 0,
                 scope: Scope::Shared as u32,
                 exceeded: agg_exceeded << AGGREGATE_SHIFT,
@@ -667,6 +667,8 @@ fn clear_debt(tat_ptr: *mut u64, seen: u64, now: u64, tolerance: u64) {
 
 /// Whom an over-budget event names, and what was exceeded.
 struct Report {
+    /// Masked to `prefix_len` in the event (to nothing for a shared
+    /// bucket or an aggregate).
     addr: [u8; 16],
     prefix_len: u32,
     scope: u32,
@@ -703,6 +705,8 @@ fn maybe_report(bucket: *mut Bucket, rule: &Rule, ip: &PacketArgs, report: &Repo
         (*event).rule_id = rule.id;
         (*event).family = ip.family;
         (*event).addr = report.addr;
+        // A shared bucket's or an aggregate's (prefix length 0): no source.
+        mask_addr(&mut (*event).addr, report.prefix_len);
         (*event).prefix_len = report.prefix_len;
         (*event).action = rule.action;
         (*event).exceeded = report.exceeded;

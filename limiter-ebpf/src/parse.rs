@@ -117,6 +117,29 @@ fn bytes_before<const N: usize, P: Packet>(pkt: &P, off: usize, end: usize) -> O
     read::<N, P>(pkt, off)
 }
 
+/// 16 address bytes from two native-endian words, stored as words. A
+/// zero-filled byte array (`[0u8; 16]`) compiles to a call to a
+/// byte-at-a-time `memset` on this target (three instructions a byte, on
+/// every packet); volatile stores cannot be merged back into one.
+#[inline(always)]
+pub fn addr16(low: u64, high: u64) -> [u8; 16] {
+    let mut words = core::mem::MaybeUninit::<[u64; 2]>::uninit();
+    let word = words.as_mut_ptr() as *mut u64;
+    // SAFETY: the array's two aligned words, both written before it is
+    // read; any bytes are a valid [u8; 16].
+    unsafe {
+        core::ptr::write_volatile(word, low);
+        core::ptr::write_volatile(word.add(1), high);
+        core::mem::transmute::<[u64; 2], [u8; 16]>(words.assume_init())
+    }
+}
+
+/// An IPv4 address in the first 4 of 16 bytes, the rest zero.
+#[inline(always)]
+pub fn ipv4_in_16(addr: [u8; 4]) -> [u8; 16] {
+    addr16(u64::from(u32::from_ne_bytes(addr)), 0)
+}
+
 #[inline(always)]
 fn be16<P: Packet>(pkt: &P, off: usize) -> Option<u16> {
     read::<2, P>(pkt, off).map(u16::from_be_bytes)
