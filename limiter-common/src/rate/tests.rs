@@ -5,18 +5,27 @@ use super::*;
 /// Runs a stream of `(arrival_ns, units)` through one bucket, the way the
 /// kernel program does, and returns which packets were admitted.
 fn run(limit: &Limit, stream: &[(u64, u64)]) -> Vec<bool> {
+    // The kernel clock is never 0 (0 marks a never-used bucket).
+    run_with(limit, stream, |i| stream[i].0 + 1)
+}
+
+/// [`run`] with packet `i` charged at `clock(i)` ns (its arrival, or what
+/// a coarser clock reads then).
+pub(super) fn run_with(
+    limit: &Limit,
+    stream: &[(u64, u64)],
+    clock: impl Fn(usize) -> u64,
+) -> Vec<bool> {
     let mut tat = 0u64;
     let mut last_seen = 0u64;
-    let mut first = true;
     stream
         .iter()
-        .map(|&(now_ns, units)| {
-            // The kernel clock is never 0 (0 marks a never-used bucket).
-            let now_ns = now_ns + 1;
+        .enumerate()
+        .map(|(i, &(_, units))| {
+            let now_ns = clock(i);
             let now = fine_time(now_ns);
-            if first || is_stale(last_seen, now_ns) || lags_far_behind(tat, now) {
+            if i == 0 || is_stale(last_seen, now_ns) || lags_far_behind(tat, now) {
                 tat = now;
-                first = false;
             }
             last_seen = now_ns;
             match conform(tat, now, limit.cost(units), limit.tolerance) {

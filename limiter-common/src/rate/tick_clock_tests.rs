@@ -5,38 +5,7 @@
 
 use proptest::prelude::*;
 
-use super::*;
-
-/// Runs `(arrival_ns, units)` through one bucket like the kernel, with
-/// `now` read from `clock(i)` for packet `i`; which packets were admitted.
-fn run_with(limit: &Limit, stream: &[(u64, u64)], clock: impl Fn(usize) -> u64) -> Vec<bool> {
-    let mut tat = 0u64;
-    let mut last_seen = 0u64;
-    stream
-        .iter()
-        .enumerate()
-        .map(|(i, &(_, units))| {
-            let now_ns = clock(i);
-            let now = fine_time(now_ns);
-            if i == 0 || is_stale(last_seen, now_ns) || lags_far_behind(tat, now) {
-                tat = now;
-            }
-            last_seen = now_ns;
-            match conform(tat, now, limit.cost(units), limit.tolerance) {
-                Some(new_tat) => {
-                    tat = new_tat;
-                    true
-                }
-                None => {
-                    if let Some(clamped) = clamp_debt(tat, now, limit.tolerance) {
-                        tat = clamped;
-                    }
-                    false
-                }
-            }
-        })
-        .collect()
-}
+use super::{tests::run_with, *};
 
 /// The kernel's tick clock on one CPU: each packet reads the precise time
 /// of the first packet of its jiffy.
