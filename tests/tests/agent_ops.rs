@@ -268,6 +268,80 @@ fn offenders_of_a_deleted_rule_are_never_blamed_on_the_rule_that_reuses_its_id()
     assert!(!metrics.contains(r#"source="198.18.2.1/32""#), "{metrics}");
 }
 
+/// Adds a 1/s drop rule for one address; returns the rule's id.
+fn add_drop_rule(env: &AgentEnv, name: &str, address: std::net::Ipv4Addr) -> u64 {
+    env.cli_ok(&[
+        "rules",
+        "add",
+        name,
+        "--prefix",
+        &format!("{address}/32"),
+        "--action",
+        "drop",
+        "--packets",
+        "1/s",
+    ]);
+    rule_id(env, name)
+}
+
+/// Sends 50 packets from `address`, so its rule's id has counters and a
+/// bucket.
+fn hit(env: &AgentEnv, address: std::net::Ipv4Addr) {
+    let frame = limiter_tests::frame::Frame::v4(address, limiter_tests::frame::L4::Udp).build();
+    limiter_tests::traffic::measure(&env.pair, &[frame], 100, Duration::from_millis(500))
+        .unwrap_or_else(|e| panic!("traffic: {e:#}"));
+}
+
+fn dropped(env: &AgentEnv, name: &str) -> u64 {
+    let rules = env.cli_json(&["rules", "list"]);
+    let rule = limiter_tests::scenario::rule(&rules, name).unwrap_or_else(|| panic!("{rules}"));
+    rule["counters"]["packets"]["dropped"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no dropped counter: {rule}"))
+}
+
+#[test]
+fn a_reused_rule_id_starts_from_zero_before_and_after_a_restart() {
+    let mut env = env_with(RULES);
+    let (a, b, c) = (
+        std::net::Ipv4Addr::new(198, 18, 2, 1),
+        std::net::Ipv4Addr::new(198, 18, 2, 2),
+        std::net::Ipv4Addr::new(198, 18, 2, 3),
+    );
+    let id = add_drop_rule(&env, "temp-a", a);
+    hit(&env, a);
+    assert!(dropped(&env, "temp-a") > 0, "the scenario needs drops");
+    env.cli_ok(&["rules", "delete", "temp-a"]);
+    // Within one agent's life, on maps it made itself.
+    assert_eq!(
+        add_drop_rule(&env, "temp-b", b),
+        id,
+        "the scenario needs the id reused"
+    );
+    assert_eq!(
+        dropped(&env, "temp-b"),
+        0,
+        "temp-b inherited temp-a's counters"
+    );
+    hit(&env, b);
+    assert!(dropped(&env, "temp-b") > 0, "the scenario needs drops");
+    env.cli_ok(&["rules", "delete", "temp-b"]);
+    // After a restart on the pinned maps the agent cannot know which ids
+    // were held: it zeroes every id it gives out.
+    env.kill9().unwrap_or_else(|e| panic!("{e:#}"));
+    env.start().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        add_drop_rule(&env, "temp-c", c),
+        id,
+        "the scenario needs the id reused"
+    );
+    assert_eq!(
+        dropped(&env, "temp-c"),
+        0,
+        "temp-c inherited temp-b's counters"
+    );
+}
+
 fn kernel_limits(env: &AgentEnv) -> Vec<(u32, [limiter_common::Limit; 3])> {
     env.kernel_rules()
         .unwrap_or_else(|e| panic!("{e:#}"))

@@ -112,6 +112,10 @@ pub struct Datapath {
     /// Until [`Datapath::take_events`] hands it to its one reader.
     events: Option<RingBuf<MapData>>,
     capacities: Capacities,
+    /// No rule with this id or a higher one was written into the rules map
+    /// since the maps were created, so the kernel never touched their
+    /// per-id state: it is still zero. `u32::MAX` for maps adopted from pins.
+    pristine_from: u32,
 }
 
 impl Datapath {
@@ -138,6 +142,17 @@ impl Datapath {
         maps_dir: Option<&std::path::Path>,
         kernel_log: bool,
     ) -> Result<Self> {
+        // The per-id maps, if pinned already, hold what earlier agents left.
+        let adopted = maps_dir.is_some_and(|dir| {
+            [
+                map_names::RULE_COUNTERS,
+                map_names::SHARED_BUCKETS,
+                map_names::REPLY_BUCKETS,
+                map_names::FLEET,
+            ]
+            .iter()
+            .any(|name| dir.join(name).exists())
+        });
         let mut loader = EbpfLoader::new();
         // aya-log's level gate in the programs: 0 turns every record off.
         let level: u8 = if kernel_log { 0xff } else { 0 };
@@ -177,16 +192,7 @@ impl Datapath {
         loader.map_max_entries(map_names::FLEET_SOURCES, heavy);
         loader.map_max_entries(map_names::FLEET_REMOTE, heavy);
         let mut ebpf = loader.load(OBJECT)?;
-        let xdp: &mut Xdp = program(&mut ebpf, program_names::XDP)?;
-        xdp.load().map_err(|source| DatapathError::Program {
-            name: program_names::XDP,
-            source,
-        })?;
-        for name in [program_names::TC, program_names::TC_AFTER_XDP] {
-            let tc: &mut SchedClassifier = program(&mut ebpf, name)?;
-            tc.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
+        verify_programs(&mut ebpf)?;
         // The programs hold their own references to the maps: taking our
         // handles out of the object changes nothing for them.
         let (maps, events) = Maps::take(&mut ebpf, capacities.max_rules)?;
@@ -195,6 +201,7 @@ impl Datapath {
             maps,
             events: Some(events),
             capacities,
+            pristine_from: if adopted { u32::MAX } else { 0 },
         })
     }
 
@@ -269,6 +276,59 @@ fn duplicate(name: &'static str, fd: std::os::fd::BorrowedFd<'_>) -> Result<MapD
         .try_clone_to_owned()
         .map_err(|source| DatapathError::Dup { name, source })?;
     MapData::from_fd(owned).map_err(map_err(name))
+}
+
+/// Loads the programs, XDP on one thread and the two TC programs on
+/// another: each is a verifier pass of hundreds of milliseconds on one CPU,
+/// the longest part of a start.
+fn verify_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let mut xdp = None;
+    let mut tc = Vec::new();
+    for (name, program) in ebpf.programs_mut() {
+        if name == program_names::XDP {
+            xdp = Some(program);
+        } else if let Some(name) = [program_names::TC, program_names::TC_AFTER_XDP]
+            .into_iter()
+            .find(|n| *n == name)
+        {
+            tc.push((name, program));
+        }
+    }
+    let xdp = xdp.ok_or(DatapathError::MissingProgram {
+        name: program_names::XDP,
+    })?;
+    for name in [program_names::TC, program_names::TC_AFTER_XDP] {
+        if !tc.iter().any(|(n, _)| *n == name) {
+            return Err(DatapathError::MissingProgram { name });
+        }
+    }
+    let load_xdp = move || {
+        let name = program_names::XDP;
+        let xdp: &mut Xdp = xdp
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        xdp.load()
+            .map_err(|source| DatapathError::Program { name, source })
+    };
+    let load_tc = move || {
+        for (name, program) in tc {
+            let tc: &mut SchedClassifier = program
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            tc.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(())
+    };
+    std::thread::scope(|scope| {
+        let xdp = scope.spawn(load_xdp);
+        let tc = load_tc();
+        // A panic in the verifier call is aya's bug: pass it on.
+        let xdp = xdp
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        xdp.and(tc)
+    })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>

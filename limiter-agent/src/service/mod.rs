@@ -56,6 +56,8 @@ fn id_holders(
     fresh: &[u32],
     now_ns: u64,
 ) -> HashMap<u32, IdHolder> {
+    // A set, not the slice: a start gives out every id at once.
+    let fresh: HashSet<u32> = fresh.iter().copied().collect();
     state
         .ids
         .iter()
@@ -163,7 +165,7 @@ impl Service {
         );
         let dp = self.enforcer.datapath_mut();
         for id in &fresh_ids {
-            dp.reset_rule_state(*id)
+            dp.prepare_rule_id(*id)
                 .map_err(|source| ServiceError::ResetRule { id: *id, source })?;
         }
         let applied = self.enforcer.apply(&kernel).map_err(ServiceError::Kernel)?;
