@@ -127,8 +127,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // A corrupt state file stops us here, before anything pinned is touched.
     let state = State::load(&agent.state_file)?;
     let enforcer = Enforcer::new(dp, adopted)?;
-    let mut service = Service::start(config.clone(), state, agent.state_file.clone(), enforcer)
-        .context("applying the rules")?;
+    let config = Arc::new(config);
+    let mut service = Service::start(
+        Arc::clone(&config),
+        state,
+        agent.state_file.clone(),
+        enforcer,
+    )
+    .context("applying the rules")?;
     let held = service.live_overrides();
     if !held.is_empty() {
         let names: Vec<String> = held

@@ -48,7 +48,7 @@ pub use service::{
 };
 pub use validate::{
     Budget, Budgets, RuleDef, check_fleet_rules, every_source, parse_prefix, validate_rule_set,
-    validate_rules,
+    validate_rule_set_with, validate_rules,
 };
 
 /// Defaults, in one place.

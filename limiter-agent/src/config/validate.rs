@@ -487,21 +487,34 @@ pub fn validate_rules(rules: &[RuleConfig], capacity: u32) -> Result<Vec<RuleDef
 /// [`validate_rules`] where the rules from index `penalties` on are
 /// penalties: their service is every packet, ahead of every other rule, so
 /// a penalized source gets its penalty whatever else it sends.
-pub fn validate_rule_set(
-    rules: &[RuleConfig],
+pub fn validate_rule_set<R: std::borrow::Borrow<RuleConfig>>(
+    rules: &[R],
     capacity: u32,
     penalties: usize,
 ) -> Result<Vec<RuleDef>, RuleSetError> {
+    validate_rule_set_with(rules, capacity, penalties, |_, rule| rule.validate())
+}
+
+/// [`validate_rule_set`] with each rule's own validation by `validate`
+/// (given the rule's index): a caller that validated a rule before hands
+/// back that result instead of parsing it again.
+pub fn validate_rule_set_with<R: std::borrow::Borrow<RuleConfig>>(
+    rules: &[R],
+    capacity: u32,
+    penalties: usize,
+    mut validate: impl FnMut(usize, &RuleConfig) -> Result<RuleDef, FieldError>,
+) -> Result<Vec<RuleDef>, RuleSetError> {
     let mut out: Vec<RuleDef> = Vec::with_capacity(rules.len());
-    let mut owners: HashMap<(Service, IpNet), usize> = HashMap::new();
-    let mut names: HashSet<&str> = HashSet::new();
+    let mut owners: HashMap<(Service, IpNet), usize> = HashMap::with_capacity(rules.len());
+    let mut names: HashSet<&str> = HashSet::with_capacity(rules.len());
     for (index, rule) in rules.iter().enumerate() {
+        let rule: &RuleConfig = rule.borrow();
         let fail = |error| RuleSetError::Rule {
             index,
             name: rule.name.clone(),
             error,
         };
-        let mut def = rule.validate().map_err(fail)?;
+        let mut def = validate(index, rule).map_err(fail)?;
         if index >= penalties {
             def.service = Service::penalty();
         }
@@ -516,7 +529,7 @@ pub fn validate_rule_set(
                 "prefixes",
                 Problem::PrefixTaken {
                     prefix: *p,
-                    owner: rules[owner].name.clone(),
+                    owner: rules[owner].borrow().name.clone(),
                 },
             )));
         }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use bucket::{SourceBucket, source_bucket};
 pub use change::{Change, stage};
-pub use compose::{InForce, compose};
+pub use compose::{InForce, compose, compose_after};
 pub use error::{ErrorKind, RulesError};
 pub use ids::assign_ids;
 pub use penalty::{
@@ -53,8 +53,18 @@ pub struct Plan {
 
 /// Composes `config` and `state` into the rules in force and gives every
 /// rule its kernel id.
-pub fn plan(config: &Config, mut state: State) -> Result<Plan, RulesError> {
-    let in_force = compose(config, &state)?;
+pub fn plan(config: &Config, state: State) -> Result<Plan, RulesError> {
+    plan_after(&|_| None, config, state)
+}
+
+/// [`plan`] after `before` (the rules in force until now, by name): rules
+/// unchanged since are not validated again (see [`compose_after`]).
+pub fn plan_after<'a>(
+    before: &dyn Fn(&str) -> Option<&'a InForce>,
+    config: &Config,
+    mut state: State,
+) -> Result<Plan, RulesError> {
+    let in_force = compose_after(before, config, &state)?;
     let fresh_ids = assign_ids(&in_force, &mut state.ids, config.file.capacity.rules)?;
     Ok(Plan {
         in_force,

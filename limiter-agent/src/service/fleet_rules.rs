@@ -90,7 +90,7 @@ impl Service {
         let before = self.rule_config(name);
         let result = self.stage_fleet_change(change, before.as_ref());
         let result = result.and_then(|staged| {
-            let config = self.config.clone();
+            let config = std::sync::Arc::clone(&self.config);
             self.commit(&config, staged)
         });
         let after = self.rule_config(name);

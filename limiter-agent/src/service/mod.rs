@@ -14,6 +14,7 @@ mod views;
 use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -81,6 +82,15 @@ fn id_holders(
         .collect()
 }
 
+/// Each rule's index in `in_force`, by name.
+fn positions(in_force: &[InForce]) -> HashMap<String, usize> {
+    in_force
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.def.name.clone(), i))
+        .collect()
+}
+
 /// The kernel's clock (`bpf_ktime_get_ns` is CLOCK_MONOTONIC).
 pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -93,11 +103,16 @@ pub(crate) fn monotonic_ns() -> u64 {
 }
 
 pub struct Service {
-    config: Config,
+    /// Shared, not copied: a change that keeps the file's rules (every API
+    /// change) would otherwise copy 100,000 of them.
+    config: Arc<Config>,
     state: State,
     state_path: PathBuf,
     enforcer: Enforcer,
     in_force: Vec<InForce>,
+    /// Where each rule of `in_force` is, by name: a batch of 10,000
+    /// changes looks every one up twice (for the audit).
+    position: HashMap<String, usize>,
     /// The services of the rules in force, as the kernel has them.
     services: ServiceTable,
     /// Each id in force: its rule's name, and when it was given to that
@@ -121,7 +136,7 @@ impl Service {
     /// Puts `config` plus the live changes of `state` in force on a freshly
     /// loaded (or adopted) datapath.
     pub fn start(
-        config: Config,
+        config: Arc<Config>,
         state: State,
         state_path: PathBuf,
         enforcer: Enforcer,
@@ -135,6 +150,7 @@ impl Service {
             state_path,
             enforcer,
             in_force: Vec::new(),
+            position: HashMap::new(),
             services: ServiceTable::default(),
             by_id: HashMap::new(),
             attachments: None,
@@ -144,7 +160,7 @@ impl Service {
             last_reload_ok: None,
             last_reload_failed: None,
         };
-        let config = service.config.clone();
+        let config = Arc::clone(&service.config);
         service.commit(&config, state)?;
         service.last_reload_ok = Some(now_unix());
         Ok(service)
@@ -152,12 +168,12 @@ impl Service {
 
     /// Validates, applies and persists `config` + `state`; on success they
     /// become current. On failure nothing changes.
-    fn commit(&mut self, config: &Config, state: State) -> Result<()> {
+    fn commit(&mut self, config: &Arc<Config>, state: State) -> Result<()> {
         let Plan {
             in_force,
             state,
             fresh_ids,
-        } = rules::plan(config, state)?;
+        } = rules::plan_after(&|name| self.in_force_named(name), config, state)?;
         let kernel = KernelRuleSet::new(
             in_force
                 .iter()
@@ -197,9 +213,10 @@ impl Service {
             }
             return Err(ServiceError::Save(e));
         }
-        self.config = config.clone();
+        self.config = Arc::clone(config);
         self.by_id = id_holders(&state, &self.by_id, &fresh_ids, monotonic_ns());
         self.state = state;
+        self.position = positions(&in_force);
         self.in_force = in_force;
         self.services = kernel.services;
         self.config_generation += 1;
@@ -276,7 +293,7 @@ impl Service {
         let result = rules::stage(&self.config, &self.state, changes, now_unix())
             .map_err(ServiceError::from);
         let result = result.and_then(|staged| {
-            let config = self.config.clone();
+            let config = Arc::clone(&self.config);
             self.commit(&config, staged)
         });
         for ((action, name), before) in touched.iter().zip(&before) {
@@ -304,12 +321,14 @@ impl Service {
         }
     }
 
+    /// The rule called `name` in force now.
+    fn in_force_named(&self, name: &str) -> Option<&InForce> {
+        self.in_force.get(*self.position.get(name)?)
+    }
+
     /// The rule called `name` in force now, as written.
     fn rule_config(&self, name: &str) -> Option<RuleConfig> {
-        self.in_force
-            .iter()
-            .find(|r| r.def.name == name)
-            .map(|r| r.config.clone())
+        self.in_force_named(name).map(|r| r.config.clone())
     }
 
     /// Puts a penalty in force; the answer says until when, and which
@@ -326,7 +345,7 @@ impl Service {
         let (staged, penalty) = rules::add_penalty(&self.state, penalty, now_unix());
         let name = &penalty.name;
         let before = self.rule_config(name);
-        let config = self.config.clone();
+        let config = Arc::clone(&self.config);
         let result = self.commit(&config, staged);
         let outcome = self.outcome(&result);
         audit::record(
@@ -346,7 +365,7 @@ impl Service {
             return Ok(Vec::new());
         };
         let before: Vec<Option<RuleConfig>> = expired.iter().map(|n| self.rule_config(n)).collect();
-        let config = self.config.clone();
+        let config = Arc::clone(&self.config);
         let result = self.commit(&config, staged);
         for (name, before) in expired.iter().zip(&before) {
             let outcome = self.outcome(&result);
@@ -377,7 +396,7 @@ impl Service {
     }
 
     fn try_reload(&mut self) -> Result<()> {
-        let config = self.config.reread().map_err(ServiceError::Config)?;
+        let config = Arc::new(self.config.reread().map_err(ServiceError::Config)?);
         // The fleet sync runs with the [fleet] it started with.
         if config.file.capacity != self.config.file.capacity
             || config.file.agent != self.config.file.agent

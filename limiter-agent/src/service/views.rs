@@ -116,12 +116,9 @@ pub fn reload_message(overrides: &[LiveOverride]) -> String {
 
 impl Service {
     fn find(&self, name: &str) -> Result<&InForce> {
-        self.in_force
-            .iter()
-            .find(|r| r.def.name == name)
-            .ok_or_else(|| {
-                ServiceError::Rules(crate::rules::RulesError::NoSuchRule { name: name.into() })
-            })
+        self.in_force_named(name).ok_or_else(|| {
+            ServiceError::Rules(crate::rules::RulesError::NoSuchRule { name: name.into() })
+        })
     }
 
     fn counters(&self, id: u32) -> Counters {
@@ -278,7 +275,7 @@ impl Service {
         let mut found = holders.iter().filter_map(|slot| {
             let kernel = dp.rule(*slot).ok()?;
             let name = self.rule_name(kernel.id)?;
-            let rule = self.in_force.iter().find(|r| r.def.name == name)?;
+            let rule = self.in_force_named(name)?;
             Some((kernel, rule))
         });
         let Some((kernel, rule)) = found.next() else {

@@ -164,3 +164,46 @@ fn a_composed_set_is_validated_as_a_whole() {
     assert_eq!(err.kind(), ErrorKind::Invalid);
     assert!(err.to_string().contains("already in rule"), "{err}");
 }
+
+/// A budget change of `name` to `packets`.
+fn packets_patch(name: &str, packets: &str) -> Change {
+    Change::Patch {
+        name: name.into(),
+        patch: RulePatch {
+            packets: Some(packets.into()),
+            ..RulePatch::default()
+        },
+    }
+}
+
+#[test]
+fn composing_after_the_rules_in_force_gives_what_composing_afresh_gives() {
+    let config = config();
+    type Step<'a> = &'a dyn Fn(&State) -> State;
+    let steps: [Step; 7] = [
+        &|s| stage_ok(&config, s, &[Change::Add(rule("a", "198.18.1.0/24"))]),
+        // The same name, other budgets: its old definition must not serve.
+        &|s| stage_ok(&config, s, &[packets_patch("a", "20/s")]),
+        &|s| stage_ok(&config, s, &[packets_patch("clients", "7/s")]),
+        &|s| stage_ok(&config, s, &[Change::Revert("clients".into())]),
+        &|s| with_penalty(s, "198.18.1.1/32", NOW + 60),
+        &|s| stage_ok(&config, s, &[Change::Delete("partners".into())]),
+        &|s| stage_ok(&config, s, &[Change::Replace(rule("a", "198.18.2.0/24"))]),
+    ];
+    let mut state = State::default();
+    let mut before = compose(&config, &state).unwrap_or_else(|e| panic!("{e}"));
+    for (i, step) in steps.iter().enumerate() {
+        state = step(&state);
+        let afresh = compose(&config, &state).unwrap_or_else(|e| panic!("{e}"));
+        let by_name: std::collections::HashMap<&str, &InForce> =
+            before.iter().map(|r| (r.def.name.as_str(), r)).collect();
+        let after = compose_after(&|name| by_name.get(name).copied(), &config, &state)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(after, afresh, "step {i}");
+        before = after;
+    }
+}
+
+fn stage_ok(config: &Config, state: &State, changes: &[Change]) -> State {
+    stage(config, state, changes, NOW).unwrap_or_else(|e| panic!("{e}"))
+}
