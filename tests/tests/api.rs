@@ -32,15 +32,15 @@ fn cases(env: &AgentEnv) -> Vec<Refused> {
             format!(r#"{{"add": {body}}}"#)
         })
         .collect();
-    let too_long_batch: Vec<&str> = (0..10_001).map(|_| r#"{"delete": "nosuch"}"#).collect();
+    let too_long_batch: Vec<&str> = (0..100_001).map(|_| r#"{"delete": "nosuch"}"#).collect();
     vec![
         Refused {
             what: "a body over the size limit",
             method: "POST",
             path: "/v1/rules".into(),
-            body: Some(format!(r#"{{"name": "{}"}}"#, "x".repeat(5 * 1024 * 1024))),
+            body: Some(format!(r#"{{"name": "{}"}}"#, "x".repeat(33 * 1024 * 1024))),
             code: 413,
-            mentions: "length limit",
+            mentions: "over 32 MiB: send the changes in several calls",
         },
         Refused {
             what: "more changes than a batch may hold",
@@ -48,7 +48,7 @@ fn cases(env: &AgentEnv) -> Vec<Refused> {
             path: "/v1/batch".into(),
             body: Some(format!("[{}]", too_long_batch.join(","))),
             code: 413,
-            mentions: "at most 10000",
+            mentions: "at most 100000",
         },
         Refused {
             what: "more rules than the kernel maps hold",

@@ -55,6 +55,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                  `Content-Type: application/json`"
                     .to_owned(),
             )),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError(
+                rejection.status(),
+                format!(
+                    "the request body is over {} MiB: send the changes in several calls \
+                     (`POST /v1/batch` takes up to {} changes)",
+                    super::server::MAX_BODY / (1024 * 1024),
+                    super::server::MAX_BATCH
+                ),
+            )),
             Err(rejection) => Err(ApiError(rejection.status(), rejection.body_text())),
         }
     }

@@ -32,10 +32,13 @@ use crate::{
     shared::Shared,
 };
 
-/// Requests larger than this are refused (a rule is a few hundred bytes).
-const MAX_BODY: usize = 4 * 1024 * 1024;
-/// Changes in one `POST /v1/batch`.
-const MAX_BATCH: usize = 10_000;
+/// Requests larger than this are refused: room for a batch of
+/// `MAX_BATCH` changes of a few hundred bytes each.
+pub(super) const MAX_BODY: usize = 32 * 1024 * 1024;
+/// Changes in one `POST /v1/batch`: a whole rule set of 100,000 rules
+/// (one validation, one flip and one save, where ten batches of 10,000
+/// make ten).
+pub(super) const MAX_BATCH: usize = 100_000;
 
 /// Runs `f` on the service off the async runtime (map work is blocking).
 async fn with_service<T: Send + 'static>(
@@ -225,7 +228,7 @@ async fn batch(
         return Err(ApiError(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "{} changes in one batch; at most {MAX_BATCH}",
+                "{} changes in one batch; at most {MAX_BATCH}: split them into several",
                 changes.len()
             ),
         ));
