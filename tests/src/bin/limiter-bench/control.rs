@@ -135,7 +135,9 @@ pub fn suite(changes: usize) -> Result<()> {
         println!("| {what} | {n} | {ms:.0} | {:.0} |", n as f64 / (ms / 1e3));
     }
     scrapes(if changes < 100 { 1_000 } else { 10_000 })?;
-    scale(if changes < 100 { 2_000 } else { 100_000 })
+    let rules = if changes < 100 { 2_000 } else { 100_000 };
+    scale(rules)?;
+    scale_batches(rules)
 }
 
 /// Adds `n` rules in one batch, then changes all of them in one batch.
@@ -146,9 +148,15 @@ fn batch_rate(
 ) -> Result<Vec<(&'static str, usize, f64)>> {
     let adds: Vec<serde_json::Value> = (0..n)
         .map(|i| {
+            // IPv4 /32s while they last (65,536), then IPv6 /64s.
+            let prefix = if i < 65_536 {
+                format!("198.19.{}.{}/32", i / 256, i % 256)
+            } else {
+                format!("2001:db8:e{:x}:{:x}::/64", i >> 16, i & 0xffff)
+            };
             serde_json::json!({"add": {
                 "name": format!("b{i}"),
-                "prefixes": [format!("198.19.{}.{}/32", i / 256, i % 256)],
+                "prefixes": [prefix],
                 "action": "drop",
                 "packets": "100/s",
             }})
@@ -258,13 +266,63 @@ fn scale(rules: usize) -> Result<()> {
     env.start()?;
     let load = started.elapsed().as_secs_f64();
     let memory = map_memory(&env.pin_path)?;
+    // One rule's budget, changed back to back among all the others.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = Client::new(&env.socket);
+    let mut changes = Vec::new();
+    runtime.block_on(async {
+        for i in 0..10 {
+            let patch = RulePatch {
+                packets: Some(format!("{}/s", 200 + i % 2 * 100)),
+                ..RulePatch::default()
+            };
+            let started = Instant::now();
+            let _: Applied = client
+                .call(Method::PATCH, "/v1/rules/r0", Some(&patch))
+                .await?;
+            changes.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        anyhow::Ok(())
+    })?;
     env.cli_ok(&["detach"]);
+    let (p50, _, max) = percentiles(changes);
     println!();
     println!("Scale: {rules} rules (half IPv4 /32, half IPv6 /64) from the config file");
     println!();
-    println!("| agent start to serving | kernel memory of all maps (memlock) |");
-    println!("|---|---|");
-    println!("| {load:.1} s | {:.1} MiB |", memory as f64 / 1048576.0);
+    println!(
+        "| agent start to serving | kernel memory of all maps (memlock) | one budget change among them, p50 / max of 10 |"
+    );
+    println!("|---|---|---|");
+    println!(
+        "| {load:.2} s | {:.1} MiB | {p50:.0} / {max:.0} ms |",
+        memory as f64 / 1048576.0
+    );
+    Ok(())
+}
+
+/// `rules` rules added live in one batch, then all their budgets changed
+/// in one batch, on an agent started with none.
+fn scale_batches(rules: usize) -> Result<()> {
+    let mut env = AgentEnv::new()?;
+    env.max_rules = rules as u32 + 16;
+    env.write_config("")?;
+    env.start()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = Client::new(&env.socket);
+    let batch = batch_rate(&runtime, &client, rules)?;
+    env.cli_ok(&["detach"]);
+    println!();
+    println!("Scale: {rules} changes in one batch (POST /v1/batch), from none in force");
+    println!();
+    println!("| batch | rules | time ms | rules per second |");
+    println!("|---|---|---|---|");
+    for (what, n, ms) in batch {
+        println!("| {what} | {n} | {ms:.0} | {:.0} |", n as f64 / (ms / 1e3));
+    }
     Ok(())
 }
 
