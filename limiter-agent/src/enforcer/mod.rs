@@ -76,17 +76,23 @@ impl KernelRuleSet {
     /// The `ACTIVE` word that makes this set, written in `generation`,
     /// the one packets use.
     fn active_word(&self, generation: u32) -> u32 {
-        active::word(
-            generation,
-            self.services.order.len() as u32,
-            self.services.by_protocol,
-            self.services.by_destination,
-        )
+        active_word(&self.services, generation)
     }
 }
 
+/// The `ACTIVE` word that makes `generation` the one packets use,
+/// classified by `services`.
+fn active_word(services: &ServiceTable, generation: u32) -> u32 {
+    active::word(
+        generation,
+        services.order.len() as u32,
+        services.by_protocol,
+        services.by_destination,
+    )
+}
+
 /// The kernel form of a validated rule whose service has index `service`.
-fn kernel_rule(def: &RuleDef, id: u32, service: u8) -> KernelRule {
+pub(crate) fn kernel_rule(def: &RuleDef, id: u32, service: u8) -> KernelRule {
     let action = match def.action {
         ActionConfig::Allow => Action::Allow,
         ActionConfig::Deny => Action::Deny,
@@ -268,6 +274,44 @@ impl Enforcer {
             generation: active,
             writes: 1,
         }))
+    }
+
+    /// Writes `rule` over rule `id`'s slot in the active generation, in
+    /// place as [`Enforcer::apply`] does for a change of one rule, for a
+    /// caller that knows nothing else changed: the rule set in force is
+    /// classified by `services`. `false` (nothing written) unless this
+    /// enforcer knows the generation the kernel uses, with a rule in that
+    /// slot.
+    pub fn rewrite_rule(
+        &mut self,
+        services: &ServiceTable,
+        id: u32,
+        rule: Rule,
+    ) -> Result<bool, DatapathError> {
+        let active = self.active;
+        let Some(installed) = self.installed[active as usize].as_mut() else {
+            return Ok(false);
+        };
+        if self.dp.active_word()? != active_word(services, active) {
+            return Ok(false);
+        }
+        let slot = active * self.dp.capacities().max_rules + id;
+        if !installed.rules.contains_key(&slot) {
+            return Ok(false);
+        }
+        self.dp.set_rule(slot, &rule)?;
+        installed.record(&Write::SetRule(slot, rule));
+        Ok(true)
+    }
+
+    /// Whether what this enforcer wrote into the active generation is what
+    /// `set` needs there (for tests of callers that skip [`Enforcer::apply`]).
+    #[cfg(feature = "test-support")]
+    pub fn holds(&self, set: &KernelRuleSet) -> bool {
+        let base = self.active * self.dp.capacities().max_rules;
+        self.installed[self.active as usize]
+            .as_ref()
+            .is_some_and(|installed| *installed == plan::wanted(base, set))
     }
 
     fn write_generation(

@@ -9,6 +9,7 @@
 mod audit;
 mod error;
 mod fleet_rules;
+mod in_place;
 mod views;
 
 use std::{
@@ -223,6 +224,32 @@ impl Service {
         Ok(())
     }
 
+    /// Whether the rules in force, the state and what the kernel was given
+    /// are what planning afresh from the config and the state gives (for
+    /// tests of the paths that skip planning); the difference if not.
+    #[cfg(feature = "test-support")]
+    pub fn agrees_with_a_fresh_plan(&self) -> std::result::Result<(), String> {
+        let plan = rules::plan(&self.config, self.state.clone()).map_err(|e| e.to_string())?;
+        if !plan.fresh_ids.is_empty() || plan.state != self.state {
+            return Err(format!("the state plans otherwise: {:?}", plan.fresh_ids));
+        }
+        if let Some((planned, held)) = plan
+            .in_force
+            .iter()
+            .zip(&self.in_force)
+            .find(|(p, h)| p != h)
+        {
+            return Err(format!("planned {planned:?}, in force {held:?}"));
+        }
+        if plan.in_force.len() != self.in_force.len() {
+            return Err("not as many rules in force as planned".into());
+        }
+        if !self.enforcer.holds(&self.kernel_rules()) {
+            return Err("the kernel was not given the planned rules".into());
+        }
+        Ok(())
+    }
+
     /// A change's result as the audit trail records it.
     fn outcome<'a>(&self, result: &'a Result<()>) -> Result<u64, &'a dyn std::fmt::Display> {
         match result {
@@ -290,9 +317,12 @@ impl Service {
             .iter()
             .map(|(_, name)| self.rule_config(name))
             .collect();
-        let result = rules::stage(&self.config, &self.state, changes, now_unix())
-            .map_err(ServiceError::from);
-        let result = result.and_then(|staged| {
+        let in_place = match changes {
+            [change] => self.try_in_place(change),
+            _ => None,
+        };
+        let result = in_place.unwrap_or_else(|| {
+            let staged = rules::stage(&self.config, &self.state, changes, now_unix())?;
             let config = Arc::clone(&self.config);
             self.commit(&config, staged)
         });
