@@ -3,8 +3,9 @@
 //! A thin transaction over the rules core (`crate::rules`): every change is
 //! staged and validated there as a whole new rule set, then put in the
 //! kernel atomically, persisted, and only then made current. A change that
-//! fails at any step leaves the previous state in force. Read views are in
-//! `views.rs`.
+//! fails at any step leaves the previous state in force. A change of one
+//! rule that keeps its shape skips the staging (`in_place.rs`). Read views
+//! are in `views.rs`.
 
 mod audit;
 mod error;
