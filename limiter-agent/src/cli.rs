@@ -282,6 +282,15 @@ pub async fn show(client: &Client, out: &Output, name: &str) -> Result {
         if let Some(all) = aggregate_text(f) {
             println!("  all sources      {all}");
         }
+        match r.clock.as_deref() {
+            Some("tick") => {
+                println!("  clock            per kernel tick (its burst absorbs a tick's lag)")
+            }
+            Some("precise") => {
+                println!("  clock            precise (its burst is too small for a tick's lag)")
+            }
+            _ => {}
+        }
         if f.fleet == Some(true) {
             println!("  fleet-wide       yes: its budgets hold for the whole fleet");
         }

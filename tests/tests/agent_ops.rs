@@ -703,3 +703,35 @@ fn check_prints_each_rule_with_its_budgets_as_written_and_json_on_request() {
         Some(&serde_json::json!("2k/s"))
     );
 }
+
+#[test]
+fn rules_show_says_which_clock_a_rule_reads() {
+    let env = env_with(RULES);
+    // 40/s with a burst of 10: nine packets of room, far beyond a tick.
+    let shown = env.cli_ok(&["rules", "show", "clients"]);
+    assert!(
+        shown.contains("clock            per kernel tick"),
+        "{shown}"
+    );
+    // 10k/s with a burst of 10: a tick's lag is a hundred packets.
+    env.cli_ok(&[
+        "rules",
+        "add",
+        "fast",
+        "--prefix",
+        "198.18.2.9/32",
+        "--action",
+        "drop",
+        "--packets",
+        "10k/s",
+        "--packet-burst",
+        "10",
+    ]);
+    let shown = env.cli_ok(&["rules", "show", "fast"]);
+    assert!(shown.contains("clock            precise"), "{shown}");
+    let rules = env.cli_json(&["rules", "list"]);
+    let clock =
+        |name: &str| limiter_tests::scenario::rule(&rules, name).map(|r| r["clock"].clone());
+    assert_eq!(clock("fast"), Some("precise".into()), "{rules}");
+    assert_eq!(clock("clients"), Some("tick".into()), "{rules}");
+}

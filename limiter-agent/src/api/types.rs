@@ -42,6 +42,11 @@ pub struct RuleView {
     /// `live`); `rules revert` returns it to the config file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live_since: Option<u64>,
+    /// The clock the kernel reads for the rule's budgets: `tick` (read
+    /// once per kernel tick; the budgets leave room for its lag) or
+    /// `precise`; absent for a rule without budgets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<String>,
     pub counters: Counters,
 }
 

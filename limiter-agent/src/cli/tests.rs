@@ -241,6 +241,7 @@ fn rules_list_has_a_column_for_the_time_a_penalty_has_left() {
         ),
         expires_at: Some(1_300),
         live_since: None,
+        clock: None,
         counters: Counters::default(),
     };
     let lines = rules_table(&[penalty], 1_000);
@@ -300,6 +301,7 @@ fn view(name: &str, action: ActionConfig, fields: RuleFields) -> RuleView {
         ),
         expires_at: None,
         live_since: None,
+        clock: None,
         counters: crate::api::types::Counters::default(),
     }
 }

@@ -2,12 +2,15 @@
 //! budgets, the agent's status. They read the kernel's maps and never change
 //! anything.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+};
 
 use limiter_common::{
-    Bucket, Limit, Reason, SourceKey, active, dimension,
+    Bucket, Limit, Reason, Rule, SourceKey, active, dimension,
     rate::{available, fine_time, is_stale},
-    verdict,
+    rule_flags, verdict,
 };
 
 use super::{Result, Service, ServiceError};
@@ -18,7 +21,7 @@ use crate::{
     },
     attach::Attached,
     config::{
-        ActionConfig, Budget, Flow, ProtocolField, ScopeConfig, has_ports, parse_protocol,
+        ActionConfig, Budget, Flow, ProtocolField, RuleDef, ScopeConfig, has_ports, parse_protocol,
         protocol_name,
     },
     rules::{InForce, source_bucket},
@@ -149,17 +152,25 @@ impl Service {
             live_since: (r.origin == crate::rules::Origin::Live)
                 .then(|| self.state.override_since.get(&r.def.name).copied())
                 .flatten(),
+            clock: clock_word(&r.def),
             counters: self.counters(id),
         }
     }
 
     /// Every rule a live change holds away from the config file.
     pub fn live_overrides(&self) -> Vec<LiveOverride> {
+        let file: HashSet<&str> = self
+            .config
+            .file
+            .rules
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
         self.state
             .overrides
             .iter()
             .map(|(name, rule)| {
-                let in_file = self.config.file.rules.iter().any(|r| &r.name == name);
+                let in_file = file.contains(name.as_str());
                 let change = match (rule, in_file) {
                     (None, _) => "deleted",
                     (Some(_), true) => "changed",
@@ -433,4 +444,17 @@ fn budget_states(
             })
         })
         .collect()
+}
+
+/// Which clock the kernel reads for a rule (docs/datapath.md, "Which
+/// clock"); `None` for a rule without budgets.
+fn clock_word(def: &RuleDef) -> Option<String> {
+    let limited = def.budgets().iter().any(|b| b.is_some()) || def.aggregate.is_some();
+    let flags = Rule::flags_for(&def.limits(), &def.aggregate_limits());
+    let word = if flags & rule_flags::TICK_CLOCK != 0 {
+        "tick"
+    } else {
+        "precise"
+    };
+    limited.then(|| word.to_owned())
 }
