@@ -257,20 +257,16 @@ impl Enforcer {
     /// them changed and others not.
     fn apply_in_place(&mut self, set: &KernelRuleSet) -> Result<Option<ApplyStats>, DatapathError> {
         let active = self.active;
-        let Some(installed) = self.installed[active as usize].as_mut() else {
+        let Some(installed) = self.installed[active as usize].as_ref() else {
             return Ok(None);
         };
-        if self.dp.active_word()? != set.active_word(active) {
-            return Ok(None);
-        }
         let base = active * self.dp.capacities().max_rules;
         let Some((slot, rule)) = plan::single_rule_change(installed, &plan::wanted(base, set))
         else {
             return Ok(None);
         };
-        self.dp.set_rule(slot, &rule)?;
-        installed.record(&Write::SetRule(slot, rule));
-        Ok(Some(ApplyStats {
+        let written = self.write_in_place(&set.services, slot, rule)?;
+        Ok(written.then_some(ApplyStats {
             generation: active,
             writes: 1,
         }))
@@ -288,15 +284,26 @@ impl Enforcer {
         id: u32,
         rule: Rule,
     ) -> Result<bool, DatapathError> {
+        let slot = self.active * self.dp.capacities().max_rules + id;
+        self.write_in_place(services, slot, rule)
+    }
+
+    /// The in-place write of both: `rule` over `slot` of the active
+    /// generation, if this enforcer knows what that generation holds, the
+    /// kernel still uses it classified by `services`, and a rule is there.
+    fn write_in_place(
+        &mut self,
+        services: &ServiceTable,
+        slot: u32,
+        rule: Rule,
+    ) -> Result<bool, DatapathError> {
         let active = self.active;
         let Some(installed) = self.installed[active as usize].as_mut() else {
             return Ok(false);
         };
-        if self.dp.active_word()? != active_word(services, active) {
-            return Ok(false);
-        }
-        let slot = active * self.dp.capacities().max_rules + id;
-        if !installed.rules.contains_key(&slot) {
+        if !installed.rules.contains_key(&slot)
+            || self.dp.active_word()? != active_word(services, active)
+        {
             return Ok(false);
         }
         self.dp.set_rule(slot, &rule)?;
