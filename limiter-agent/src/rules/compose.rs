@@ -38,21 +38,20 @@ pub fn compose_after<'a>(
     config: &Config,
     state: &State,
 ) -> Result<Vec<InForce>, RulesError> {
-    // Each rule with its definition if known already.
-    let mut configs: Vec<(RuleConfig, Origin, Option<u64>)> =
+    // Each rule, where it comes from, and its definition if known already.
+    let mut rules: Vec<(RuleConfig, Origin, Option<u64>, Option<&RuleDef>)> =
         Vec::with_capacity(config.file.rules.len() + state.overrides.len());
-    let mut known: Vec<Option<&RuleDef>> = Vec::with_capacity(configs.capacity());
     let in_file: HashSet<&str> = config.file.rules.iter().map(|r| r.name.as_str()).collect();
     for (index, rule) in config.file.rules.iter().enumerate() {
         match state.overrides.get(&rule.name) {
+            // Validated with the file, in the file's order.
             None => {
-                configs.push((rule.clone(), Origin::Config, None));
-                // Validated with the file, in the file's order.
-                known.push(config.rules.get(index).filter(|def| def.name == rule.name));
+                let def = config.rules.get(index).filter(|def| def.name == rule.name);
+                rules.push((rule.clone(), Origin::Config, None, def));
             }
             Some(Some(changed)) => {
-                known.push(unchanged(before, changed, Origin::Live));
-                configs.push((changed.clone(), Origin::Live, None));
+                let def = unchanged(before, changed, Origin::Live);
+                rules.push((changed.clone(), Origin::Live, None, def));
             }
             // Deleted live: a tombstone over the file's rule.
             Some(None) => {}
@@ -62,34 +61,35 @@ pub fn compose_after<'a>(
         if let Some(rule) = rule
             && !in_file.contains(name.as_str())
         {
-            known.push(unchanged(before, rule, Origin::Live));
-            configs.push((rule.clone(), Origin::Live, None));
+            let def = unchanged(before, rule, Origin::Live);
+            rules.push((rule.clone(), Origin::Live, None, def));
         }
     }
-    let first_penalty = configs.len();
+    let first_penalty = rules.len();
     for penalty in state.penalties.values() {
-        known.push(unchanged(before, &penalty.rule, Origin::Penalty));
-        configs.push((
+        let def = unchanged(before, &penalty.rule, Origin::Penalty);
+        rules.push((
             penalty.rule.clone(),
             Origin::Penalty,
             Some(penalty.expires_at),
+            def,
         ));
     }
-    let plain: Vec<&RuleConfig> = configs.iter().map(|c| &c.0).collect();
+    let plain: Vec<&RuleConfig> = rules.iter().map(|r| &r.0).collect();
     let defs = config::validate_rule_set_with(
         &plain,
         config.file.capacity.rules,
         first_penalty,
-        |index, rule| match known.get(index).copied().flatten() {
+        |index, rule| match rules.get(index).and_then(|r| r.3) {
             Some(def) => Ok(def.clone()),
             None => rule.validate(),
         },
     )?;
     config::check_fleet_rules(&defs, config.fleet.is_some())?;
-    Ok(configs
+    Ok(rules
         .into_iter()
         .zip(defs)
-        .map(|((config, origin, expires_at), def)| InForce {
+        .map(|((config, origin, expires_at, _), def)| InForce {
             config,
             def,
             origin,

@@ -20,7 +20,7 @@ impl Service {
     /// Puts `change` in force in place if it is a change of one rule that
     /// keeps its shape; `None` if it is not (nothing was touched).
     pub(super) fn try_in_place(&mut self, change: &Change) -> Option<Result<()>> {
-        let (position, rule) = self.reshaped_rule(change)?;
+        let (position, rule) = self.changed_rule(change)?;
         let current = &self.in_force[position];
         let def = rule.validate().ok()?;
         let same_shape = def.prefixes == current.def.prefixes
@@ -73,7 +73,7 @@ impl Service {
     /// The position in force of the rule `change` changes, and the rule as
     /// the change leaves it, for a patch or replacement of one rule that is
     /// not a penalty.
-    fn reshaped_rule(&self, change: &Change) -> Option<(usize, RuleConfig)> {
+    fn changed_rule(&self, change: &Change) -> Option<(usize, RuleConfig)> {
         let (name, rule) = match change {
             Change::Patch { name, patch } => {
                 let mut rule = self.in_force_named(name)?.config.clone();
@@ -97,7 +97,7 @@ impl Service {
             .insert(name.clone(), Some(rule.clone()));
         let since = self.state.override_since.get(&name).copied();
         // As staging stamps it: only an override that changed is new.
-        if before.as_ref() != Some(&Some(rule.clone())) {
+        if !matches!(&before, Some(Some(held)) if held == rule) {
             self.state.override_since.insert(name.clone(), now_unix());
         }
         let saved = self.state.save(&self.state_path);
