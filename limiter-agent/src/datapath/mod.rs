@@ -282,26 +282,23 @@ fn duplicate(name: &'static str, fd: std::os::fd::BorrowedFd<'_>) -> Result<MapD
 /// another: each is a verifier pass of hundreds of milliseconds on one CPU,
 /// the longest part of a start.
 fn verify_programs(ebpf: &mut Ebpf) -> Result<()> {
-    let mut xdp = None;
-    let mut tc = Vec::new();
+    let (mut xdp, mut tc, mut tc_after_xdp) = (None, None, None);
     for (name, program) in ebpf.programs_mut() {
-        if name == program_names::XDP {
-            xdp = Some(program);
-        } else if let Some(name) = [program_names::TC, program_names::TC_AFTER_XDP]
-            .into_iter()
-            .find(|n| *n == name)
-        {
-            tc.push((name, program));
+        match name {
+            program_names::XDP => xdp = Some(program),
+            program_names::TC => tc = Some((program_names::TC, program)),
+            program_names::TC_AFTER_XDP => {
+                tc_after_xdp = Some((program_names::TC_AFTER_XDP, program));
+            }
+            _ => {}
         }
     }
-    let xdp = xdp.ok_or(DatapathError::MissingProgram {
-        name: program_names::XDP,
-    })?;
-    for name in [program_names::TC, program_names::TC_AFTER_XDP] {
-        if !tc.iter().any(|(n, _)| *n == name) {
-            return Err(DatapathError::MissingProgram { name });
-        }
-    }
+    let missing = |name| DatapathError::MissingProgram { name };
+    let xdp = xdp.ok_or(missing(program_names::XDP))?;
+    let tc = [
+        tc.ok_or(missing(program_names::TC))?,
+        tc_after_xdp.ok_or(missing(program_names::TC_AFTER_XDP))?,
+    ];
     let load_xdp = move || {
         let name = program_names::XDP;
         let xdp: &mut Xdp = xdp
