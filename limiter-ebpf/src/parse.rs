@@ -60,8 +60,8 @@ pub const PROTO_UNKNOWN: u8 = 255;
 pub struct IpPacket {
     pub family: u32,
     pub src: [u8; 16],
-    /// Offset of the IP header (for the mark rewrite; the destination
-    /// address is read from there when a rule names destinations).
+    /// Offset of the IP header (the destination address is read from
+    /// there; the mark rewrite too).
     pub l3: usize,
     /// The L4 protocol ([`PROTO_UNKNOWN`] past too long an IPv6 chain).
     pub proto: u8,

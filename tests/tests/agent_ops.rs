@@ -218,17 +218,7 @@ fn rule_id(env: &AgentEnv, name: &str) -> u64 {
 fn offenders_of_a_deleted_rule_are_never_blamed_on_the_rule_that_reuses_its_id() {
     let env = env_with(RULES);
     let offender = std::net::Ipv4Addr::new(198, 18, 2, 1);
-    env.cli_ok(&[
-        "rules",
-        "add",
-        "temp-a",
-        "--prefix",
-        "198.18.2.1/32",
-        "--action",
-        "drop",
-        "--packets",
-        "1/s",
-    ]);
+    let id = add_drop_rule(&env, "temp-a", offender);
     let frame = limiter_tests::frame::Frame::v4(offender, limiter_tests::frame::L4::Udp).build();
     limiter_tests::traffic::measure(&env.pair, &[frame], 100, Duration::from_millis(1500))
         .unwrap_or_else(|e| panic!("traffic: {e:#}"));
@@ -241,21 +231,9 @@ fn offenders_of_a_deleted_rule_are_never_blamed_on_the_rule_that_reuses_its_id()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let id = rule_id(&env, "temp-a");
     env.cli_ok(&["rules", "delete", "temp-a"]);
-    env.cli_ok(&[
-        "rules",
-        "add",
-        "temp-b",
-        "--prefix",
-        "198.18.2.2/32",
-        "--action",
-        "drop",
-        "--packets",
-        "1/s",
-    ]);
     assert_eq!(
-        rule_id(&env, "temp-b"),
+        add_drop_rule(&env, "temp-b", std::net::Ipv4Addr::new(198, 18, 2, 2)),
         id,
         "the scenario needs the id reused"
     );

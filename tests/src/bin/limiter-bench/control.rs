@@ -54,9 +54,7 @@ pub fn suite(changes: usize) -> Result<()> {
     env.max_rules = 8_192;
     env.write_config(RULES)?;
     env.start()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = runtime()?;
     let client = Client::new(&env.socket);
     let mut read = Vec::with_capacity(changes);
     let mut api = Vec::with_capacity(changes);
@@ -134,15 +132,27 @@ pub fn suite(changes: usize) -> Result<()> {
     println!();
     println!("Batch changes (POST /v1/batch: one validation, one flip, one save)");
     println!();
-    println!("| batch | rules | time ms | rules per second |");
-    println!("|---|---|---|---|");
-    for (what, n, ms) in batch {
-        println!("| {what} | {n} | {ms:.0} | {:.0} |", n as f64 / (ms / 1e3));
-    }
+    print_batches(&batch);
     scrapes(if changes < 100 { 1_000 } else { 10_000 })?;
     let rules = if changes < 100 { 2_000 } else { 100_000 };
     scale(rules)?;
     scale_batches(rules)
+}
+
+/// The client's runtime: one thread, calls one after another.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// The table of [`batch_rate`]'s results.
+fn print_batches(batch: &[(&str, usize, f64)]) {
+    println!("| batch | rules | time ms | rules per second |");
+    println!("|---|---|---|---|");
+    for (what, n, ms) in batch {
+        println!("| {what} | {n} | {ms:.0} | {:.0} |", *n as f64 / (ms / 1e3));
+    }
 }
 
 /// Adds `n` rules in one batch, then changes all of them in one batch.
@@ -272,9 +282,7 @@ fn scale(rules: usize) -> Result<()> {
     let load = started.elapsed().as_secs_f64();
     let memory = map_memory(&env.pin_path)?;
     // One rule's budget, changed back to back among all the others.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = runtime()?;
     let client = Client::new(&env.socket);
     let mut changes = Vec::new();
     runtime.block_on(async {
@@ -307,20 +315,14 @@ fn scale_batches(rules: usize) -> Result<()> {
     env.max_rules = rules as u32 + 16;
     env.write_config("")?;
     env.start()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = runtime()?;
     let client = Client::new(&env.socket);
     let batch = batch_rate(&runtime, &client, rules)?;
     env.cli_ok(&["detach"]);
     println!();
     println!("Scale: {rules} changes in one batch (POST /v1/batch), from none in force");
     println!();
-    println!("| batch | rules | time ms | rules per second |");
-    println!("|---|---|---|---|");
-    for (what, n, ms) in batch {
-        println!("| {what} | {n} | {ms:.0} | {:.0} |", n as f64 / (ms / 1e3));
-    }
+    print_batches(&batch);
     Ok(())
 }
 
