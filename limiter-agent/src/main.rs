@@ -138,12 +138,9 @@ fn main() -> ExitCode {
 /// the flags, else the config file, else the defaults.
 fn agent_paths(cli: &Cli) -> Result<(PathBuf, PathBuf), String> {
     let from_file = match &cli.config {
-        Some(path) => {
-            let config = Config::load(path).map_err(|e| {
-                format!("{e}\n(--config is read to find the agent's control socket and pins)")
-            })?;
-            Some(config.file.agent)
-        }
+        Some(path) => Some(Config::load_agent_section(path).map_err(|e| {
+            format!("{e}\n(--config is read to find the agent's control socket and pins)")
+        })?),
         None => None,
     };
     let socket = cli

@@ -546,6 +546,29 @@ fn client_commands_find_the_agent_through_its_config_and_run_refuses_a_socket_fl
         answer["state_file"],
         env.state_file.to_string_lossy().as_ref()
     );
+    // A file mid-edit, its new rule not valid yet, still finds the agent:
+    // client commands read only its [agent] section.
+    let text = std::fs::read_to_string(&env.config).unwrap_or_else(|e| panic!("{e}"));
+    let editing = env.config.with_extension("editing.toml");
+    let half_written = "\n[[rule]]\nname = \"new\"\npackets = \"10/fortnight\"\n";
+    std::fs::write(&editing, format!("{text}{half_written}")).unwrap_or_else(|e| panic!("{e}"));
+    let out = status(&["status", "--config", &editing.to_string_lossy()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A file that is not TOML at all still stops them, at its line.
+    std::fs::write(&editing, format!("{text}[[rule]\n")).unwrap_or_else(|e| panic!("{e}"));
+    let out = status(&["status", "--config", &editing.to_string_lossy()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let last_line = text.lines().count() + 1;
+    assert!(
+        stderr.contains(&format!("editing.toml:{last_line}:"))
+            && stderr.contains("is read to find the agent"),
+        "{stderr}"
+    );
 
     // `run --socket` is refused, not ignored, and starts nothing.
     let out = status(

@@ -1,6 +1,8 @@
 //! `check`: the rules a configuration file would put in force, each with
 //! its budgets as written.
 
+use std::collections::HashMap;
+
 use ipnet::IpNet;
 use serde::Serialize;
 
@@ -9,7 +11,7 @@ use super::{
     words::{aggregate_text, budget_text},
 };
 use crate::{
-    config::{Config, RuleConfig, precedence_order},
+    config::{Config, RuleConfig, Service, precedence_order},
     plural::count,
 };
 
@@ -37,15 +39,16 @@ struct ServiceRules {
 
 /// The effective rule table of `config`'s rules.
 fn precedence(config: &Config) -> Vec<ServiceRules> {
-    precedence_order(config.rules.iter().map(|r| r.service.clone()))
+    // One pass to group by service: a file may hold 100,000 rules.
+    let mut by_service: HashMap<&Service, Vec<(IpNet, &str)>> = HashMap::new();
+    for rule in &config.rules {
+        let prefixes = by_service.entry(&rule.service).or_default();
+        prefixes.extend(rule.prefixes.iter().map(|p| (*p, rule.name.as_str())));
+    }
+    precedence_order(by_service.keys().map(|s| (*s).clone()))
         .into_iter()
         .map(|service| {
-            let mut prefixes: Vec<(IpNet, &str)> = config
-                .rules
-                .iter()
-                .filter(|r| r.service == service)
-                .flat_map(|r| r.prefixes.iter().map(|p| (*p, r.name.as_str())))
-                .collect();
+            let mut prefixes = by_service.remove(&service).unwrap_or_default();
             prefixes.sort_by(|(a, _), (b, _)| b.prefix_len().cmp(&a.prefix_len()).then(a.cmp(b)));
             ServiceRules {
                 service: service.to_string(),
@@ -91,7 +94,8 @@ pub fn print_check(config: &Config, out: &Output) {
                  no_rule); add [[rule]] entries"
             );
         }
-        for r in &config.file.rules {
+        // Validation made one definition per rule, in the file's order.
+        for (r, def) in config.file.rules.iter().zip(&config.rules) {
             let f = r.fields();
             let sources = if r.prefixes().is_empty() {
                 "every source".to_owned()
@@ -99,9 +103,7 @@ pub fn print_check(config: &Config, out: &Output) {
                 r.prefixes().join(", ")
             };
             println!("  rule {}: {} {sources}", r.name, r.action);
-            if let Some(def) = config.rules.iter().find(|d| d.name == r.name)
-                && def.service != crate::config::Service::ANY
-            {
+            if def.service != Service::ANY {
                 println!("      service {}", def.service);
             }
             println!("      scope {}", r.scope());
@@ -119,9 +121,7 @@ pub fn print_check(config: &Config, out: &Output) {
             if f.fleet == Some(true) {
                 println!("      {:<16}yes (its budgets hold for the whole fleet)", "fleet-wide");
             }
-            if let Some(def) = config.rules.iter().find(|d| d.name == r.name)
-                && let Some(replies) = &def.replies
-            {
+            if let Some(replies) = &def.replies {
                 println!("      {:<16}{} (burst {})", "replies", replies.written, replies.burst);
             }
             if let Some(dscp) = f.dscp {

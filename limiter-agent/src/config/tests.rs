@@ -390,6 +390,37 @@ fn a_missing_file_says_which() {
     );
 }
 
+#[test]
+fn client_commands_read_the_agent_section_alone() {
+    let dir = std::env::temp_dir().join(format!("limiter-agent-section-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("limiter.toml");
+    let agent = "[agent]\ncontrol_socket = \"/run/x.sock\"\n";
+    // A rule that would not validate does not matter to finding the agent.
+    std::fs::write(
+        &path,
+        format!("{agent}[[rule]]\nname = \"a\"\npackets = \"1/fortnight\"\n"),
+    )
+    .unwrap();
+    assert!(Config::load(&path).is_err());
+    let section = Config::load_agent_section(&path).unwrap();
+    assert_eq!(section.control_socket, Path::new("/run/x.sock"));
+    assert_eq!(section.pin_path, AgentSection::default().pin_path);
+    // The agent section itself is checked, and errors name their line.
+    for (text, line, words) in [
+        ("[agent]\ncontrol_sockt = \"/x\"\n", 2, "control_sockt"),
+        ("[agent]\ncontrol_socket = \"/x\"\n[[rule]\n", 3, ""),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let err = Config::load_agent_section(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("limiter.toml:{line}:")) && err.contains(words),
+            "{text:?} -> {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The line an error names, from the spans toml reports.
 fn line(text: &str) -> usize {
     match Config::parse(text, Path::new("t.toml")) {

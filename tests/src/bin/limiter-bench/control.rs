@@ -292,20 +292,41 @@ fn scale(rules: usize) -> Result<()> {
         }
         anyhow::Ok(())
     })?;
+    // What an operator types against a file this size.
+    let config = env.config.to_string_lossy().into_owned();
+    let check = cli_seconds(&["check", "--config", &config])?;
+    let status = cli_seconds(&["status", "--config", &config])?;
     env.cli_ok(&["detach"]);
     let (p50, _, max) = percentiles(changes);
     println!();
     println!("Scale: {rules} rules (half IPv4 /32, half IPv6 /64) from the config file");
     println!();
     println!(
-        "| agent start to serving | kernel memory of all maps (memlock) | one budget change among them, p50 / max of 10 |"
+        "| agent start to serving | kernel memory of all maps (memlock) | one budget change among them, p50 / max of 10 | `check` of the file | `status --config` the file |"
     );
-    println!("|---|---|---|");
+    println!("|---|---|---|---|---|");
     println!(
-        "| {load:.2} s | {:.1} MiB | {p50:.0} / {max:.0} ms |",
+        "| {load:.2} s | {:.1} MiB | {p50:.0} / {max:.0} ms | {check:.2} s | {status:.2} s |",
         memory as f64 / 1048576.0
     );
     Ok(())
+}
+
+/// Runs the CLI with `args` (output discarded); its wall time in seconds.
+fn cli_seconds(args: &[&str]) -> Result<f64> {
+    let started = Instant::now();
+    let out = Command::new(agent_binary())
+        .args(args)
+        .env_remove("LIMITER_SOCKET")
+        .output()
+        .context("running the CLI")?;
+    let seconds = started.elapsed().as_secs_f64();
+    ensure!(
+        out.status.success(),
+        "limiter-agent {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(seconds)
 }
 
 /// `rules` rules added live in one batch, then all their budgets changed
