@@ -19,11 +19,12 @@ use crate::{
     attach,
     attachments::Attachments,
     config::{Config, InterfaceConfig, XdpModeConfig},
-    datapath::{Capacities, Datapath, DatapathError},
+    datapath::{Capacities, Datapath, DatapathError, TcPrograms},
     enforcer::Enforcer,
     events::{Offenders, parse_event},
     kernel, metrics,
     pins::{PinScope, Pins},
+    rules,
     service::{Service, now_unix},
     shared::Shared,
     state::State,
@@ -67,6 +68,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     if let Some(version) = kernel::running() {
         kernel::check_supported(version)?;
     }
+    let started = Instant::now();
     let mut config = match &options.config {
         Some(path) => Config::load(path)?,
         None => {
@@ -74,6 +76,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             Config::embedded_default()?
         }
     };
+    let config_read = started.elapsed();
     for name in &options.interfaces {
         config.file.interfaces.push(InterfaceConfig {
             name: name.clone(),
@@ -113,7 +116,26 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // Kernel log records: in debug builds, or when asked for.
     let kernel_log =
         cfg!(debug_assertions) || std::env::var_os("LIMITER_KERNEL_LOG").is_some_and(|v| v == "1");
-    let dp = Datapath::load_pinned(capacities, &pins.maps_dir(), kernel_log).map_err(|e| match e {
+    // The rules are planned while the verifier checks the programs (the
+    // longest part of a start): planning needs no kernel.
+    let (dp, plan) = std::thread::scope(|scope| {
+        let planning = scope.spawn(|| {
+            // A corrupt state file stops the start before any rule is written.
+            let state = State::load(&agent.state_file)?;
+            rules::plan(&config, state).context("applying the rules")
+        });
+        let tc = if config.file.interfaces.iter().any(|i| i.tc) {
+            TcPrograms::Now
+        } else {
+            TcPrograms::WhenNeeded
+        };
+        let dp = Datapath::load_pinned(capacities, &pins.maps_dir(), kernel_log, tc);
+        let plan = planning
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (dp, plan)
+    });
+    let dp = dp.map_err(|e| match e {
         DatapathError::Load(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap { name, property, expected, actual })) => anyhow!(
             "the maps pinned under {} were made with another [capacity] ({name}: {property} {actual}, this config needs {expected}). \
              Set [capacity] back, or run `limiter-agent detach` to start afresh (this drops per-source state)",
@@ -124,17 +146,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
     if adopted {
         tracing::info!(pins = %pins.root.display(), "adopting pinned maps: per-source state and counters carry over");
     }
-    // A corrupt state file stops us here, before anything pinned is touched.
-    let state = State::load(&agent.state_file)?;
+    let programs_loaded = started.elapsed();
+    let plan = plan?;
     let enforcer = Enforcer::new(dp, adopted)?;
     let config = Arc::new(config);
     let mut service = Service::start(
         Arc::clone(&config),
-        state,
+        plan,
         agent.state_file.clone(),
         enforcer,
     )
     .context("applying the rules")?;
+    let rules_in_force = started.elapsed();
+    let service_rules = service.rule_count();
     let held = service.live_overrides();
     if !held.is_empty() {
         let names: Vec<String> = held
@@ -155,6 +179,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         &config.file.interfaces,
     )?;
     service.attachments = Some(attachments);
+    let interfaces_attached = started.elapsed();
     let fleet_status = config
         .fleet
         .as_ref()
@@ -210,6 +235,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
     };
     let listener = server::bind(&agent.control_socket)?;
     tracing::info!(socket = %agent.control_socket.display(), "control API listening");
+    // Where a slow start went, in the order it happened (the rules are
+    // planned while the programs load).
+    let ms = |d: Duration| d.as_millis();
+    tracing::info!(
+        "started in {} ms: configuration read in {} ms, programs loaded and verified by {} ms, \
+         {} in force by {} ms, interfaces attached by {} ms",
+        ms(started.elapsed()),
+        ms(config_read),
+        ms(programs_loaded),
+        crate::plural::count(service_rules, "rule", "rules"),
+        ms(rules_in_force),
+        ms(interfaces_attached),
+    );
     let metrics_listener = match config.file.metrics.address.as_str() {
         "" => None,
         address => {

@@ -658,3 +658,62 @@ fn only_rules_whose_budgets_allow_it_read_the_tick_clock() {
     assert_eq!(h.packets(1)[verdict::PASSED], 2 * u64::from(pairs));
     assert_eq!(h.packets(2)[verdict::PASSED], 2 * u64::from(pairs));
 }
+
+/// Rules and prefixes written many at a time (one `bpf(2)` batch per map)
+/// read back and classify as single writes would; a batch that does not
+/// fit fails with the single write's error, naming the map.
+#[test]
+fn rules_and_prefixes_written_in_batches_are_what_single_writes_give() {
+    let mut h = Harness::new();
+    let rules: Vec<(u32, limiter_common::Rule)> = (1..=300)
+        .map(|id| {
+            (
+                id,
+                RuleSpec::new(id, Action::Deny).packets(u64::from(id), 1).0,
+            )
+        })
+        .collect();
+    h.dp.set_rules(&rules).unwrap_or_else(|e| panic!("{e}"));
+    for (slot, rule) in &rules {
+        assert_eq!(h.dp.rule(*slot).unwrap_or_else(|e| panic!("{e}")), *rule);
+    }
+    // IPv4 /32s and IPv6 /64s interleaved, as a plan orders them by service.
+    let prefixes: Vec<((u8, ipnet::IpNet), u32)> = (1..=300u32)
+        .map(|id| {
+            let net = if id % 2 == 0 {
+                format!("198.18.{}.{}/32", id / 256, id % 256)
+            } else {
+                format!("2001:db8:{id:x}::/64")
+            };
+            ((0, net.parse().unwrap_or_else(|e| panic!("{e}"))), id)
+        })
+        .collect();
+    h.dp.set_service_prefixes(0, &prefixes)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for ((_, net), slot) in &prefixes {
+        let found = h.dp.lookup_prefix(0, 0, net.addr());
+        assert_eq!(
+            found.unwrap_or_else(|e| panic!("{e}")),
+            Some(*slot),
+            "{net}"
+        );
+    }
+    // A packet from one of them gets its rule: deny.
+    assert_eq!(h.xdp(&udp4(Ipv4Addr::new(198, 18, 0, 200))).0, XDP_DROP);
+    assert_eq!(h.packets(200)[verdict::DROPPED], 1);
+
+    // The trie holds 2 generations x 1,024 slots: one more is refused.
+    let too_many: Vec<((u8, ipnet::IpNet), u32)> = (0..2 * 1024 + 1)
+        .map(|i: u32| {
+            let [_, _, hi, lo] = i.to_be_bytes();
+            let net = format!("198.19.{hi}.{lo}/32");
+            ((0, net.parse().unwrap_or_else(|e| panic!("{e}"))), 1)
+        })
+        .collect();
+    let err = h.dp.set_service_prefixes(1, &too_many).map(|()| "written");
+    let err = err
+        .expect_err("more prefixes than the trie holds")
+        .to_string();
+    let map = limiter_common::map_names::PREFIXES_V4;
+    assert!(err.starts_with(&format!("map {map}:")), "{err}");
+}

@@ -9,7 +9,7 @@ use limiter_agent::{
     config::{ActionConfig, Config, PortField, ProtocolField, RuleConfig, RuleFields, RulePatch},
     datapath::{Capacities, Datapath},
     enforcer::Enforcer,
-    rules::Change,
+    rules::{self, Change},
     service::{Requester, Service},
     state::State,
 };
@@ -44,7 +44,8 @@ fn start(state_path: &Path) -> Service {
     let enforcer = Enforcer::new(dp, false).unwrap_or_else(|e| panic!("{e}"));
     // A state file not written yet: no live changes.
     let state = State::load(state_path).unwrap_or_else(|e| panic!("{e}"));
-    Service::start(Arc::new(config), state, state_path.to_owned(), enforcer)
+    let plan = rules::plan(&config, state).unwrap_or_else(|e| panic!("{e}"));
+    Service::start(Arc::new(config), plan, state_path.to_owned(), enforcer)
         .unwrap_or_else(|e| panic!("starting: {e}"))
 }
 

@@ -2,7 +2,7 @@
 //! the kernel is given, so nothing after validation checks a budget again
 //! (or could fail open on one).
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
 use ipnet::IpNet;
 use limiter_common::{

@@ -263,20 +263,17 @@ impl Datapath {
         prefix: IpNet,
         slot: Option<u32>,
     ) -> Result<()> {
-        let prefix = prefix.trunc();
-        let generation = (generation % GENERATIONS) as u8;
-        let bits = 16 + u32::from(prefix.prefix_len());
-        match prefix.addr() {
-            IpAddr::V4(addr) => trie_op(
+        match prefix_key(generation, service, prefix) {
+            PrefixKey::V4(key) => trie_op(
                 &mut self.maps.prefixes_v4,
                 map_names::PREFIXES_V4,
-                &Key::new(bits, service_key(generation, service, &addr.octets())),
+                &key,
                 slot,
             ),
-            IpAddr::V6(addr) => trie_op(
+            PrefixKey::V6(key) => trie_op(
                 &mut self.maps.prefixes_v6,
                 map_names::PREFIXES_V6,
-                &Key::new(bits, service_key(generation, service, &addr.octets())),
+                &key,
                 slot,
             ),
         }
@@ -591,6 +588,30 @@ fn service_key<const N: usize, const M: usize>(
     key[1] = service;
     key[2..].copy_from_slice(addr);
     key
+}
+
+/// A key of the source tries.
+pub(super) enum PrefixKey {
+    V4(Key<[u8; 6]>),
+    V6(Key<[u8; 18]>),
+}
+
+/// The source-trie key of `prefix` for service index `service` in
+/// `generation`.
+pub(super) fn prefix_key(generation: u32, service: u8, prefix: IpNet) -> PrefixKey {
+    let prefix = prefix.trunc();
+    let generation = (generation % GENERATIONS) as u8;
+    let bits = 16 + u32::from(prefix.prefix_len());
+    match prefix.addr() {
+        IpAddr::V4(addr) => PrefixKey::V4(Key::new(
+            bits,
+            service_key(generation, service, &addr.octets()),
+        )),
+        IpAddr::V6(addr) => PrefixKey::V6(Key::new(
+            bits,
+            service_key(generation, service, &addr.octets()),
+        )),
+    }
 }
 
 /// A destination-trie key: the generation byte, then the address.

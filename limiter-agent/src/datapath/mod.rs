@@ -4,6 +4,7 @@
 //! typed map handles (taken out of the object once, at load) and the reads
 //! and writes on them.
 
+mod batch;
 mod fleet;
 mod maps;
 
@@ -45,6 +46,15 @@ impl Default for Capacities {
             fleet_windows: 0,
         }
     }
+}
+
+/// When the TC programs go through the verifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcPrograms {
+    /// At load, beside XDP: an interface needs TC from the start.
+    Now,
+    /// When an interface first asks for TC (a start with XDP alone).
+    WhenNeeded,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +132,7 @@ impl Datapath {
     /// Loads the object with `capacities` and runs both programs through the
     /// verifier. Maps are private to this instance.
     pub fn load(capacities: Capacities) -> Result<Self> {
-        Self::load_with(capacities, None, false)
+        Self::load_with(capacities, None, false, TcPrograms::Now)
     }
 
     /// Like [`Datapath::load`], but maps are pinned in `maps_dir`: existing
@@ -133,14 +143,16 @@ impl Datapath {
         capacities: Capacities,
         maps_dir: &std::path::Path,
         kernel_log: bool,
+        tc: TcPrograms,
     ) -> Result<Self> {
-        Self::load_with(capacities, Some(maps_dir), kernel_log)
+        Self::load_with(capacities, Some(maps_dir), kernel_log, tc)
     }
 
     fn load_with(
         capacities: Capacities,
         maps_dir: Option<&std::path::Path>,
         kernel_log: bool,
+        tc: TcPrograms,
     ) -> Result<Self> {
         // The per-id maps, if pinned already, hold what earlier agents left.
         let adopted = maps_dir.is_some_and(|dir| {
@@ -192,7 +204,7 @@ impl Datapath {
         loader.map_max_entries(map_names::FLEET_SOURCES, heavy);
         loader.map_max_entries(map_names::FLEET_REMOTE, heavy);
         let mut ebpf = loader.load(OBJECT)?;
-        verify_programs(&mut ebpf)?;
+        verify_programs(&mut ebpf, tc == TcPrograms::Now)?;
         // The programs hold their own references to the maps: taking our
         // handles out of the object changes nothing for them.
         let (maps, events) = Maps::take(&mut ebpf, capacities.max_rules)?;
@@ -213,15 +225,17 @@ impl Datapath {
         program(&mut self.ebpf, program_names::XDP)
     }
 
-    /// TC that decides every packet: for interfaces without XDP.
+    /// TC that decides every packet: for interfaces without XDP. Loaded
+    /// here if the start did not load it.
     pub fn tc(&mut self) -> Result<&mut SchedClassifier> {
-        program(&mut self.ebpf, program_names::TC)
+        loaded(&mut self.ebpf, program_names::TC)
     }
 
     /// TC behind XDP on the same interface: only carries XDP's mark to
-    /// `skb->mark`, so no packet is decided twice.
+    /// `skb->mark`, so no packet is decided twice. Loaded here if the start
+    /// did not load it.
     pub fn tc_after_xdp(&mut self) -> Result<&mut SchedClassifier> {
-        program(&mut self.ebpf, program_names::TC_AFTER_XDP)
+        loaded(&mut self.ebpf, program_names::TC_AFTER_XDP)
     }
 
     /// The TC program for an interface, by whether XDP decides there too.
@@ -278,54 +292,67 @@ fn duplicate(name: &'static str, fd: std::os::fd::BorrowedFd<'_>) -> Result<MapD
     MapData::from_fd(owned).map_err(map_err(name))
 }
 
-/// Loads the programs, XDP on one thread and the two TC programs on
-/// another: each is a verifier pass of hundreds of milliseconds on one CPU,
-/// the longest part of a start.
-fn verify_programs(ebpf: &mut Ebpf) -> Result<()> {
-    let (mut xdp, mut tc, mut tc_after_xdp) = (None, None, None);
+/// Loads the programs, XDP on one thread and the two TC programs (with
+/// `tc`) on another: each is a verifier pass of hundreds of milliseconds on
+/// one CPU, the longest part of a start. Without `tc` the TC programs wait
+/// until an interface needs one ([`Datapath::tc_for`]), and the other CPU
+/// is free for the agent's own start.
+fn verify_programs(ebpf: &mut Ebpf, tc: bool) -> Result<()> {
+    let (mut xdp, mut tc_programs) = (None, Vec::new());
     for (name, program) in ebpf.programs_mut() {
         match name {
             program_names::XDP => xdp = Some(program),
-            program_names::TC => tc = Some((program_names::TC, program)),
+            program_names::TC => tc_programs.push((program_names::TC, program)),
             program_names::TC_AFTER_XDP => {
-                tc_after_xdp = Some((program_names::TC_AFTER_XDP, program));
+                tc_programs.push((program_names::TC_AFTER_XDP, program));
             }
             _ => {}
         }
     }
-    let missing = |name| DatapathError::MissingProgram { name };
-    let xdp = xdp.ok_or(missing(program_names::XDP))?;
-    let tc = [
-        tc.ok_or(missing(program_names::TC))?,
-        tc_after_xdp.ok_or(missing(program_names::TC_AFTER_XDP))?,
-    ];
-    let load_xdp = move || {
-        let name = program_names::XDP;
-        let xdp: &mut Xdp = xdp
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        xdp.load()
-            .map_err(|source| DatapathError::Program { name, source })
-    };
-    let load_tc = move || {
-        for (name, program) in tc {
-            let tc: &mut SchedClassifier = program
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            tc.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
-        Ok(())
-    };
+    let xdp = xdp.ok_or(DatapathError::MissingProgram {
+        name: program_names::XDP,
+    })?;
+    if !tc {
+        return load(program_names::XDP, xdp);
+    }
     std::thread::scope(|scope| {
-        let xdp = scope.spawn(load_xdp);
-        let tc = load_tc();
+        let xdp = scope.spawn(|| load(program_names::XDP, xdp));
+        let tc = tc_programs
+            .into_iter()
+            .try_for_each(|(name, program)| load(name, program));
         // A panic in the verifier call is aya's bug: pass it on.
         let xdp = xdp
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         xdp.and(tc)
     })
+}
+
+/// Loads (verifies) a program of ours unless it is loaded already.
+fn load(name: &'static str, program: &mut aya::programs::Program) -> Result<()> {
+    let failed = |source| DatapathError::Program { name, source };
+    if program.fd().is_ok() {
+        return Ok(());
+    }
+    match program {
+        aya::programs::Program::Xdp(xdp) => xdp.load().map_err(failed),
+        aya::programs::Program::SchedClassifier(tc) => tc.load().map_err(failed),
+        _ => Err(failed(ProgramError::UnexpectedProgramType)),
+    }
+}
+
+/// Program `name`, loaded first if it is not yet.
+fn loaded<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?;
+    load(name, program)?;
+    program
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>

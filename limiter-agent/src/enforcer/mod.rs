@@ -162,6 +162,37 @@ fn carry_out(dp: &mut Datapath, generation: u32, write: Write) -> Result<(), Dat
     }
 }
 
+/// A run of [`plan::runs`]: the rules or the source prefixes in one batch
+/// each, any other write alone.
+fn carry_out_run(dp: &mut Datapath, generation: u32, run: &[Write]) -> Result<(), DatapathError> {
+    match run {
+        [Write::SetRule(..) | Write::ClearRule(_), ..] => {
+            let rules: Vec<(u32, Rule)> = run
+                .iter()
+                .filter_map(|write| match *write {
+                    Write::SetRule(slot, rule) => Some((slot, rule)),
+                    Write::ClearRule(slot) => Some((slot, Rule::EMPTY)),
+                    _ => None,
+                })
+                .collect();
+            dp.set_rules(&rules)
+        }
+        [Write::SetPrefix(..), ..] => {
+            let prefixes: Vec<_> = run
+                .iter()
+                .filter_map(|write| match *write {
+                    Write::SetPrefix(prefix, slot) => Some((prefix, slot)),
+                    _ => None,
+                })
+                .collect();
+            dp.set_service_prefixes(generation, &prefixes)
+        }
+        _ => run
+            .iter()
+            .try_for_each(|write| carry_out(dp, generation, *write)),
+    }
+}
+
 /// How much an `apply` wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
@@ -327,7 +358,7 @@ impl Enforcer {
         set: &KernelRuleSet,
     ) -> Result<usize, DatapathError> {
         let mut writes = 0;
-        let mut installed = match self.installed[generation as usize].take() {
+        let installed = match self.installed[generation as usize].take() {
             Some(installed) => installed,
             None => {
                 writes += self.dp.clear_generation(generation)?;
@@ -335,14 +366,16 @@ impl Enforcer {
             }
         };
         let base = generation * self.dp.capacities().max_rules;
-        for write in plan::writes(&installed, &plan::wanted(base, set)) {
-            carry_out(&mut self.dp, generation, write)?;
-            // Recorded only once the kernel has it: a failure leaves an
-            // accurate picture of what was written.
-            installed.record(&write);
-            writes += 1;
+        let want = plan::wanted(base, set);
+        let planned = plan::writes(&installed, &want);
+        // A failure returns with `installed` dropped: the generation is
+        // cleared before it is written again.
+        for run in plan::runs(&planned) {
+            carry_out_run(&mut self.dp, generation, run)?;
+            writes += run.len();
         }
-        self.installed[generation as usize] = Some(installed);
+        // Every write landed: the generation holds what was wanted.
+        self.installed[generation as usize] = Some(want);
         Ok(writes)
     }
 }

@@ -1,7 +1,9 @@
 //! Which map writes turn what a generation holds into what a rule set
 //! needs, and in which order. Pure: the enforcer carries the writes out.
 
-use std::{collections::HashMap, hash::Hash};
+use std::hash::Hash;
+
+use foldhash::HashMap;
 
 use ipnet::IpNet;
 use limiter_common::Rule;
@@ -150,6 +152,27 @@ pub fn writes(installed: &Installed, want: &Installed) -> Vec<Write> {
     unused.sort_unstable();
     out.extend(unused.into_iter().map(Write::ClearRule));
     out
+}
+
+/// Which map a write goes to, for writes the kernel takes many at a time.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Batched {
+    Rules,
+    Prefixes,
+}
+
+fn batched(write: &Write) -> Option<Batched> {
+    match write {
+        Write::SetRule(..) | Write::ClearRule(_) => Some(Batched::Rules),
+        Write::SetPrefix(..) => Some(Batched::Prefixes),
+        _ => None,
+    }
+}
+
+/// `writes` cut into runs, in order: consecutive writes one batch can
+/// carry together, every other write alone.
+pub fn runs(writes: &[Write]) -> impl Iterator<Item = &[Write]> {
+    writes.chunk_by(|a, b| batched(a).is_some_and(|target| batched(b) == Some(target)))
 }
 
 /// The one rule write that turns `installed` into `want` when nothing else

@@ -135,11 +135,12 @@ pub struct Service {
 }
 
 impl Service {
-    /// Puts `config` plus the live changes of `state` in force on a freshly
-    /// loaded (or adopted) datapath.
+    /// Puts `plan` (from [`rules::plan`] of `config` and the state file:
+    /// it needs no kernel, so a start makes it while the programs load) in
+    /// force on a freshly loaded (or adopted) datapath.
     pub fn start(
         config: Arc<Config>,
-        state: State,
+        plan: Plan,
         state_path: PathBuf,
         enforcer: Enforcer,
     ) -> Result<Self> {
@@ -163,7 +164,7 @@ impl Service {
             last_reload_failed: None,
         };
         let config = Arc::clone(&service.config);
-        service.commit(&config, state)?;
+        service.commit_plan(&config, plan)?;
         service.last_reload_ok = Some(now_unix());
         Ok(service)
     }
@@ -171,11 +172,17 @@ impl Service {
     /// Validates, applies and persists `config` + `state`; on success they
     /// become current. On failure nothing changes.
     fn commit(&mut self, config: &Arc<Config>, state: State) -> Result<()> {
+        let plan = rules::plan_after(&|name| self.in_force_named(name), config, state)?;
+        self.commit_plan(config, plan)
+    }
+
+    /// [`Service::commit`] of a plan made already.
+    fn commit_plan(&mut self, config: &Arc<Config>, plan: Plan) -> Result<()> {
         let Plan {
             in_force,
             state,
             fresh_ids,
-        } = rules::plan_after(&|name| self.in_force_named(name), config, state)?;
+        } = plan;
         let kernel = KernelRuleSet::new(
             in_force
                 .iter()

@@ -207,6 +207,11 @@ impl Service {
             .collect()
     }
 
+    /// Rules in force.
+    pub fn rule_count(&self) -> usize {
+        self.in_force.len()
+    }
+
     /// Prefixes in force (each is one trie entry per generation).
     pub fn prefix_count(&self) -> usize {
         self.in_force.iter().map(|r| r.def.prefixes.len()).sum()
