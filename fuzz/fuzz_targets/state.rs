@@ -1,5 +1,6 @@
 //! Arbitrary bytes as the state file, through `State::parse` (what
-//! `State::load` runs on the file's bytes at start), then the state's live
+//! `State::load` runs on the file's bytes at start), and as its journal,
+//! replayed over an empty state; then the state's live
 //! rules and penalties composed over the example configuration and checked
 //! as the service checks them. Fleet changes kept in it (whose budgets come
 //! from the fleet's Redis) are put on each rule of the example as a fleet
@@ -28,6 +29,18 @@ fuzz_target!(|data: &[u8]| {
         // Anything refused is refused as corrupt, with a message; bytes that
         // are not text too (fuzz/regressions/state/not-utf8.json).
         Err(StateError::Corrupt { .. }) => {}
-        Err(e @ StateError::Io { .. }) => panic!("parsing in memory gave an I/O error: {e}"),
+        Err(e @ (StateError::Io { .. } | StateError::CorruptJournal { .. })) => {
+            panic!("parsing in memory gave an I/O or journal error: {e}")
+        }
+    }
+    // The same bytes as the journal: replayed, or refused as corrupt.
+    let mut state = State {
+        version: VERSION,
+        ..State::default()
+    };
+    match state.replay_journal(data, Path::new("state.json.journal")) {
+        Ok(()) => check_plan(&EXAMPLE, state),
+        Err(StateError::CorruptJournal { .. }) => {}
+        Err(e) => panic!("replaying in memory gave another error: {e}"),
     }
 });

@@ -168,6 +168,13 @@ impl AgentEnv {
         bail!("limiter-agent did not answer within 30 s:\n{}", self.logs())
     }
 
+    /// What the state file holds, its journal replayed (as the next agent
+    /// would read it); panics on a file the agent would refuse.
+    pub fn saved_state(&self) -> limiter_agent::state::State {
+        limiter_agent::state::State::load(&self.state_file)
+            .unwrap_or_else(|e| panic!("reading the state file: {e}"))
+    }
+
     /// Everything the agents of this environment logged.
     pub fn logs(&self) -> String {
         let mut out = String::new();

@@ -75,8 +75,12 @@ fn a_penalty_applies_at_once_and_expires_by_itself() {
         assert!(Instant::now() < deadline, "penalty never expired: {rules}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let state = std::fs::read_to_string(&env.state_file).unwrap_or_default();
-    assert!(!state.contains("penalty:"), "{state}");
+    let state = env.saved_state();
+    let held = |name: &String| name.starts_with("penalty:");
+    assert!(
+        state.penalties.is_empty() && !state.ids.keys().any(held),
+        "{state:?}"
+    );
     let inspect = env.cli_json(&["inspect", "198.18.1.1"]);
     assert_eq!(inspect["rule"], "clients");
     let after = blast(&env, 100, 0.5);

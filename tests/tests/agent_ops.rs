@@ -364,9 +364,8 @@ fn a_live_change_is_shown_and_taken_back_with_revert() {
     let out = env.cli_ok(&["rules", "revert", "clients"]);
     assert!(out.contains("reverted to the config file"), "{out}");
     assert_eq!(kernel_limits(&env), from_file);
-    let state = std::fs::read_to_string(&env.state_file).unwrap_or_else(|e| panic!("{e}"));
-    let state: serde_json::Value = serde_json::from_str(&state).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(state["overrides"], serde_json::json!({}), "{state}");
+    let overrides = env.saved_state().overrides;
+    assert!(overrides.is_empty(), "{overrides:?}");
     let again = env
         .cli(&["rules", "revert", "clients"])
         .unwrap_or_else(|e| panic!("{e:#}"));

@@ -35,11 +35,8 @@ fn interval(rate: u64) -> Option<u64> {
 /// The `packets` budget the state file holds for `name` (`None`: no live
 /// change, the config's budget applies).
 fn state_file_packets(env: &AgentEnv, name: &str) -> Option<String> {
-    let text = std::fs::read_to_string(&env.state_file).unwrap_or_default();
-    let state: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    state["overrides"][name]["packets"]
-        .as_str()
-        .map(str::to_owned)
+    let rule = env.saved_state().overrides.get(name).cloned().flatten()?;
+    rule.fields().packets.clone()
 }
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {

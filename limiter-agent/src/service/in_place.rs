@@ -100,7 +100,7 @@ impl Service {
         if !matches!(&before, Some(Some(held)) if held == rule) {
             self.state.override_since.insert(name.clone(), now_unix());
         }
-        let saved = self.state.save(&self.state_path);
+        let saved = self.state_file.save_override(&mut self.state, &name);
         if saved.is_err() {
             match before {
                 Some(before) => self.state.overrides.insert(name.clone(), before),

@@ -32,7 +32,7 @@ use crate::{
     datapath::FleetCounts,
     enforcer::{Enforcer, KernelRuleSet},
     rules::{self, Change, InForce, PenaltyRequest, Plan},
-    state::State,
+    state::{State, StateFile},
 };
 
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
@@ -109,7 +109,7 @@ pub struct Service {
     /// change) would otherwise copy 100,000 of them.
     config: Arc<Config>,
     state: State,
-    state_path: PathBuf,
+    state_file: StateFile,
     enforcer: Enforcer,
     in_force: Vec<InForce>,
     /// Where each rule of `in_force` is, by name: a batch of 10,000
@@ -150,7 +150,7 @@ impl Service {
                 version: crate::state::VERSION,
                 ..State::default()
             },
-            state_path,
+            state_file: StateFile::new(state_path),
             enforcer,
             in_force: Vec::new(),
             position: HashMap::new(),
@@ -180,7 +180,7 @@ impl Service {
     fn commit_plan(&mut self, config: &Arc<Config>, plan: Plan) -> Result<()> {
         let Plan {
             in_force,
-            state,
+            mut state,
             fresh_ids,
         } = plan;
         let kernel = KernelRuleSet::new(
@@ -214,7 +214,7 @@ impl Service {
         // A crash here leaves the kernel ahead of the state file; the next
         // agent puts the state file's rules back in force.
         crate::faults::crash_point("after-kernel-update");
-        if let Err(e) = state.save(&self.state_path) {
+        if let Err(e) = self.state_file.save(&self.state, &mut state) {
             // Persisting failed: put the previous rule set back so the kernel
             // and the state file agree, and report the error.
             if let Err(undo) = self.enforcer.apply(&self.kernel_rules()) {

@@ -356,7 +356,7 @@ impl Service {
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
             config: self.config.source.to_string(),
-            state_file: self.state_path.display().to_string(),
+            state_file: self.state_file.path().display().to_string(),
             pin_path: self
                 .attachments
                 .as_ref()

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{config::RuleConfig, fleet::rules::FleetApplied};
 
+mod journal;
+
+pub use journal::{Delta, StateFile, journal_path};
+
 pub const VERSION: u32 = 1;
 
 /// A temporary rule that removes itself at `expires_at` (Unix seconds).
@@ -25,6 +29,10 @@ pub struct Penalty {
 #[serde(deny_unknown_fields)]
 pub struct State {
     pub version: u32,
+    /// Which snapshot of the state file this is (one more each time it is
+    /// rewritten): the journal's lines name the snapshot they follow.
+    #[serde(default)]
+    pub serial: u64,
     /// Kernel rule id of every rule name in force (counters and per-source
     /// state are keyed by it, so it must survive restarts).
     #[serde(default)]
@@ -62,6 +70,16 @@ pub enum StateError {
         backup_path(path).display()
     )]
     Corrupt { path: PathBuf, message: String },
+    #[error(
+        "state journal {path} is corrupt at line {line} ({message}); it was left as it is and \
+         nothing attached was touched. Move it away to start from the state file alone (the \
+         live changes made since that file was last written are then lost)"
+    )]
+    CorruptJournal {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
 }
 
 /// Where [`State::save`] keeps a copy of the last state it saved, for an
@@ -73,19 +91,24 @@ pub fn backup_path(path: &Path) -> PathBuf {
 }
 
 impl State {
-    /// Reads the state file; a missing file is an empty state.
+    /// Reads the state file and replays its journal over it; a missing
+    /// file is an empty state.
     pub fn load(path: &Path) -> Result<Self, StateError> {
-        match std::fs::read(path) {
-            Ok(bytes) => Self::parse(&bytes, path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self {
+        let mut state = match std::fs::read(path) {
+            Ok(bytes) => Self::parse(&bytes, path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self {
                 version: VERSION,
                 ..Self::default()
-            }),
-            Err(source) => Err(StateError::Io {
-                path: path.to_owned(),
-                source,
-            }),
-        }
+            },
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        journal::replay(&mut state, path)?;
+        Ok(state)
     }
 
     /// The state in `bytes` (read from `path`, named in errors). Anything
@@ -111,7 +134,9 @@ impl State {
     /// Writes atomically: a temporary file, fsync, rename over the old one,
     /// fsync of the directory. A crash leaves the old or the new file. Then
     /// a copy goes to [`backup_path`], for when the file is damaged later.
-    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+    /// Returns the bytes written. A running agent saves through
+    /// [`StateFile`], which keeps a journal beside this snapshot.
+    pub fn save(&self, path: &Path) -> Result<u64, StateError> {
         let io = |source| StateError::Io {
             path: path.to_owned(),
             source,
@@ -133,7 +158,7 @@ impl State {
             io(e)
         })?;
         keep_copy(path);
-        Ok(())
+        Ok(text.len() as u64 + 1)
     }
 }
 
