@@ -306,7 +306,7 @@ fn scale(rules: usize) -> Result<()> {
     );
     println!("|---|---|---|---|---|");
     println!(
-        "| {load:.2} s | {:.1} MiB | {p50:.0} / {max:.0} ms | {check:.2} s | {status:.2} s |",
+        "| {load:.2} s | {:.1} MiB | {p50:.1} / {max:.1} ms | {check:.2} s | {status:.2} s |",
         memory as f64 / 1048576.0
     );
     Ok(())
