@@ -311,6 +311,10 @@ pub mod rule_flags {
     /// earlier in the current jiffy) instead of the precise clock: its
     /// budgets hold as written with a clock that lags that much.
     pub const TICK_CLOCK: u32 = 1;
+    /// The rule's per-source buckets are fleet-wide (its fleet slot has
+    /// `FleetSlot::SOURCES`): its packets go through the fleet's
+    /// per-source functions. Every other rule's skip both calls.
+    pub const FLEET_SOURCES: u32 = 2;
 }
 
 /// Address family tags used in keys and events.

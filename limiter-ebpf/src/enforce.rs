@@ -22,7 +22,7 @@ use limiter_common::{
     Action, Bucket, EVENT_INTERVAL_NS, FleetSlot, Limit, OverBudgetEvent, Reason, Rule, Scope,
     SourceKey, dimension, family, mask_addr,
     rate::{charge_remote, clamp_debt, conform, fine_time, is_stale, lags_far_behind, remote_cost},
-    verdict,
+    rule_flags, verdict,
 };
 
 use crate::{
@@ -102,11 +102,18 @@ pub fn decide<P: Packet>(pkt: &P) -> Decision {
         Some(Action::Allow) => (verdict::PASSED, Decision::Pass),
         Some(Action::Deny) => (verdict::DROPPED, Decision::Drop),
         Some(action) => {
-            // Global functions each, called unconditionally: the verifier
-            // walks each once, and no branch here doubles its states.
-            let heavy = fleet::limiter_fleet_source(rule, &args);
+            // Global functions each: the verifier walks each once. Only a
+            // rule with fleet-wide per-source buckets needs the fleet's.
+            let fleet_sources = rule.flags & rule_flags::FLEET_SOURCES != 0;
+            let heavy = if fleet_sources {
+                fleet::limiter_fleet_source(rule, &args)
+            } else {
+                0
+            };
             let passed = limiter_charge(rule, &args, heavy);
-            let _ = fleet::limiter_fleet_source_admitted(rule, &args, heavy & passed);
+            if fleet_sources {
+                let _ = fleet::limiter_fleet_source_admitted(rule, &args, heavy & passed);
+            }
             if passed != 0 {
                 (verdict::PASSED, Decision::Pass)
             } else {

@@ -85,10 +85,10 @@ impl Words {
 /// heavy, charges into its bucket what the rest of the fleet admitted of
 /// it. 1 if the source is heavy (its bucket then keeps its debt, and what
 /// it admits is counted), 0 if not. A global function (exported in
-/// build.rs) called for every charged packet, beside `limiter_charge`
-/// rather than inside it: inside, or behind a branch, its states times the
-/// charging function's took the verifier past its million instructions,
-/// and the three functions' stacks past 512 bytes.
+/// build.rs) called beside `limiter_charge` rather than inside it (inside,
+/// its states times the charging function's took the verifier past its
+/// million instructions, and the three functions' stacks past 512 bytes),
+/// for packets of rules with `rule_flags::FLEET_SOURCES` only.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn limiter_fleet_source(rule: *const Rule, args: *const PacketArgs) -> u32 {

@@ -22,7 +22,8 @@ use limiter_agent::{
     enforcer::{KernelRuleSet, install_whole},
 };
 use limiter_common::{
-    Action, Limit, MarkMeta, OverBudgetEvent, Reason, Rule, RuleCounters, Scope, dimension, verdict,
+    Action, Limit, MarkMeta, OverBudgetEvent, Reason, Rule, RuleCounters, Scope, dimension,
+    rule_flags, verdict,
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -83,9 +84,17 @@ impl RuleSpec {
     }
 
     /// The clock flag the agent derives from the budgets
-    /// (`Rule::flags_for`).
+    /// (`Rule::flags_for`); other flags kept.
     fn with_clock(mut self) -> Self {
-        self.0.flags = Rule::flags_for(&self.0.limits, &self.0.aggregate);
+        let others = self.0.flags & !rule_flags::TICK_CLOCK;
+        self.0.flags = Rule::flags_for(&self.0.limits, &self.0.aggregate) | others;
+        self
+    }
+
+    /// Per-source buckets that may be fleet-wide: the rule flag the agent
+    /// sets with its fleet slot's `SOURCES` (the slot is set apart).
+    pub fn fleet_sources(mut self) -> Self {
+        self.0.flags |= rule_flags::FLEET_SOURCES;
         self
     }
 

@@ -41,7 +41,9 @@ fn a_source_is_heavy_from_its_threshold_and_pays_for_the_fleet() {
     let mut h = Harness::new();
     // 1/s and a burst of 10: nothing refills within the test.
     h.rule(
-        RuleSpec::new(1, Action::Drop).packets(1, 10),
+        RuleSpec::new(1, Action::Drop)
+            .packets(1, 10)
+            .fleet_sources(),
         &["198.18.0.0/15"],
     );
     h.dp.set_fleet(1, FleetSlot::SOURCES)
@@ -97,22 +99,33 @@ fn a_source_is_heavy_from_its_threshold_and_pays_for_the_fleet() {
 fn only_a_rule_marked_for_its_sources_keeps_heavy_sources() {
     let mut h = Harness::new();
     h.rule(
-        RuleSpec::new(1, Action::Drop).packets(1, 10),
+        RuleSpec::new(1, Action::Drop)
+            .packets(1, 10)
+            .fleet_sources(),
         &["198.18.0.0/16"],
     );
     h.rule(
         RuleSpec::new(2, Action::Drop).packets(1, 10).shared(),
         &["198.19.0.0/16"],
     );
-    // The shared rule's bucket is fleet-wide; the per-source rule is not.
+    // Its slot marked, but not the rule: its packets never look.
+    h.rule(
+        RuleSpec::new(3, Action::Drop).packets(1, 10),
+        &["198.20.0.0/16"],
+    );
+    h.dp.set_fleet(3, FleetSlot::SOURCES)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The shared rule's bucket is fleet-wide; the per-source rule (its
+    // flag set, its slot not) is not.
     h.dp.set_fleet(2, FleetSlot::FLEET)
         .unwrap_or_else(|e| panic!("{e}"));
-    for rule in [1, 2] {
+    for rule in [1, 2, 3] {
         h.dp.set_fleet_source_threshold(rule, 1)
             .unwrap_or_else(|e| panic!("{e}"));
     }
     assert_eq!(h.xdp_many(&udp4(Ipv4Addr::new(198, 18, 0, 1)), 12), (10, 2));
     assert_eq!(h.xdp_many(&udp4(Ipv4Addr::new(198, 19, 0, 1)), 12), (10, 2));
+    assert_eq!(h.xdp_many(&udp4(Ipv4Addr::new(198, 20, 0, 1)), 12), (10, 2));
     assert!(
         h.dp.fleet_sources().is_empty(),
         "{:?}",

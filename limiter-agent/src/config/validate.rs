@@ -101,6 +101,14 @@ impl RuleDef {
         limits_of(self.budgets())
     }
 
+    /// Whether its per-source buckets are fleet-wide: a fleet rule of
+    /// per-source scope with a budget of its own (docs/fleet.md).
+    pub fn fleet_sources(&self) -> bool {
+        self.fleet
+            && self.scope == ScopeConfig::PerSource
+            && self.budgets().iter().any(|b| b.is_some())
+    }
+
     /// The reply budget's limit (unlimited, meaning no replies, without
     /// one).
     pub fn reply_limit(&self) -> Limit {

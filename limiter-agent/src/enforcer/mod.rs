@@ -13,7 +13,7 @@ mod tests;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use limiter_common::{Action, GENERATIONS, Rule, Scope, active};
+use limiter_common::{Action, GENERATIONS, Rule, Scope, active, rule_flags};
 
 use self::plan::{Installed, Write};
 use crate::{
@@ -117,7 +117,12 @@ pub(crate) fn kernel_rule(def: &RuleDef, id: u32, service: u8) -> KernelRule {
             dscp: u32::from(def.dscp),
             skb_mark: def.skb_mark,
             in_use: 1,
-            flags: Rule::flags_for(&limits, &aggregate),
+            flags: Rule::flags_for(&limits, &aggregate)
+                | if def.fleet_sources() {
+                    rule_flags::FLEET_SOURCES
+                } else {
+                    0
+                },
             reserved: 0,
             // Made by validation: nothing here can turn a budget into
             // "unlimited".

@@ -650,7 +650,7 @@ fn fleet_flags(def: &RuleDef) -> u64 {
     if shared || def.aggregate.is_some() {
         flags |= FleetSlot::FLEET;
     }
-    if !shared && def.budgets().iter().any(|b| b.is_some()) {
+    if def.fleet_sources() {
         flags |= FleetSlot::SOURCES;
     }
     flags
