@@ -346,13 +346,11 @@ fn loaded<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let program = ebpf
+    let unloaded = ebpf
         .program_mut(name)
         .ok_or(DatapathError::MissingProgram { name })?;
-    load(name, program)?;
-    program
-        .try_into()
-        .map_err(|source| DatapathError::Program { name, source })
+    load(name, unloaded)?;
+    program(ebpf, name)
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>

@@ -380,6 +380,17 @@ mod tests {
         dir
     }
 
+    /// A state file as an agent's first save leaves it: an empty state.
+    fn started(path: &Path) -> (StateFile, State) {
+        let mut file = StateFile::new(path.to_owned());
+        let mut state = State {
+            version: VERSION,
+            ..State::default()
+        };
+        file.save(&State::default(), &mut state).unwrap();
+        (file, state)
+    }
+
     fn live(state: &mut State, name: &str, packets: &str) {
         let rule: RuleConfig = toml::from_str(&format!(
             "name = \"{name}\"\naction = \"drop\"\npackets = \"{packets}\"\n"
@@ -441,12 +452,7 @@ mod tests {
     fn a_journal_of_an_older_snapshot_is_not_replayed_over_a_newer_one() {
         let dir = dir("stale");
         let path = dir.join("state.json");
-        let mut file = StateFile::new(path.clone());
-        let mut state = State {
-            version: VERSION,
-            ..State::default()
-        };
-        file.save(&State::default(), &mut state).unwrap();
+        let (mut file, state) = started(&path);
         let mut changed = state.clone();
         live(&mut changed, "a", "20/s");
         file.save(&state, &mut changed).unwrap();
@@ -468,12 +474,7 @@ mod tests {
     fn the_journal_is_folded_into_a_snapshot_once_it_is_as_large() {
         let dir = dir("fold");
         let path = dir.join("state.json");
-        let mut file = StateFile::new(path.clone());
-        let mut state = State {
-            version: VERSION,
-            ..State::default()
-        };
-        file.save(&State::default(), &mut state).unwrap();
+        let (mut file, mut state) = started(&path);
         let mut snapshots = 1;
         for i in 0..2_000 {
             let mut next = state.clone();
