@@ -1,6 +1,6 @@
 //! Many entries of one map in one `bpf(2)` call (`BPF_MAP_UPDATE_BATCH`,
 //! which aya 0.16 does not wrap): a start with 100,000 rules writes
-//! 200,000 entries, and one call each cost more than the kernel's work.
+//! 200,000 entries, one system call each until now.
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 

@@ -306,6 +306,11 @@ impl StateFile {
             Ok(bytes) => self.snapshot_bytes = bytes,
             Err(e) => {
                 state.serial = serial;
+                // The new file may have landed (a failed fsync of the
+                // directory after the rename): appending lines naming the
+                // old serial could leave them unread. The next save is a
+                // snapshot again.
+                self.journal_bytes = None;
                 return Err(e);
             }
         }
@@ -491,6 +496,33 @@ mod tests {
         }
         assert!(snapshots > 1 && snapshots < 100, "{snapshots} snapshots");
         assert_eq!(State::load(&path).unwrap(), state);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn after_a_failed_rewrite_nothing_is_appended_until_a_rewrite_succeeds() {
+        let dir = dir("failed");
+        let path = dir.join("state.json");
+        let (mut file, state) = started(&path);
+        // A change larger than the journal may grow is a rewrite; it fails
+        // here (a directory holds the state file's name).
+        let mut big = state.clone();
+        for i in 0..2_000 {
+            live(&mut big, &format!("r{i}"), "1/s");
+        }
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(file.save(&state, &mut big).is_err());
+        assert_eq!(big.serial, state.serial);
+        // A small change must not go to the journal of a file that may
+        // not be the one on disk.
+        let mut small = state.clone();
+        live(&mut small, "a", "2/s");
+        assert!(file.save(&state, &mut small).is_err(), "appended");
+        assert!(!journal_path(&path).exists());
+        std::fs::remove_dir(&path).unwrap();
+        file.save(&state, &mut small).unwrap();
+        assert_eq!(State::load(&path).unwrap(), small);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
