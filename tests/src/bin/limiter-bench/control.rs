@@ -292,6 +292,18 @@ fn scale(rules: usize) -> Result<()> {
         }
         anyhow::Ok(())
     })?;
+    // A scrape of all their counters, and the agent's memory after it.
+    let pid = env.pid().context("agent pid")?;
+    let (idle_rss, _) = rss_and_cpu(pid)?;
+    let mut scrapes = Vec::new();
+    let mut body = 0;
+    for _ in 0..5 {
+        let started = Instant::now();
+        body = env.scrape()?.len();
+        scrapes.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    let (scrape_p50, _, scrape_max) = percentiles(scrapes);
+    let (scraped_rss, _) = rss_and_cpu(pid)?;
     // What an operator types against a file this size.
     let config = env.config.to_string_lossy().into_owned();
     let check = cli_seconds(&["check", "--config", &config])?;
@@ -308,6 +320,11 @@ fn scale(rules: usize) -> Result<()> {
     println!(
         "| {load:.2} s | {:.1} MiB | {p50:.1} / {max:.1} ms | {check:.2} s | {status:.2} s |",
         memory as f64 / 1048576.0
+    );
+    println!();
+    println!(
+        "/metrics with {rules} rules: {:.1} MB, p50 / max of 5 scrapes {scrape_p50:.0} / {scrape_max:.0} ms; agent RSS {idle_rss:.0} MiB before, {scraped_rss:.0} MiB after",
+        body as f64 / 1e6
     );
     Ok(())
 }
