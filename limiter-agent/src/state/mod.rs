@@ -25,7 +25,7 @@ pub struct Penalty {
     pub expires_at: u64,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct State {
     pub version: u32,
@@ -54,6 +54,22 @@ pub struct State {
     /// restart without Redis keeps it and applies only newer ones later.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fleet_rules: BTreeMap<String, FleetApplied>,
+}
+
+/// An empty state of the version this agent writes: saved, it loads
+/// again (a state of version 0 would be refused as corrupt).
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            version: VERSION,
+            serial: 0,
+            ids: BTreeMap::new(),
+            overrides: BTreeMap::new(),
+            penalties: BTreeMap::new(),
+            override_since: BTreeMap::new(),
+            fleet_rules: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +193,17 @@ fn keep_copy(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found at a stop: a caller saving `State::default()` wrote version 0,
+    /// which the next load refused as corrupt.
+    #[test]
+    fn an_empty_state_saved_loads_again() {
+        let dir = std::env::temp_dir().join(format!("limiter-empty-{}", std::process::id()));
+        let path = dir.join("state.json");
+        State::default().save(&path).unwrap();
+        assert_eq!(State::load(&path).unwrap(), State::default());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn round_trips_and_refuses_corruption() {
