@@ -228,14 +228,14 @@ impl Datapath {
     /// TC that decides every packet: for interfaces without XDP. Loaded
     /// here if the start did not load it.
     pub fn tc(&mut self) -> Result<&mut SchedClassifier> {
-        loaded(&mut self.ebpf, program_names::TC)
+        program(&mut self.ebpf, program_names::TC)
     }
 
     /// TC behind XDP on the same interface: only carries XDP's mark to
     /// `skb->mark`, so no packet is decided twice. Loaded here if the start
     /// did not load it.
     pub fn tc_after_xdp(&mut self) -> Result<&mut SchedClassifier> {
-        loaded(&mut self.ebpf, program_names::TC_AFTER_XDP)
+        program(&mut self.ebpf, program_names::TC_AFTER_XDP)
     }
 
     /// The TC program for an interface, by whether XDP decides there too.
@@ -341,18 +341,8 @@ fn load(name: &'static str, program: &mut aya::programs::Program) -> Result<()> 
     }
 }
 
-/// Program `name`, loaded first if it is not yet.
-fn loaded<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
-{
-    let unloaded = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::MissingProgram { name })?;
-    load(name, unloaded)?;
-    program(ebpf, name)
-}
-
+/// Program `name`, loaded (verified) first if it is not yet: the start
+/// loads XDP always and TC only when an interface needs it.
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
@@ -360,6 +350,7 @@ where
     let program = ebpf
         .program_mut(name)
         .ok_or(DatapathError::MissingProgram { name })?;
+    load(name, program)?;
     program
         .try_into()
         .map_err(|source| DatapathError::Program { name, source })
