@@ -10,10 +10,10 @@ use aya::{
 };
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 use ipnet::IpNet;
-use limiter_common::{GENERATIONS, Rule};
+use limiter_common::Rule;
 
 use super::{
-    Datapath, DatapathError, Result,
+    Datapath, Result,
     maps::{PrefixKey, prefix_key},
 };
 
@@ -21,21 +21,8 @@ impl Datapath {
     /// Writes each `(slot, rule)` as [`Datapath::set_rule`] does, in one
     /// call where the kernel takes batches.
     pub fn set_rules(&mut self, rules: &[(u32, Rule)]) -> Result<()> {
-        let capacity = self.capacities.max_rules.saturating_mul(GENERATIONS);
-        if let Some((slot, _)) = rules.iter().find(|(slot, _)| *slot >= capacity) {
-            return Err(DatapathError::SlotOutOfRange {
-                slot: *slot,
-                capacity,
-            });
-        }
-        // Marked before the write, as set_rule does.
-        if let Some(highest) = rules
-            .iter()
-            .filter(|(_, r)| r.in_use != 0)
-            .map(|(_, r)| r.id)
-            .max()
-        {
-            self.pristine_from = self.pristine_from.max(highest.saturating_add(1));
+        for (slot, rule) in rules {
+            self.ready_rule_write(*slot, rule)?;
         }
         let (slots, values): (Vec<u32>, Vec<Rule>) = rules.iter().copied().unzip();
         if update_batch(self.maps.rules.map(), &slots, &values) {

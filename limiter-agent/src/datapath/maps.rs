@@ -156,6 +156,16 @@ impl Datapath {
     /// state is keyed by `rule.id`, so a new budget takes effect on the next
     /// packet with state kept.
     pub fn set_rule(&mut self, slot: u32, rule: &Rule) -> Result<()> {
+        self.ready_rule_write(slot, rule)?;
+        self.maps
+            .rules
+            .set(slot, rule, 0)
+            .map_err(map_err(map_names::RULES))
+    }
+
+    /// Checks `slot` and notes `rule`'s id as used, before `rule` is
+    /// written there (one write or a batch).
+    pub(super) fn ready_rule_write(&mut self, slot: u32, rule: &Rule) -> Result<()> {
         let capacity = self.capacities.max_rules.saturating_mul(GENERATIONS);
         if slot >= capacity {
             return Err(DatapathError::SlotOutOfRange { slot, capacity });
@@ -164,10 +174,7 @@ impl Datapath {
         if rule.in_use != 0 {
             self.pristine_from = self.pristine_from.max(rule.id.saturating_add(1));
         }
-        self.maps
-            .rules
-            .set(slot, rule, 0)
-            .map_err(map_err(map_names::RULES))
+        Ok(())
     }
 
     pub fn rule(&self, slot: u32) -> Result<Rule> {
