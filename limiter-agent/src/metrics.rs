@@ -183,32 +183,35 @@ fn escape_label(value: &str) -> std::borrow::Cow<'_, str> {
 /// Gathers what a scrape shows.
 pub fn gather(shared: &Shared, counters: &KernelCounters) -> Gathered {
     let snapshot = match shared.service.lock() {
-        Ok(s) => Snapshot {
-            rules: s.rule_ids(),
-            max_rules: s.config().file.capacity.rules,
-            max_sources: s.config().file.capacity.sources,
-            prefixes: s.prefix_count(),
-            config_generation: s.config_generation,
-            last_ok: s.last_reload_ok,
-            last_failed: s.last_reload_failed,
-            interfaces: s.attached(),
-            repairs: s
-                .attachments
-                .as_ref()
-                .map(|a| a.repairs)
-                .unwrap_or_default(),
-            epochs: s
-                .rule_ids()
+        Ok(s) => {
+            let rules = s.rule_ids();
+            let epochs = rules
                 .iter()
                 .filter_map(|(_, id)| s.rule_epoch(*id).map(|e| (*id, e)))
-                .collect(),
-            top_k: s.config().file.metrics.top_k,
-            fleet: s
-                .fleet
-                .as_ref()
-                .and_then(|f| f.lock().ok().map(|f| f.clone())),
-            fleet_rules: s.fleet_rules.as_ref().map(|r| r.view(s.fleet_applied())),
-        },
+                .collect();
+            Snapshot {
+                rules,
+                epochs,
+                max_rules: s.config().file.capacity.rules,
+                max_sources: s.config().file.capacity.sources,
+                prefixes: s.prefix_count(),
+                config_generation: s.config_generation,
+                last_ok: s.last_reload_ok,
+                last_failed: s.last_reload_failed,
+                interfaces: s.attached(),
+                repairs: s
+                    .attachments
+                    .as_ref()
+                    .map(|a| a.repairs)
+                    .unwrap_or_default(),
+                top_k: s.config().file.metrics.top_k,
+                fleet: s
+                    .fleet
+                    .as_ref()
+                    .and_then(|f| f.lock().ok().map(|f| f.clone())),
+                fleet_rules: s.fleet_rules.as_ref().map(|r| r.view(s.fleet_applied())),
+            }
+        }
         Err(_) => {
             return Gathered {
                 rules: Vec::new(),
